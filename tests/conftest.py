@@ -1,0 +1,28 @@
+"""Test-wide settings: no network, no telemetry, deterministic CPU threads."""
+
+import os
+
+# Before anything imports transformers / huggingface_hub / mlflow / dvc.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    DVC_NO_ANALYTICS="1",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DO_NOT_TRACK="1",
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from model import load_tokenizer
+
+    return load_tokenizer("packaged")
