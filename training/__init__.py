@@ -1,0 +1,1 @@
+"""imgtocap training pipeline: one module per DVC stage (`python -m training.<stage>`)."""

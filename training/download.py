@@ -1,0 +1,126 @@
+"""Download a file once: resume via HTTP Range into `<dest>.part`, progress bar, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import requests
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    md5: str | None = None,
+    key: str = "the download",
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """Download `url` to `dest` once: resume `dest.part` via HTTP Range, verify, keep.
+
+    With no sha256 given, the computed one is written to `dest.sha256` (sha256sum format) on
+    first download and later reuses of the cached file are checked against it.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        _verify(dest, url, sha256, md5, key)
+        log.info("using cached %s", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _fetch(url, part, timeout, key)
+            break
+        except requests.RequestException as exc:  # network trouble: the .part is kept
+            have = part.stat().st_size if part.exists() else 0
+            if attempt == retries:
+                raise ConnectionError(
+                    f"downloading {url} stopped after {have} bytes ({exc}); run again to resume "
+                    f"from {part}, or download the file yourself (see {key}_url)"
+                ) from exc
+            log.warning("download of %s interrupted at %d bytes (%s); resuming", url, have, exc)
+            time.sleep(min(2**attempt, 30))
+    actual = _verify(part, url, sha256, md5, key)
+    part.replace(dest)
+    dest.with_name(dest.name + ".sha256").write_text(f"{actual}  {dest.name}\n")
+    if not sha256:
+        log.info("%s sha256 %s (recorded in %s.sha256)", dest, actual, dest.name)
+    return dest
+
+
+def _fetch(url: str, part: Path, timeout: float, key: str) -> None:
+    """One GET of the rest of `url` appended to `part`, with a progress bar."""
+    have = part.stat().st_size if part.exists() else 0
+    # identity: Range offsets and Content-Length must count the bytes we store
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        if have and response.status_code == 416:
+            return  # nothing left to send: the .part is complete (the checksum decides)
+        if 400 <= response.status_code < 500:
+            raise ConnectionError(
+                f"{url} answered HTTP {response.status_code} {response.reason}: check {key}_url "
+                "in params.yaml, or download the file yourself"
+            )
+        response.raise_for_status()
+        if have and response.status_code == 206:
+            start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+            if start != str(have):
+                part.unlink()
+                raise requests.RequestException(f"asked for bytes {have}- but got {start}-")
+            mode = "ab"
+        else:  # 200: no Range asked, or the server ignores it: start over
+            have, mode = 0, "wb"
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        bar = tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem
+        )
+        with part.open(mode) as f, bar:
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size < total:
+        raise requests.RequestException(f"connection closed at {part.stat().st_size} of {total}")
+
+
+def _verify(path: Path, url: str, sha256: str | None, md5: str | None, key: str) -> str:
+    """Check `path` against the expected (or recorded) hashes; returns its sha256."""
+    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            for h in hashes.values():
+                h.update(chunk)
+    actual = {name: h.hexdigest() for name, h in hashes.items()}
+    recorded = path.with_name(path.name.removesuffix(".part") + ".sha256")
+    expected = {"sha256": sha256, "md5": md5}
+    where = {"sha256": f"{key}_sha256 in params.yaml", "md5": f"{key}_md5 in params.yaml"}
+    if not sha256 and recorded.is_file() and not path.name.endswith(".part"):
+        expected["sha256"] = recorded.read_text().split()[0]
+        where["sha256"] = f"{recorded} (recorded on first download)"
+    for name, want in expected.items():
+        if want and want.lower() != actual[name]:
+            raise ValueError(
+                f"checksum mismatch for {url}: {path} has {name} {actual[name]} but "
+                f"{where[name]} expects {want}. The download is corrupt or the file changed "
+                f"upstream: delete {path} and run again to download it afresh; if you trust the "
+                f"new file, set {key}_{name}: {actual[name]} in params.yaml"
+            )
+    return actual["sha256"]
+
+
+def url_file_name(url: str) -> str:
+    """The last path segment of a URL: the name a download is cached under."""
+    name = PurePosixPath(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"cannot tell a file name from the URL {url!r}: end it with the file")
+    return name
