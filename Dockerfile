@@ -1,0 +1,55 @@
+# TorchServe runtime for the archive that `dvc repro` (or `dvc pull`) leaves in model-store/.
+#   docker build -t imgtocap .                                     CPU torch (the default)
+#   docker build --build-arg TORCH_VARIANT=cu128 -t imgtocap:gpu .  CUDA torch
+# TORCH_VARIANT names a wheel index at download.pytorch.org/whl/ (cpu, cu126, cu128, ...). The CUDA
+# wheels bring the CUDA runtime and cuDNN with them, so a GPU image needs no CUDA base image; the
+# node supplies only the driver (EKS GPU AMI + NVIDIA device plugin).
+# Digests pin the bases; bump them deliberately (docker buildx imagetools inspect <tag>).
+ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
+ARG JRE_IMAGE=eclipse-temurin:17-jre-noble@sha256:900322f4cc1b9da9d730ae4bb56d8a1dabbaa9cfa32809fc8b542b600370a045
+
+# TorchServe's frontend needs Java 17. Temurin's JRE is self-contained, so copying it avoids apt
+# and keeps the official Python 3.11 image (the version CI tests) as the base.
+FROM ${JRE_IMAGE} AS jre
+
+FROM ${PYTHON_IMAGE}
+ARG TORCH_VARIANT=cpu
+ENV JAVA_HOME=/opt/java/openjdk \
+    PATH=/opt/java/openjdk/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+COPY --from=jre /opt/java/openjdk /opt/java/openjdk
+
+# uid 1000 is what k8s/deployment.yaml's runAsUser names.
+RUN useradd --no-log-init --create-home --home-dir /home/model-server --uid 1000 --user-group \
+        --shell /usr/sbin/nologin model-server
+
+# torch and torchvision first, from the variant's index without dependencies; the versions are
+# the ones in serve.txt (as constraints). The second install then takes everything else, torch's
+# dependencies included, from PyPI at the pinned versions. dumb-init is PID 1 (see ENTRYPOINT).
+COPY requirements/serve.txt /tmp/serve.txt
+RUN pip install --no-cache-dir --no-deps --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+        --constraint /tmp/serve.txt torch torchvision \
+    && pip install --no-cache-dir --requirement /tmp/serve.txt dumb-init==1.2.5.post1 \
+    && rm /tmp/serve.txt
+
+# Root-owned and read-only to the server; only its home (key_file.json, logs/) is its own.
+WORKDIR /home/model-server
+COPY serve/config.properties /home/model-server/config.properties
+COPY model-store/imgtocap.mar /home/model-server/model-store/imgtocap.mar
+USER 1000:1000
+
+# Only inference listens beyond the container's loopback (serve/config.properties).
+EXPOSE 8080
+# /ping needs a token while token auth is on; the metrics endpoint answers without one and proves
+# the frontend is up. Kubernetes ignores HEALTHCHECK and uses the probes in k8s/deployment.yaml.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8082/metrics', timeout=4)"]
+# The torchserve launcher installs no SIGTERM handler, and PID 1 ignores signals it does not
+# handle: `docker stop` and pod deletion would wait out the grace period and SIGKILL. dumb-init
+# forwards SIGTERM to the whole process group (launcher, JVM, workers).
+ENTRYPOINT ["dumb-init", "--"]
+CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/home/model-server/config.properties"]
