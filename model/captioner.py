@@ -31,8 +31,8 @@ class LMHead(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(F.gelu(self.dense(h))), embedding, self.bias)  # (B, T, V)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h)))  # (B, T, H); logits: times the embedding
 
 
 class Captioner(nn.Module):
@@ -53,6 +53,12 @@ class Captioner(nn.Module):
             self.head = LMHead(config)
         else:  # concat: [decoder state; pooled image] -> vocab, as the original model did
             self.fuse = nn.Linear(2 * hidden, config.vocab_size)
+        if config.output_vocab is not None:
+            ids = torch.tensor(config.output_vocab)
+            index = torch.full((config.vocab_size,), -100)  # vocab id -> output index
+            index[ids] = torch.arange(len(ids))
+            self.register_buffer("output_ids", ids)  # (V',)
+            self.register_buffer("output_index", index)  # (V,)
         for name, module in self.named_children():
             if name != "encoder":
                 module.apply(_init_bert)
@@ -82,11 +88,19 @@ class Captioner(nn.Module):
     # --- text side ------------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Decoder states (B, T, H) -> vocabulary logits (B, T, V)."""
+        """Decoder states (B, T, H) -> logits over the output vocabulary (B, T, V')."""
         if self.config.fusion == "concat":
             image = context[:, None, :].expand(-1, hidden.shape[1], -1)  # (B, T, H)
-            return self.fuse(torch.cat([hidden, image], dim=-1))
-        return self.head(hidden, self.decoder.tok_emb.weight)
+            x, weight, bias = torch.cat([hidden, image], dim=-1), self.fuse.weight, self.fuse.bias
+        else:  # BERT's head, tied to the token embedding
+            x, weight, bias = self.head(hidden), self.decoder.tok_emb.weight, self.head.bias
+        if self.config.output_vocab is not None:
+            weight, bias = weight[self.output_ids], bias[self.output_ids]  # (V', *)
+        return F.linear(x, weight, bias)
+
+    def _token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Output-vocabulary index -> token id."""
+        return self.output_ids[index] if self.config.output_vocab is not None else index
 
     def _cross(self, context: torch.Tensor) -> list[KV] | None:
         return self.decoder.cross_keys_values(context) if context.dim() == 3 else None
@@ -96,16 +110,21 @@ class Captioner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. grid (B, N, C), tokens (B, T) = [CLS] ... [SEP] [PAD]...
 
-        Returns logits (B, T-1, V) predicting tokens[:, 1:] and the mean loss over non-pad targets.
+        Returns logits (B, T-1, V') predicting tokens[:, 1:] (V' = the output vocabulary) and
+        the mean loss over non-pad targets.
         """
         context = self.image_context(grid)
         hidden, _ = self.decoder(tokens[:, :-1], cross=self._cross(context))  # (B, T-1, H)
         logits = self._logits(hidden, context)
         targets = tokens[:, 1:]  # shifted: position t predicts token t+1
+        if self.config.output_vocab is not None:
+            # -100 (ignored) for a token the model cannot emit: only padding, in practice
+            targets = self.output_index[targets]
+        targets = targets.masked_fill(tokens[:, 1:] == self.config.pad_id, -100)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
-            ignore_index=self.config.pad_id,
+            ignore_index=-100,
             label_smoothing=label_smoothing,
         )
         return logits, loss
@@ -160,7 +179,7 @@ class Captioner(nn.Module):
                 new, cross=state["cross"], past=state["past"] if use_cache else None
             )
             state["past"] = past if use_cache else None
-            logits = self._logits(hidden[:, -1:], state["context"])[:, 0]  # (B, V)
+            logits = self._logits(hidden[:, -1:], state["context"])[:, 0]  # (B, V')
             return F.log_softmax(logits.float(), dim=-1)
 
         def reorder(rows: torch.Tensor) -> None:
@@ -178,11 +197,11 @@ class Captioner(nn.Module):
         total = torch.zeros(B, device=device)
         length = torch.zeros(B, device=device)
         for _ in range(max_length):
-            logp = step(tokens)  # (B, V)
+            logp = step(tokens)  # (B, V')
             best = logp.argmax(dim=-1)  # (B,)
             total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
             length += (~done).float()
-            best = torch.where(done, cfg.pad_id, best)
+            best = torch.where(done, cfg.pad_id, self._token_ids(best))
             tokens = torch.cat([tokens, best[:, None]], dim=1)  # (B, T+1)
             done |= best == cfg.eos_id
             if done.all():
@@ -199,9 +218,10 @@ class Captioner(nn.Module):
         beam_scores = torch.full((B, K), float("-inf"), device=device)
         beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        ids = self.output_ids.tolist() if cfg.output_vocab is not None else None
         done = [False] * B
         for t in range(max_length):
-            logp = step(tokens)  # (B*K, V)
+            logp = step(tokens)  # (B*K, V')
             V = logp.shape[1]
             candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
             top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
@@ -214,6 +234,7 @@ class Captioner(nn.Module):
                         if score == float("-inf") or kept == K:
                             break
                         beam, token = divmod(idx, V)
+                        token = ids[token] if ids is not None else token
                         if token == cfg.eos_id or last:
                             if rank < K:  # as in HF: a finished hypothesis must rank in the top K
                                 seq = tokens[b * K + beam, 1:].tolist() + [token]

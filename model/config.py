@@ -41,6 +41,10 @@ class CaptionerConfig:
     # byte-identical to bert-base-uncased's)
     tokenizer: str = "packaged"
     max_length: int = 32  # generated tokens at most, [SEP] included
+    # Token ids the model may emit (the WordPiece ids of the training captions + [SEP]); None:
+    # all. A dataset vocabulary, as captioning models use: the softmax is over these ids only,
+    # so [PAD]/[CLS]/[unused*] can never be generated and the output layer costs a fraction.
+    output_vocab: list[int] | None = None
 
     def __post_init__(self) -> None:
         for key, value, allowed in (
@@ -59,6 +63,12 @@ class CaptionerConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)} outside vocab_size={self.vocab_size}"
                 )
+        if self.output_vocab is not None:
+            ids = self.output_vocab
+            if len(set(ids)) != len(ids) or not all(0 <= i < self.vocab_size for i in ids):
+                raise ValueError("output_vocab must hold distinct ids in [0, vocab_size)")
+            if self.eos_id not in ids:
+                raise ValueError(f"output_vocab must contain eos_id={self.eos_id}: captions end")
         if self.max_length + 1 > self.max_position:
             raise ValueError(f"max_length={self.max_length} needs max_position > max_length")
 

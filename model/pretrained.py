@@ -50,16 +50,20 @@ def decoder_state(name: str) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def build_captioner(config: CaptionerConfig, pretrained: bool = True) -> Captioner:
-    """A new Captioner; with `pretrained`, the encoder and decoder start from their weights."""
-    model = Captioner(config)
-    if not pretrained:
-        return model
-    backbone = encoder_state(config.encoder)
+def load_pretrained(
+    model: Captioner, encoder_weights: dict[str, torch.Tensor] | None = None
+) -> list[str]:
+    """Load the encoder's and decoder's pretrained weights into `model`.
+
+    `encoder_weights` overrides the encoder's source (training reuses exactly the weights the
+    features were computed with). Returns the names of the parameters that start random.
+    """
+    config = model.config
+    backbone = encoder_weights if encoder_weights is not None else encoder_state(config.encoder)
     if backbone is not None:
         model.encoder.backbone.load_state_dict(backbone)
-    decoder = decoder_state(config.decoder_weights)
-    if decoder is not None:
+    decoder = decoder_state(config.decoder_weights) or {}
+    if decoder:
         width = decoder["decoder.tok_emb.weight"].shape[1]
         if width != config.hidden_size:
             raise ValueError(
@@ -68,11 +72,18 @@ def build_captioner(config: CaptionerConfig, pretrained: bool = True) -> Caption
             )
         if config.fusion == "concat":  # no MLM head: logits come from the fusion layer
             decoder = {k: v for k, v in decoder.items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(decoder, strict=False)
+        _, unexpected = model.load_state_dict(decoder, strict=False)
         if unexpected:
             raise ValueError(f"{config.decoder_weights} weights do not fit: {unexpected[:5]}")
-        new = sorted(
-            {re.sub(r"\.\d+\.", ".*.", k) for k in missing if not k.startswith("encoder.")}
-        )
-        log.info("decoder from %s; newly initialised: %s", config.decoder_weights, ", ".join(new))
+    new = [n for n, p in model.named_parameters() if p.requires_grad and n not in decoder]
+    summary = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in new})
+    log.info("decoder from %s; starting random: %s", config.decoder_weights, ", ".join(summary))
+    return new
+
+
+def build_captioner(config: CaptionerConfig, pretrained: bool = True) -> Captioner:
+    """A new Captioner; with `pretrained`, the encoder and decoder start from their weights."""
+    model = Captioner(config)
+    if pretrained:
+        load_pretrained(model)
     return model

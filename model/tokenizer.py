@@ -47,10 +47,11 @@ def normalize_caption(text: str) -> str:
     return text.rstrip(" .")
 
 
-def encode_caption(tokenizer: BertTokenizer, text: str, max_tokens: int) -> list[int]:
+def encode_caption(tokenizer: BertTokenizer, text: str, max_tokens: int | None = None) -> list[int]:
     """Caption -> [CLS] wordpieces [SEP], at most max_tokens ids ([SEP] kept when truncating)."""
     pieces = tokenizer.encode(normalize_caption(text), add_special_tokens=False)
-    pieces = pieces[: max_tokens - 2]
+    if max_tokens is not None:
+        pieces = pieces[: max_tokens - 2]
     return [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id]
 
 

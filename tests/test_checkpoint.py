@@ -17,9 +17,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.mark.parametrize("output_vocab", [None, [102, 1037, 2417, 4418]])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_save_load_gives_identical_captions_offline(tmp_path, no_network, fusion):
-    model = Captioner(preset("tiny", fusion=fusion)).eval()
+def test_save_load_gives_identical_captions_offline(tmp_path, no_network, fusion, output_vocab):
+    model = Captioner(preset("tiny", fusion=fusion, output_vocab=output_vocab)).eval()
     pixels = torch.randn(3, 3, 32, 32)
     before = model.generate(pixels, num_beams=2, max_length=8)
     save_checkpoint(model, tmp_path / "model.pth", epoch=3)

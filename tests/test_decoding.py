@@ -18,15 +18,42 @@ def grids(model: Captioner, batch: int) -> torch.Tensor:
     return torch.randn(batch, spec.grid**2, spec.channels) * 3  # (B, N, C)
 
 
+# a dataset vocabulary: the model may only emit these ids ([SEP] = 102 among them)
+OUTPUT_VOCAB = [102, 1037, 2417, 2630, 4418, 2675, 7117, 2187, 2157, 1997]
+
+
+@pytest.mark.parametrize("output_vocab", [None, OUTPUT_VOCAB], ids=["full-vocab", "dataset-vocab"])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_cached_decoding_equals_uncached(fusion, num_beams):
-    model = tiny(fusion)
+def test_cached_decoding_equals_uncached(fusion, num_beams, output_vocab):
+    model = tiny(fusion, output_vocab=output_vocab)
     grid = grids(model, 5)
     cached = model.generate(grid=grid, num_beams=num_beams, max_length=12)
     uncached = model.generate(grid=grid, num_beams=num_beams, max_length=12, use_cache=False)
     assert cached.tokens == uncached.tokens
     assert cached.scores == pytest.approx(uncached.scores, abs=1e-4)
+    if output_vocab:
+        assert {t for seq in cached.tokens for t in seq} <= set(output_vocab)
+
+
+def test_dataset_vocabulary_restricts_the_softmax():
+    full = tiny()
+    restricted = tiny(output_vocab=OUTPUT_VOCAB)
+    restricted.load_state_dict(full.state_dict(), strict=False)  # same weights, plus buffers
+    grid = grids(full, 2)
+    tokens = torch.tensor([[101, 1037, 2417, 4418, 102, 0], [101, 1037, 2630, 2675, 1997, 102]])
+    full_logits, _ = full(grid, tokens)
+    logits, loss = restricted(grid, tokens)
+    assert logits.shape == (2, 5, len(OUTPUT_VOCAB))
+    torch.testing.assert_close(logits, full_logits[..., OUTPUT_VOCAB])  # a slice, not new math
+    targets = torch.tensor([OUTPUT_VOCAB.index(t) for t in (1037, 2417, 4418, 102)])
+    expected = torch.nn.functional.cross_entropy(logits[0, :4], targets, reduction="sum")
+    expected += torch.nn.functional.cross_entropy(
+        logits[1],
+        torch.tensor([OUTPUT_VOCAB.index(t) for t in (1037, 2630, 2675, 1997, 102)]),
+        reduction="sum",
+    )
+    torch.testing.assert_close(loss, expected / 9)  # pad ignored: 4 + 5 targets
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
@@ -55,15 +82,16 @@ def test_batched_decoding_equals_one_image_at_a_time(num_beams):
 def exhaustive_best(model, grid, vocab, max_length, length_penalty):
     """Score every sequence ending in [SEP] (or cut at max_length) under the model."""
     eos, bos = model.config.eos_id, model.config.bos_id
+    ids = list(vocab)
     best = (-math.inf, None)
     for length in range(1, max_length + 1):
-        for seq in itertools.product(range(vocab), repeat=length):
+        for seq in itertools.product(ids, repeat=length):
             if eos in seq[:-1] or (length < max_length and seq[-1] != eos):
                 continue  # only [SEP]-terminated prefixes, or full-length sequences
             tokens = torch.tensor([[bos, *seq]])
             logits, _ = model(grid, torch.cat([tokens, tokens[:, :1]], dim=1))
             logp = logits[0].log_softmax(-1)  # (T, V)
-            total = sum(logp[t, tok].item() for t, tok in enumerate(seq))
+            total = sum(logp[t, ids.index(tok)].item() for t, tok in enumerate(seq))
             score = total / length**length_penalty
             if score > best[0]:
                 best = (score, [t for t in seq if t != eos])
@@ -72,15 +100,18 @@ def exhaustive_best(model, grid, vocab, max_length, length_penalty):
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_wide_beam_search_finds_the_exhaustive_optimum(fusion, length_penalty):
+@pytest.mark.parametrize("output_vocab", [None, [2, 3, 4]], ids=["full-vocab", "dataset-vocab"])
+def test_wide_beam_search_finds_the_exhaustive_optimum(fusion, length_penalty, output_vocab):
     vocab, max_length = 5, 3
-    model = tiny(fusion, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2)
+    model = tiny(fusion, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2, output_vocab=output_vocab)
     grid = grids(model, 1)
     # wide enough to keep every prefix: beam search becomes exhaustive and must agree
     out = model.generate(
         grid=grid, num_beams=vocab**max_length, max_length=max_length, length_penalty=length_penalty
     )
-    score, seq = exhaustive_best(model, grid, vocab, max_length, length_penalty)
+    score, seq = exhaustive_best(
+        model, grid, output_vocab or range(vocab), max_length, length_penalty
+    )
     assert out.tokens[0] == seq
     assert out.scores[0] == pytest.approx(score, abs=1e-4)
 

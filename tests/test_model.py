@@ -32,6 +32,8 @@ def test_config_rejects_unknown_and_invalid_values():
         CaptionerConfig(fusion="add")
     with pytest.raises(ValueError, match="unknown preset 'huge'; available presets"):
         preset("huge")
+    with pytest.raises(ValueError, match="output_vocab must contain eos_id=102"):
+        preset("tiny", output_vocab=[1037, 2417])
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from model import CaptionerConfig, preset
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -22,3 +25,31 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             f"{path} must hold a YAML mapping (key: value), got {type(params).__name__}"
         )
     return params
+
+
+def captioner_config(params: dict[str, Any]) -> CaptionerConfig:
+    """The model params (preset + encoder/fusion + overrides) resolved into a CaptionerConfig."""
+    section = dict(params.get("model") or {})
+    name = section.pop("preset", "offline")
+    overrides = dict(section.pop("overrides", None) or {})
+    section.pop("output_vocab", None)  # filled from the data by the define stage
+    for key in ("encoder", "fusion"):
+        if section.get(key) is not None:
+            overrides[key] = section[key]
+        section.pop(key, None)
+    if section:
+        raise ValueError(
+            f"unknown key(s) {sorted(section)} under model: in params.yaml; use preset, encoder, "
+            "fusion, or put CaptionerConfig fields under model.overrides"
+        )
+    return preset(name, **overrides)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cpu` / `cuda` / `cuda:1` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
+    return device

@@ -1,0 +1,152 @@
+"""DVC stage `preprocess`: the captions validation kept -> token ids, split by image.
+
+All captions of an image are kept (Flickr8k has five). Splits are by IMAGE, never by caption,
+so no test image is seen in training: Flickr8k's official split files when ingest found them,
+otherwise a seeded shuffle; identical image files (validation's `duplicate_images`) always
+land in the same split.
+
+Output `data/processed/captions.json`:
+`{"tokenizer", "max_tokens", "splits": {"train"|"val"|"test": [{"image", "captions", "tokens"}]}}`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import encode_caption, load_tokenizer, normalize_caption
+from training.captions import SPLITS_FILE, valid_rows
+from training.ingest import RAW_DIR
+from training.params import captioner_config, load_params
+from training.validate import REPORT_PATH
+
+log = logging.getLogger(__name__)
+
+PROCESSED_PATH = Path("data/processed/captions.json")
+SPLITS = ("train", "val", "test")
+
+
+def split_images(
+    images: list[str],
+    official: dict[str, list[str]] | None,
+    duplicate_groups: list[list[str]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[str]]:
+    """Assign every image to train/val/test; identical files share a split."""
+    if official:
+        assigned = {image: split for split in SPLITS for image in official.get(split, [])}
+        unlisted = [image for image in images if image not in assigned]
+        if unlisted:  # Flickr8k's split files list 8000 of its 8091 images
+            log.info("%d images are in no official split: training on them", len(unlisted))
+        return {s: [i for i in images if assigned.get(i, "train") == s] for s in SPLITS}
+
+    group_of = {image: image for image in images}
+    for group in duplicate_groups:
+        for image in group:
+            group_of[image] = group[0]
+    members: dict[str, list[str]] = defaultdict(list)
+    for image in images:
+        members[group_of[image]].append(image)
+    keys = sorted(members)
+    np.random.default_rng(seed).shuffle(keys)
+    n_test = round(test_fraction * len(images))
+    n_val = round(val_fraction * len(images))
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for key in keys:
+        split = "test" if len(splits["test"]) < n_test else "val"
+        if split == "val" and len(splits["val"]) >= n_val:
+            split = "train"
+        splits[split].extend(members[key])
+    return {s: sorted(v) for s, v in splits.items()}
+
+
+def preprocess(
+    raw_dir: Path,
+    report_path: Path,
+    out_path: Path,
+    tokenizer_source: str,
+    max_tokens: int,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tokenise the kept captions of `raw_dir` into `out_path`; returns what was written."""
+    if not 0 <= val_fraction + test_fraction < 1:
+        raise ValueError("preprocess.val_fraction + test_fraction must be in [0, 1)")
+    captions: dict[str, list[str]] = defaultdict(list)
+    empty = 0
+    for row in valid_rows(raw_dir, report_path):
+        text = normalize_caption(row.caption)
+        if text:
+            captions[row.image].append(text)
+        else:
+            empty += 1
+    if empty:
+        log.warning("%d captions are empty after normalisation (only punctuation): skipped", empty)
+    if not captions:
+        raise ValueError(f"no valid captions in {raw_dir}: see {report_path}")
+
+    report = json.loads(Path(report_path).read_text())
+    splits_file = Path(raw_dir) / SPLITS_FILE
+    official = json.loads(splits_file.read_text()) if splits_file.is_file() else None
+    splits = split_images(
+        sorted(captions),
+        official,
+        report.get("duplicate_images", []),
+        val_fraction,
+        test_fraction,
+        seed,
+    )
+
+    tokenizer = load_tokenizer(tokenizer_source)
+    truncated = 0
+    out: dict[str, Any] = {"tokenizer": tokenizer_source, "max_tokens": max_tokens, "splits": {}}
+    for split, images in splits.items():
+        entries = []
+        for image in images:
+            tokens = [encode_caption(tokenizer, c) for c in captions[image]]
+            long = [i for i, t in enumerate(tokens) if len(t) > max_tokens]
+            for i in long:
+                tokens[i] = encode_caption(tokenizer, captions[image][i], max_tokens)
+            truncated += len(long)
+            entries.append({"image": image, "captions": captions[image], "tokens": tokens})
+        out["splits"][split] = entries
+        log.info(
+            "%s: %d images, %d captions",
+            split,
+            len(entries),
+            sum(len(e["tokens"]) for e in entries),
+        )
+    if truncated:
+        log.warning("%d captions longer than max_tokens=%d were truncated", truncated, max_tokens)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def main() -> None:
+    """`python -m training.preprocess`: data/raw + validation report -> data/processed."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    cfg = params["preprocess"]
+    preprocess(
+        RAW_DIR,
+        REPORT_PATH,
+        PROCESSED_PATH,
+        captioner_config(params).tokenizer,
+        cfg["max_tokens"],
+        cfg["val_fraction"],
+        cfg["test_fraction"],
+        cfg["seed"],
+    )
+
+
+if __name__ == "__main__":
+    main()

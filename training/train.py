@@ -1,0 +1,357 @@
+"""DVC stage `train`: fit the decoder on the precomputed image features.
+
+AdamW (pretrained weights at `lr`, freshly initialised layers at `new_layer_lr`), linear
+warmup then cosine decay, gradient clipping, optional label smoothing; validation loss every
+epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
+
+Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
+history, MLflow run) goes to `artifacts/checkpoints/last.pth`, which DVC keeps between runs
+(`persist: true`). `dvc repro` after a kill continues from the last completed epoch, as long as
+the config, params and data are unchanged (a fingerprint checks it); the batch order of an
+epoch depends only on (seed, epoch), so a resumed run trains exactly like a straight one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
+from model.pretrained import load_pretrained
+from training import tracking
+from training.define import CONFIG_PATH
+from training.params import load_params, pick_device
+from training.preprocess import PROCESSED_PATH
+from training.transform import ENCODER_WEIGHTS, FEATURES_DIR
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = Path("artifacts/checkpoints")
+MODEL_PATH = Path("artifacts/model/model.pth")
+METRICS_PATH = Path("metrics/train.json")
+HISTORY_PATH = Path("metrics/train_history.csv")
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of params.yaml."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-4
+    new_layer_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    patience: int = 3
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise ValueError(
+                f"unknown key(s) {unknown} under train: in params.yaml; valid: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+class CaptionData:
+    """One split: image features (n, N, C) fp16 and every (image row, caption tokens) pair."""
+
+    def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
+        entries = processed["splits"][split]
+        index = json.loads((features_dir / "index.json").read_text())
+        if index["splits"][split] != [e["image"] for e in entries]:
+            raise ValueError(
+                f"{features_dir} does not match {split} of data/processed: run `dvc repro` "
+                "(the transform stage) again"
+            )
+        self.grid = torch.from_numpy(np.load(features_dir / f"{split}.npy"))  # (n, N, C) fp16
+        self.rows = torch.tensor([i for i, e in enumerate(entries) for _ in e["tokens"]])
+        sequences = [seq for e in entries for seq in e["tokens"]]
+        self.tokens = torch.full((len(sequences), max(map(len, sequences))), pad_id)
+        for i, seq in enumerate(sequences):
+            self.tokens[i, : len(seq)] = torch.tensor(seq)
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(grid (b, N, C) fp16, tokens (b, T)) batches; shuffled when given a generator."""
+        order = (
+            torch.randperm(len(self), generator=generator)
+            if generator is not None
+            else torch.arange(len(self))
+        )
+        for start in range(0, len(order), batch_size):
+            pick = order[start : start + batch_size]
+            tokens = self.tokens[pick]
+            width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
+            yield self.grid[self.rows[pick]], tokens[:, :width]
+
+
+def param_groups(model: Captioner, new: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Pretrained vs new layers (two learning rates) x decayed vs not (biases, norms)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "norm" in name or name.endswith(("row_emb", "col_emb"))
+        groups.setdefault((name in new, no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": cfg.new_layer_lr if is_new else cfg.lr,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+        }
+        for (is_new, no_decay), params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    """Multiplier on the peak lr: linear warmup, then cosine decay to zero."""
+    warmup = max(1, round(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def validation_loss(model: Captioner, data: CaptionData, batch_size: int, device) -> float:
+    """Token-weighted mean cross-entropy (no label smoothing) over a split."""
+    model.eval()
+    total, count = 0.0, 0
+    for grid, tokens in data.batches(batch_size):
+        tokens = tokens.to(device)
+        _, loss = model(grid.to(device), tokens)
+        n = int((tokens[:, 1:] != data.pad_id).sum())
+        total, count = total + loss.item() * n, count + n
+    return total / max(count, 1)
+
+
+def fingerprint(*paths: Path, **values: Any) -> str:
+    """What a resumable state must match: the files' bytes and the settings."""
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for path in paths:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train(
+    cfg: TrainConfig,
+    config_path: Path = CONFIG_PATH,
+    processed_path: Path = PROCESSED_PATH,
+    features_dir: Path = FEATURES_DIR,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    model_path: Path = MODEL_PATH,
+    metrics_path: Path = METRICS_PATH,
+    history_path: Path = HISTORY_PATH,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume), write the best model, metrics and history; returns the metrics."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    config = CaptionerConfig.load(config_path)
+    index = json.loads((features_dir / "index.json").read_text())
+    if index["encoder"] != config.encoder:
+        raise ValueError(
+            f"features in {features_dir} come from {index['encoder']} but the model uses "
+            f"{config.encoder}: run `dvc repro` so transform recomputes them"
+        )
+    processed = json.loads(processed_path.read_text())
+    train_data = CaptionData(processed, features_dir, "train", config.pad_id)
+    val_data = CaptionData(processed, features_dir, "val", config.pad_id)
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise ValueError("train and val splits must both hold captions: check preprocess fractions")
+
+    torch.manual_seed(cfg.seed)
+    model = Captioner(config)
+    encoder_weights = torch.load(features_dir / ENCODER_WEIGHTS, weights_only=True)
+    new = set(load_pretrained(model, encoder_weights=encoder_weights))
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
+    )
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = checkpoint_dir / "last.pth", checkpoint_dir / "best.pth"
+    key = fingerprint(
+        config_path,
+        processed_path,
+        features_dir / "index.json",
+        features_dir / "train.npy",
+        train=dataclasses.asdict(cfg),
+    )
+    state = _resumable(last_path, key)
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, last_path)
+    else:
+        state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
+        state.update(history=[], run_id=None, seconds=0.0)
+    run_id = tracking.start(state["run_id"], name="train")
+    if run_id and not state["run_id"]:
+        tracking.log_params({"params": params or {}, "config": config.to_dict()})
+    state["run_id"] = run_id
+
+    log.info(
+        "%d train / %d val captions, %d steps per epoch, device %s",
+        len(train_data),
+        len(val_data),
+        steps_per_epoch,
+        device,
+    )
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            break
+        started = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        batches = tqdm(
+            train_data.batches(cfg.batch_size, generator),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+        )
+        running = 0.0
+        for step, (grid, tokens) in enumerate(batches, 1):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                _, loss = model(grid.to(device), tokens.to(device), cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item()
+            batches.set_postfix(loss=f"{running / step:.3f}")
+        val_loss = validation_loss(model, val_data, cfg.batch_size, device)
+        seconds = time.perf_counter() - started
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(running / steps_per_epoch, 5),
+            "val_loss": round(val_loss, 5),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(seconds, 1),
+        }
+        state["history"].append(row)
+        state["seconds"] += seconds
+        if val_loss < state["best_val"] - 1e-4:
+            state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0)
+            save_checkpoint(model, best_path, epoch=epoch + 1, val_loss=val_loss)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        _save_state(last_path, state, model, optimizer, scheduler, key, finished=False)
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log.info(
+            "epoch %d: train %.4f, val %.4f (%.0f s)",
+            epoch + 1,
+            row["train_loss"],
+            val_loss,
+            seconds,
+        )
+
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best_path, model_path)
+    load_checkpoint(model_path)  # the artifact must load on its own, weights-only
+    _save_state(last_path, state, model, optimizer, scheduler, key, finished=True)
+    metrics = {
+        "best_epoch": state["best_epoch"],
+        "best_val_loss": round(state["best_val"], 5),
+        "epochs_run": state["epoch"],
+        "stopped_early": state["epoch"] < cfg.epochs,
+        "final_train_loss": state["history"][-1]["train_loss"],
+        "train_seconds": round(state["seconds"], 1),
+        "train_captions": len(train_data),
+    }
+    _write_outputs(metrics, state["history"], metrics_path, history_path)
+    tracking.log_metrics(
+        {"best_val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"]}
+    )
+    tracking.end()
+    tracking.save_run_id(run_id)
+    return metrics
+
+
+def _resumable(path: Path, key: str) -> dict[str, Any] | None:
+    """The saved state if it belongs to this very run and did not finish; else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != key:
+        log.info("%s is from a different config, params or data: starting over", path)
+        return None
+    if state["finished"]:
+        log.info("%s is a finished run: training again from scratch", path)
+        return None
+    return state
+
+
+def _save_state(path: Path, state, model, optimizer, scheduler, key: str, finished: bool) -> None:
+    """Atomically write everything a resumed run needs (a kill mid-write leaves the old file)."""
+    full = {
+        **state,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "fingerprint": key,
+        "finished": finished,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(full, tmp)
+    tmp.replace(path)
+
+
+def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> None:
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    with history_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main() -> None:
+    """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    train(TrainConfig.from_dict(params.get("train") or {}), params=params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""DVC stage `transform`: frozen-encoder features of every image, computed once.
+
+The encoder never trains, so its output is a pure function of the image: computing it once
+(fp16, ~125-200 KB per image) makes every training epoch and every change of training params
+cheap. DVC re-runs this stage only when the images, the splits or the encoder change.
+
+Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["splits"][split][i],
+`data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
+the encoder weights used, which training starts from so the model matches its features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.encoders import ImageEncoder, preprocess
+from model.image import open_image
+from model.pretrained import encoder_state
+from training.captions import IMAGES_DIR
+from training.ingest import RAW_DIR
+from training.params import captioner_config, load_params, pick_device
+from training.preprocess import PROCESSED_PATH
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR = Path("data/features")
+ENCODER_WEIGHTS = "encoder.pth"
+
+
+def build_encoder(name: str, device: torch.device) -> ImageEncoder:
+    """The frozen encoder with its pretrained weights (random for `tiny`)."""
+    encoder = ImageEncoder(name)
+    state = encoder_state(name)
+    if state is not None:
+        encoder.backbone.load_state_dict(state)
+    return encoder.to(device)
+
+
+@torch.inference_mode()
+def transform(
+    raw_dir: Path,
+    processed_path: Path,
+    out_dir: Path,
+    encoder_name: str,
+    device: torch.device,
+    batch_size: int = 32,
+) -> dict:
+    """Encode every image of every split into `out_dir`; returns the index."""
+    splits = {
+        split: [entry["image"] for entry in entries]
+        for split, entries in json.loads(processed_path.read_text())["splits"].items()
+    }
+    encoder = build_encoder(encoder_name, device)
+    spec = encoder.spec
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, images in splits.items():
+        shape = (len(images), spec.grid**2, spec.channels)
+        features = np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape)
+        for start in tqdm(range(0, len(images), batch_size), desc=f"encode {split}", unit="batch"):
+            names = images[start : start + batch_size]
+            pixels = torch.stack(
+                [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
+            )  # (b, 3, S, S)
+            grid = encoder(pixels.to(device))  # (b, N, C)
+            features[start : start + len(names)] = grid.half().cpu().numpy()
+        features.flush()
+        del features
+    index = {
+        "encoder": encoder_name,
+        "grid": spec.grid,
+        "channels": spec.channels,
+        "dtype": "float16",
+        "splits": splits,
+    }
+    (out_dir / "index.json").write_text(json.dumps(index) + "\n")
+    # training starts from exactly these weights (a random `tiny` encoder included)
+    torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
+    log.info("features: %s", {s: len(v) for s, v in splits.items()})
+    return index
+
+
+def main() -> None:
+    """`python -m training.transform`: data/processed + data/raw -> data/features."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    config = captioner_config(params)
+    device = pick_device(params["train"]["device"])
+    transform(RAW_DIR, PROCESSED_PATH, FEATURES_DIR, config.encoder, device)
+
+
+if __name__ == "__main__":
+    main()
