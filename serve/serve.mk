@@ -1,0 +1,21 @@
+# TorchServe targets, included from the Makefile (it defines BIN and `setup`, and exports the
+# no-telemetry variables). The logic lives in serve/serve.sh and serve/demo.py.
+MAR := model-store/imgtocap.mar
+
+.PHONY: serve demo stop
+
+# No archive yet: run the pipeline (its last stage, package, writes it).
+$(MAR): | setup
+	$(BIN)/dvc repro
+
+## serve: TorchServe in the foreground with serve/config.properties (token auth on); Ctrl-C stops it
+serve: $(MAR)
+	BIN=$(BIN) serve/serve.sh
+
+## demo: train if needed, serve on 127.0.0.1 in the background, caption sample images
+demo: $(MAR)
+	$(BIN)/python serve/demo.py
+
+## stop: stop the TorchServe started by `make demo` (or `make serve` in another terminal)
+stop:
+	$(BIN)/torchserve --stop --foreground

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make serve`: TorchServe in the foreground with serve/config.properties and
+# model-store/imgtocap.mar. Ctrl-C runs `torchserve --stop`, which waits until the frontend and
+# its workers have exited.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+CONFIG=${TS_CONFIG_FILE:-serve/config.properties} # TorchServe itself prefers TS_CONFIG_FILE too
+export LOG_LOCATION=${LOG_LOCATION:-logs/torchserve} METRICS_LOCATION=${METRICS_LOCATION:-logs/torchserve}
+# Workers inherit this. OpenMP threads that spin while idle stall (10x and worse) as soon as
+# another process holds a core; sleeping ones cost nothing measurable.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+address() { sed -n "s|^$1=||p" "$CONFIG" | sed 's|//0\.0\.0\.0:|//127.0.0.1:|'; }
+cat <<EOF
+Starting TorchServe ($CONFIG): token auth is on; logs in $LOG_LOCATION/. Once the model is
+READY (log line "imgtocap ready"), from this directory in another terminal:
+
+  KEY=\$(python3 -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
+  curl -H "Authorization: Bearer \$KEY" -T image.jpg $(address inference_address)/predictions/imgtocap
+
+  MKEY=\$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
+  curl -H "Authorization: Bearer \$MKEY" $(address management_address)/models/imgtocap
+
+Keys expire after an hour; docs/serving.md shows how to get new ones. Ctrl-C stops TorchServe.
+
+EOF
+
+stop() {
+  echo "Stopping TorchServe..."
+  "$BIN/torchserve" --stop --foreground
+}
+trap stop INT TERM
+# In the background, so that Ctrl-C reaches only this script (a non-interactive shell starts
+# background jobs with SIGINT ignored) and the trap stops TorchServe in order: the frontend
+# first asks its workers to exit, instead of every process dying at once.
+"$BIN/torchserve" --start --foreground --ncs --ts-config "$CONFIG" &
+server=$!
+wait "$server"  # returns early when the trap runs ...
+status=$?
+if kill -0 "$server" 2>/dev/null; then # ... then wait for the launcher to exit too
+  wait "$server"
+  status=$?
+fi
+exit "$status"

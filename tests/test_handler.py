@@ -1,0 +1,137 @@
+"""The archive's handler in this process (no TorchServe): request formats, options, errors per item."""
+
+import base64
+import importlib.util
+import io
+import json
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from training.package import build_archive
+
+SERVE = {
+    "num_beams": {"default": 1, "max": 3},
+    "max_length": {"default": 8, "max": 20},
+    "max_image_bytes": 100_000,
+    "cpu_threads": 1,  # a tiny model: more threads only contend
+}
+
+
+class Metrics:
+    """Stands in for TorchServe's metrics cache: the handler records one time per batch."""
+
+    def __init__(self):
+        self.times = []
+
+    def add_time(self, name, value, idx=None, unit="ms"):
+        self.times.append((name, value, unit))
+
+
+def png(seed: int) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(handler, context, the same model loaded here), the handler loaded from the archive."""
+    tmp = tmp_path_factory.mktemp("handler")
+    save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
+    with zipfile.ZipFile(build_archive(tmp / "model.pth", tmp / "store", SERVE)) as mar:
+        mar.extractall(tmp / "unpacked")
+    model_dir = tmp / "unpacked"
+    spec = importlib.util.spec_from_file_location(
+        "imgtocap_handler", model_dir / "imgtocap_handler.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    context = Context("imgtocap", str(model_dir), manifest, 4, None, "0.12.0")
+    context.metrics = Metrics()
+    context.model_yaml_config = {"maxWorkers": 1}
+    # As in a fresh worker: no `model` imported yet. Put this process's copy back afterwards.
+    ours = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "model"}
+    path, threads = list(sys.path), torch.get_num_threads()
+    for name in ours:
+        del sys.modules[name]
+    try:
+        handler = module.ImgtocapHandler()
+        handler.initialize(context)
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "model"]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+        sys.path[:] = path
+    assert handler.lib.__file__ == str(model_dir / "model" / "__init__.py")
+    yield handler, context, load_checkpoint(tmp / "model.pth")
+    torch.set_num_threads(threads)  # initialize() set the worker's
+
+
+def run(served, rows: list[dict]) -> list[tuple[int, dict]]:
+    """Hand the handler one batch, as TorchServe does; (status, JSON body) per request."""
+    handler, context, _ = served
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    bodies = handler.handle(rows, context)
+    assert len(bodies) == len(rows)
+    for i in range(len(rows)):
+        assert context.get_response_content_type(i) == "application/json"
+    return [(context.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
+
+
+def expected(served, data: bytes, num_beams: int = 1, max_length: int = 8) -> str:
+    _, _, model = served
+    pixels = model.preprocess(open_image(data))[None]  # (1, 3, S, S)
+    out = model.generate(pixels, num_beams=num_beams, max_length=max_length)
+    return decode_caption(served[0].tokenizer, out.tokens[0])
+
+
+def test_every_request_format_gets_its_own_options(served):
+    images = [png(i) for i in range(4)]
+    results = run(
+        served,
+        [
+            {"body": bytearray(images[0])},  # raw body
+            {"data": bytearray(images[1]), "num_beams": bytearray(b"2"), "max_length": b"5"},
+            {"file": bytearray(images[2]), "max_length": bytearray(b" 3 ")},
+            {"body": {"data": base64.b64encode(images[3]).decode(), "num_beams": 3}},  # JSON
+        ],
+    )
+    assert [status for status, _ in results] == [200] * 4
+    bodies = [body for _, body in results]
+    assert bodies[0]["caption"] == expected(served, images[0])
+    assert bodies[1]["caption"] == expected(served, images[1], num_beams=2, max_length=5)
+    assert bodies[2]["caption"] == expected(served, images[2], max_length=3)
+    assert bodies[3]["caption"] == expected(served, images[3], num_beams=3)
+    assert [(b["num_beams"], b["max_length"]) for b in bodies] == [(1, 8), (2, 5), (1, 3), (3, 8)]
+    assert {b["batch_size"] for b in bodies} == {4}
+
+
+def test_bad_requests_fail_alone_with_a_reason(served):
+    good = png(7)
+    rows = {
+        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 400, "not a readable image"),
+        "text body": ({"body": "a caption, not an image"}, 400, "not a readable image"),
+        "no image": ({"num_beams": bytearray(b"2")}, 400, "no image in the request"),
+        "JSON without data": ({"body": {"image": 5}}, 400, "base64-encoded image"),
+        "bad base64": ({"body": {"data": "not base64!"}}, 400, "not valid base64"),
+        "beams too many": ({"body": good, "num_beams": bytearray(b"4")}, 400, "from 1 to 3"),
+        "length not a number": ({"body": good, "max_length": bytearray(b"ten")}, 400, "from 1 to 20"),
+        "beams a boolean": ({"body": {"data": base64.b64encode(good).decode(), "num_beams": True}}, 400, "from 1 to 3"),
+        "too many bytes": ({"body": bytearray(100_001)}, 413, "the limit is 100,000 bytes"),
+        "valid": ({"body": bytearray(good)}, 200, None),
+    }  # fmt: skip
+    results = run(served, [row for row, _, _ in rows.values()])
+    for (name, (_, status, message)), (got_status, body) in zip(rows.items(), results):
+        assert got_status == status, (name, body)
+        if message:
+            assert set(body) == {"error"} and message in body["error"], (name, body)
+    assert results[-1][1]["caption"] == expected(served, good)

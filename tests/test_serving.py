@@ -1,0 +1,449 @@
+"""The real TorchServe serving the real archive: captions, batching, bad inputs, scaling, metrics.
+
+One server (serve/config.properties on free loopback ports, token auth on, batches of up to 4
+requests within 200 ms) serves most tests; a second one runs from a Python without imgtocap.
+The checkpoint is a tiny model that memorised eight pictures, so each picture has its own
+caption and a mix-up inside a batch would show; the server's answer must equal what
+`generate()` gives for the same bytes in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import torch
+from PIL import Image, ImageDraw
+
+from model import (
+    Captioner,
+    decode_caption,
+    encode_caption,
+    load_checkpoint,
+    open_image,
+    preset,
+    save_checkpoint,
+)
+from training.package import build_archive
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_PARAMS = {
+    "batch_size": 4,
+    "max_batch_delay_ms": 200,
+    "num_beams": {"default": 1, "max": 3},
+    "max_length": {"default": 12, "max": 20},
+    "max_image_bytes": 2**20,  # the handler's cap ...
+}
+MAX_REQUEST_SIZE = 2 * 2**20  # ... sits below TorchServe's
+CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "two yellow squares",
+    "a black circle",
+    "an orange square",
+    "a purple triangle",
+    "a white background",
+]
+
+
+# --- the model and the pictures ---------------------------------------------------------------
+
+
+def picture(i: int) -> Image.Image:
+    """Eight different 64x64 pictures (noise plus a red box in a different place each)."""
+    rng = np.random.default_rng(i)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    x, y = 8 * (i % 4), 4 * i
+    ImageDraw.Draw(image).rectangle([x, y, x + 24, y + 20], fill=(255, 0, 0))
+    return image
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
+    data = encoded(Image.new("RGB", (1, 1)), "PNG")
+    chunk = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return (
+        data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
+    """A tiny captioner that memorised CAPTIONS for the eight pictures, and its checkpoint."""
+    torch.manual_seed(0)
+    model = Captioner(preset("tiny"))
+    pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
+    grid = model.encode_image(pixels)
+    ids = [encode_caption(tokenizer, c, max_tokens=8) for c in CAPTIONS]
+    tokens = torch.zeros(8, max(map(len, ids)), dtype=torch.long)
+    for row, seq in zip(tokens, ids):
+        row[: len(seq)] = torch.tensor(seq)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only makes threads contend (seconds vs minutes)
+    try:
+        model.train()
+        for _ in range(100):
+            _, loss = model(grid, tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("tiny") / "model.pth"
+    save_checkpoint(model, path)
+    return load_checkpoint(path), path
+
+
+@pytest.fixture(scope="module")
+def caption_of(tiny, tokenizer):
+    """What generate() says, in this process, for the same bytes and parameters."""
+    model, _ = tiny
+
+    def caption(data: bytes, num_beams: int = 1, max_length: int = 12) -> str:
+        pixels = model.preprocess(open_image(data))[None]  # (1, 3, S, S)
+        out = model.generate(pixels, num_beams=num_beams, max_length=max_length)
+        return decode_caption(tokenizer, out.tokens[0])
+
+    return caption
+
+
+@pytest.fixture(scope="module")
+def model_store(tiny, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("model-store")
+    build_archive(tiny[1], store, SERVE_PARAMS)
+    return store
+
+
+# --- TorchServe on free ports -----------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class TorchServe:
+    """serve/config.properties on free loopback ports, in its own working dir, TMPDIR and TEMP."""
+
+    def __init__(self, workdir: Path, model_store: Path, python: str = sys.executable):
+        self.workdir, self.python = workdir, python
+        ports = free_ports(5)
+        self.inference = f"http://127.0.0.1:{ports[0]}"
+        self.management = f"http://127.0.0.1:{ports[1]}"
+        self.metrics = f"http://127.0.0.1:{ports[2]}"
+        overrides = {
+            "inference_address": self.inference,
+            "management_address": self.management,
+            "metrics_address": self.metrics,
+            "grpc_inference_port": ports[3],
+            "grpc_management_port": ports[4],
+            "model_store": model_store,
+            "max_request_size": MAX_REQUEST_SIZE,
+        }
+        lines = []
+        for line in (ROOT / "serve" / "config.properties").read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            if not line.startswith("#") and key in overrides:
+                line = f"{key}={overrides.pop(key)}"
+            lines.append(line)
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        (workdir / "config.properties").write_text("\n".join(lines) + "\n")
+        tmp = workdir / "tmp"  # pid file, worker sockets, extracted archives: ours alone
+        tmp.mkdir()
+        self.env = {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "TEMP": str(tmp),
+            "LOG_LOCATION": str(workdir / "logs"),
+            "METRICS_LOCATION": str(workdir / "logs"),
+            "OMP_WAIT_POLICY": "PASSIVE",  # as serve/serve.sh runs it
+        }
+        self.console = open(workdir / "console.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [python, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
+            + ["--ts-config", "config.properties"],
+            cwd=workdir,
+            env=self.env,
+            stdout=self.console,
+            stderr=subprocess.STDOUT,
+            # no session of its own: whatever stops this test run (Ctrl-C, a runner killing
+            # its process group) stops the server too, even when no teardown runs
+        )
+        try:
+            self.keys = self._wait_ready()
+        except BaseException:  # pytest.fail, Ctrl-C: no fixture teardown will run for us
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float = 180) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:  # the key file appears first (maybe half written), then the worker
+                key_file = json.loads((self.workdir / "key_file.json").read_text())
+                keys = {name: entry["key"] for name, entry in key_file.items()}
+                if any(w["status"] == "READY" for w in self.describe(keys)["workers"]):
+                    return keys
+            except (OSError, ValueError, KeyError, IndexError, requests.RequestException):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"no READY worker after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        logs = [self.workdir / "console.log", self.workdir / "logs" / "model_log.log"]
+        return "\n".join(
+            "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+            for p in logs
+            if p.is_file()
+        )
+
+    def describe(self, keys: dict[str, str] | None = None) -> dict:
+        keys = keys or self.keys
+        response = requests.get(
+            f"{self.management}/models/imgtocap",
+            headers={"Authorization": f"Bearer {keys['management']}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return response.json()[0]
+
+    def predict(self, path: str = "/predictions/imgtocap", **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.keys['inference']}", **kwargs.pop("headers", {})}
+        return requests.post(self.inference + path, headers=headers, timeout=60, **kwargs)
+
+    def caption(self, data: bytes) -> requests.Response:
+        """Like `curl -T image URL`: the raw image as a PUT body."""
+        return requests.put(
+            f"{self.inference}/predictions/imgtocap",
+            data=data,
+            headers={"Authorization": f"Bearer {self.keys['inference']}"},
+            timeout=60,
+        )
+
+    def stop(self) -> None:
+        """`torchserve --stop` as a user would; then make sure nothing it started is left."""
+        try:
+            started = psutil.Process(self.process.pid).children(recursive=True)  # java, workers
+        except psutil.NoSuchProcess:
+            started = []
+        subprocess.run(
+            [self.python, "-m", "ts.model_server", "--stop", "--foreground"],
+            cwd=self.workdir,
+            env=self.env,
+            timeout=90,
+            capture_output=True,
+        )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for process in alive:  # only what this server started
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.console.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory):
+    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store)
+    yield ts
+    ts.stop()
+
+
+def send_together(server: TorchServe, bodies: list[bytes]) -> list[requests.Response]:
+    """One thread per body, released at once so that TorchServe can batch them."""
+    barrier = threading.Barrier(len(bodies))
+
+    def send(data: bytes) -> requests.Response:
+        barrier.wait()
+        return server.caption(data)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+
+def test_a_jpeg_and_a_png_get_their_captions(server, caption_of):
+    for data in (encoded(picture(0), "JPEG"), encoded(picture(1), "PNG")):
+        response = server.caption(data)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert body["caption"] == caption_of(data)
+        assert body["num_beams"] == 1 and body["max_length"] == 12  # the archive's defaults
+    assert server.caption(encoded(picture(1), "PNG")).json()["caption"] == CAPTIONS[1]
+
+
+def test_parameters_from_form_fields_json_and_query_string(server, caption_of):
+    data = encoded(picture(2), "PNG")
+    want = caption_of(data, num_beams=2, max_length=5)
+    multipart = server.predict(files={"data": data}, data={"num_beams": "2", "max_length": "5"})
+    as_file = server.predict(files={"file": data}, data={"num_beams": "2", "max_length": "5"})
+    as_json = server.predict(
+        json={"data": base64.b64encode(data).decode(), "num_beams": 2, "max_length": 5}
+    )
+    # TorchServe 0.12 forwards the query string on /invocations, not on /predictions
+    query = server.predict(
+        "/invocations?model_name=imgtocap&num_beams=2&max_length=5",
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    for response in (multipart, as_file, as_json, query):
+        assert response.status_code == 200, response.text
+        assert response.json()["caption"] == want
+        assert response.json()["num_beams"] == 2
+
+    for fields, allowed in (({"num_beams": "4"}, "1 to 3"), ({"max_length": "0"}, "1 to 20")):
+        response = server.predict(files={"data": data}, data=fields)
+        assert response.status_code == 400
+        assert allowed in response.json()["error"]
+
+
+def test_concurrent_requests_each_get_their_own_caption(server, caption_of):
+    pictures = [encoded(picture(i), "PNG") for i in range(8)] * 2
+    responses = send_together(server, pictures)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert [r.json()["caption"] for r in responses] == [caption_of(d) for d in pictures]
+    assert len({r.json()["caption"] for r in responses}) == 8
+    assert max(r.json()["batch_size"] for r in responses) > 1  # batches really formed
+
+
+def test_bad_inputs_get_4xx_and_the_worker_lives_on(server, caption_of):
+    pid = server.describe()["workers"][0]["pid"]
+    jpeg = encoded(picture(3), "JPEG")
+    refused = {
+        "not an image": (b"hello, world", 400, "not a readable image"),
+        "empty body": (b"", 400, "empty"),
+        "truncated JPEG": (jpeg[: len(jpeg) // 2], 400, "truncated"),
+        "108 megapixels": (png_claiming(12_000, 9_000), 400, "108.0 megapixels"),
+        "over the handler's cap": (jpeg + bytes(SERVE_PARAMS["max_image_bytes"]), 413, "limit"),
+    }
+    for name, (data, status, message) in refused.items():
+        response = server.caption(data)
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["error"], name
+    # over max_request_size: TorchServe's HTTP layer answers, before any worker sees it
+    assert server.caption(bytes(MAX_REQUEST_SIZE + 1)).status_code == 413
+
+    response = server.caption(jpeg)
+    assert response.status_code == 200
+    assert response.json()["caption"] == caption_of(jpeg)
+    assert server.describe()["workers"][0]["pid"] == pid
+
+
+def test_a_bad_request_fails_alone_inside_a_batch(server, caption_of):
+    good = [encoded(picture(i), "PNG") for i in (4, 5, 6)]
+    batch = [good[0], b"not an image", good[1], good[2]]
+    for _ in range(3):  # until all four land in one batch (they nearly always do at once)
+        responses = send_together(server, batch)
+        assert [r.status_code for r in responses] == [200, 400, 200, 200]
+        assert "not a readable image" in responses[1].json()["error"]
+        assert [responses[i].json()["caption"] for i in (0, 2, 3)] == [caption_of(d) for d in good]
+        if max(responses[i].json()["batch_size"] for i in (0, 2, 3)) == len(batch):
+            return
+    pytest.fail("the four requests never shared one batch")
+
+
+def test_metrics_count_the_models_requests(server):
+    def requests_total() -> float:
+        text = requests.get(f"{server.metrics}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ts_inference_requests_total{") and 'model_name="imgtocap"' in line
+        )
+
+    before = requests_total()
+    for i in range(3):
+        assert server.caption(encoded(picture(i), "PNG")).status_code == 200
+    assert requests_total() >= before + 3
+
+
+def test_scaling_to_two_workers(server, caption_of):
+    response = requests.put(
+        f"{server.management}/models/imgtocap?min_worker=2&synchronous=true",
+        headers={"Authorization": f"Bearer {server.keys['management']}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    workers = server.describe()["workers"]
+    assert [w["status"] for w in workers] == ["READY", "READY"]
+    assert len({w["pid"] for w in workers}) == 2
+    data = encoded(picture(7), "PNG")
+    assert server.caption(data).json()["caption"] == caption_of(data)
+
+
+def test_the_archive_serves_from_a_python_without_imgtocap(model_store, tmp_path, caption_of):
+    # A venv that sees this venv's packages through a plain path line in a .pth file: the
+    # editable-install hook of imgtocap (itself a .pth there) is not run, so `model` is missing.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "serving-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    check = subprocess.run(
+        [python, "-c", "import torch, ts, transformers\nimport model"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert "No module named 'model'" in check.stderr, check.stderr
+
+    (tmp_path / "server").mkdir()
+    server = TorchServe(tmp_path / "server", model_store, python=python)
+    try:
+        data = encoded(picture(5), "JPEG")
+        response = server.caption(data)
+        assert response.status_code == 200, response.text
+        assert response.json()["caption"] == caption_of(data)
+        pid = server.describe()["workers"][0]["pid"]
+        worker_python = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        assert worker_python == python
+    finally:
+        server.stop()

@@ -1,0 +1,189 @@
+"""DVC stage `package`: artifacts/model/model.pth -> model-store/imgtocap.mar, self-contained.
+
+The archive carries everything the handler loads, so the serving Python needs torch,
+torchvision, transformers and pillow, not imgtocap:
+
+    imgtocap.mar
+      imgtocap_handler.py   handler/imgtocap_handler.py (TorchServe imports it by this name)
+      model.pth             the checkpoint ({config, state_dict})
+      model/                the captioner's code; the handler imports it from here
+      tokenizer/            vocab.txt, tokenizer.json, tokenizer_config.json
+      handler.json          per-request defaults and limits (params.yaml serve:)
+      model-config.yaml     TorchServe: batchSize, maxBatchDelay, responseTimeout, workers
+      MAR-INF/MANIFEST.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import model
+from model import CaptionerConfig, load_tokenizer, read_checkpoint
+from training.params import load_params
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = Path(model.__file__).parent
+# handler/ sits beside training/ in a checkout and in an install (setup.py ships both)
+HANDLER = Path(__file__).resolve().parents[1] / "handler" / "imgtocap_handler.py"
+CHECKPOINT = Path("artifacts/model/model.pth")
+MODEL_STORE = Path("model-store")
+MODEL_NAME = "imgtocap"
+VERSION = "1.0"
+# torch-model-archiver's command line, run by this Python (no PATH lookup, no runpy warning)
+ARCHIVER_CLI = (
+    "from model_archiver.model_packaging import generate_model_archive; generate_model_archive()"
+)
+
+
+@dataclass
+class ServeParams:
+    """params.yaml `serve:`: TorchServe batching and workers, and the handler's request limits."""
+
+    batch_size: int = 8  # requests captioned together at most
+    max_batch_delay_ms: int = 50  # how long TorchServe waits to fill a batch
+    response_timeout_s: int = 120  # a batch running longer than this restarts the worker
+    min_workers: int = 1
+    max_workers: int = 1
+    # per-request parameters: the default, and the most a request may ask for (the least is 1)
+    num_beams: dict[str, int] = field(default_factory=lambda: {"default": 3, "max": 5})
+    max_length: dict[str, int] = field(default_factory=lambda: {"default": 20, "max": 40})
+    max_image_bytes: int = 8 * 2**20  # below config.properties' max_request_size (10 MiB)
+    max_pixels: int = 50_000_000  # read from the header, refused before decoding
+    cpu_threads: int = 0  # torch threads per CPU worker; 0 = the CPUs available / max_workers
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "response_timeout_s", "min_workers", "max_image_bytes"):
+            _check(name, getattr(self, name), minimum=1)
+        for name in ("max_batch_delay_ms", "cpu_threads"):
+            _check(name, getattr(self, name), minimum=0)
+        _check("max_pixels", self.max_pixels, minimum=1)
+        _check("max_workers", self.max_workers, minimum=self.min_workers)
+        for name in ("num_beams", "max_length"):
+            spec = getattr(self, name)
+            if not isinstance(spec, dict) or set(spec) != {"default", "max"}:
+                raise ValueError(
+                    f"serve.{name} must be a mapping {{default: N, max: M}}, got {spec!r}"
+                )
+            _check(f"{name}.max", spec["max"], minimum=1)
+            _check(f"{name}.default", spec["default"], minimum=1, maximum=spec["max"])
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeParams:
+        """Build from params.yaml's `serve:` mapping; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown serve key(s) {unknown} in params.yaml; valid: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def model_config(self) -> dict[str, int]:
+        """TorchServe's model-config yaml (read when the archive is loaded)."""
+        return {
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+        }
+
+    def handler_settings(self) -> dict[str, Any]:
+        """handler.json: what the handler needs per request."""
+        keys = ("num_beams", "max_length", "max_image_bytes", "max_pixels", "cpu_threads")
+        return {key: getattr(self, key) for key in keys}
+
+
+def _check(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """An integer within [minimum, maximum], or an error naming the params.yaml key."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"serve.{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"serve.{name} must be >= {minimum}{upper}, got {value}")
+
+
+def build_archive(checkpoint: Path, out_dir: Path, serve_params: dict[str, Any]) -> Path:
+    """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar."""
+    params = ServeParams.from_dict(serve_params)
+    config = CaptionerConfig.from_dict(read_checkpoint(checkpoint)["config"])
+    if params.max_length["max"] >= config.max_position:
+        raise ValueError(
+            f"serve.max_length.max={params.max_length['max']} is too long for this model "
+            f"(max_position={config.max_position}): set it below {config.max_position}"
+        )
+    with tempfile.TemporaryDirectory(prefix="imgtocap-package-") as tmp:
+        # --extra-files copies a directory's CONTENTS into the archive root, so the files that
+        # must keep their folder (model/, tokenizer/) are staged one level down.
+        stage = Path(tmp) / "extra"
+        shutil.copytree(
+            MODEL_PACKAGE, stage / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+        _save_tokenizer(config.tokenizer, stage / "tokenizer")
+        (stage / "handler.json").write_text(json.dumps(params.handler_settings(), indent=2) + "\n")
+        model_config = Path(tmp) / "model-config.yaml"
+        model_config.write_text(yaml.safe_dump(params.model_config(), sort_keys=False))
+        export = Path(tmp) / "export"
+        export.mkdir()
+        command = [
+            sys.executable, "-c", ARCHIVER_CLI,
+            "--model-name", MODEL_NAME,
+            "--version", VERSION,
+            "--serialized-file", str(checkpoint),
+            "--handler", str(HANDLER),
+            "--extra-files", str(stage),
+            "--config-file", str(model_config),
+            "--export-path", str(export),
+            "--force",
+        ]  # fmt: skip
+        # The archiver assembles files in $TMPDIR/<model name> and deletes whatever is there:
+        # a private TMPDIR keeps two builds from clobbering each other.
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": tmp})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{MODEL_NAME}.mar"
+        partial = out_dir / f".{MODEL_NAME}.mar.partial"
+        shutil.copyfile(export / f"{MODEL_NAME}.mar", partial)
+        os.replace(partial, target)  # a reader never sees half an archive
+    return target
+
+
+def _save_tokenizer(source: str, directory: Path) -> None:
+    """Write the tokenizer's files, vocab.txt included, so the archive loads it offline."""
+    tokenizer = load_tokenizer(source)
+    tokenizer.save_pretrained(directory)
+    # transformers 5 saves no vocab.txt (save_vocabulary names it tokenizer.model), and
+    # model.load_tokenizer requires one: write it in id order, one token a line.
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError(f"tokenizer {source!r} has gaps in its ids: cannot write vocab.txt")
+    (directory / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), "utf-8")
+    reloaded = load_tokenizer(directory)
+    if reloaded.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"tokenizer {source!r} did not survive a save/load round trip")
+
+
+def main() -> None:
+    """Package artifacts/model/model.pth with params.yaml's serve settings."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve = load_params().get("serve") or {}
+    if not serve:
+        log.warning("params.yaml has no serve: section; packaging with the defaults")
+    archive = build_archive(CHECKPOINT, MODEL_STORE, serve)
+    log.info("wrote %s (%.1f MB)", archive, archive.stat().st_size / 1e6)
+
+
+if __name__ == "__main__":
+    main()
