@@ -20,6 +20,7 @@ ENV JAVA_HOME=/opt/java/openjdk \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
+    OMP_WAIT_POLICY=PASSIVE \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=jre /opt/java/openjdk /opt/java/openjdk
 

@@ -8,8 +8,12 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+# Spinning OpenMP threads stall badly when another process holds a core (TorchServe workers).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test lint format clean
+
+include serve/serve.mk
 
 setup: $(VENV)/.installed
 

@@ -106,15 +106,25 @@ class Captioner(nn.Module):
         return self.decoder.cross_keys_values(context) if context.dim() == 3 else None
 
     def forward(
-        self, grid: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0
+        self,
+        grid: torch.Tensor,
+        tokens: torch.Tensor,
+        label_smoothing: float = 0.0,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. grid (B, N, C), tokens (B, T) = [CLS] ... [SEP] [PAD]...
+        """Teacher forcing. grid (I, N, C), tokens (B, T) = [CLS] ... [SEP] [PAD]...
 
+        `rows` (B,) says which image each caption describes (default: caption i, image i):
+        several captions of one image share its projected memory, computed once.
         Returns logits (B, T-1, V') predicting tokens[:, 1:] (V' = the output vocabulary) and
         the mean loss over non-pad targets.
         """
-        context = self.image_context(grid)
-        hidden, _ = self.decoder(tokens[:, :-1], cross=self._cross(context))  # (B, T-1, H)
+        context = self.image_context(grid)  # (I, N, H) or (I, H)
+        cross = self._cross(context)
+        if rows is not None:
+            context = context[rows]
+            cross = [(k[rows], v[rows]) for k, v in cross] if cross else None  # (B, nh, N, hs)
+        hidden, _ = self.decoder(tokens[:, :-1], cross=cross)  # (B, T-1, H)
         logits = self._logits(hidden, context)
         targets = tokens[:, 1:]  # shifted: position t predicts token t+1
         if self.config.output_vocab is not None:
@@ -210,7 +220,10 @@ class Captioner(nn.Module):
         return Generation([self._strip(t) for t in tokens.tolist()], scores.tolist())
 
     def _beam_search(self, context, K, max_length, length_penalty, use_cache) -> Generation:
-        """Batched beam search; an image is finished once it holds K finished hypotheses."""
+        """Batched beam search with transformers' default stopping rule: an image is done when
+        K hypotheses have ended and no running beam, scored at its current length, beats the
+        worst of them (stopping at the first K ended ones would drop better, longer captions).
+        """
         B, device, cfg = context.shape[0], context.device, self.config
         context = context.repeat_interleave(K, dim=0)  # (B*K, ...): beams of image b are rows b*K..
         step, reorder = self._stepper(context, use_cache)
@@ -228,7 +241,7 @@ class Captioner(nn.Module):
             last = t == max_length - 1
             rows, next_tokens, next_scores = [], [], []
             for b, (scores_b, ids_b) in enumerate(zip(top_scores.tolist(), top_ids.tolist())):
-                kept = 0
+                kept, best_running = 0, float("-inf")
                 if not done[b]:
                     for rank, (score, idx) in enumerate(zip(scores_b, ids_b)):
                         if score == float("-inf") or kept == K:
@@ -243,8 +256,12 @@ class Captioner(nn.Module):
                         rows.append(b * K + beam)
                         next_tokens.append(token)
                         next_scores.append(score)
+                        best_running = max(best_running, score)
                         kept += 1
-                    done[b] = last or len(finished[b]) >= K
+                    finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+                    bound = best_running / (t + 1) ** length_penalty
+                    full = len(finished[b]) == K
+                    done[b] = last or kept == 0 or (full and finished[b][-1][0] >= bound)
                 for _ in range(K - kept):  # padding beams that can never win
                     rows.append(b * K)
                     next_tokens.append(cfg.pad_id)

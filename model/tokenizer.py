@@ -36,6 +36,21 @@ def load_tokenizer(source: str | Path) -> BertTokenizer:
         ) from exc
 
 
+def save_tokenizer(source: str | Path, directory: str | Path) -> None:
+    """Write a tokenizer's files, vocab.txt included, so `load_tokenizer(directory)` works offline."""
+    directory = Path(directory)
+    tokenizer = load_tokenizer(source)
+    tokenizer.save_pretrained(directory)
+    # transformers 5 writes no vocab.txt (save_vocabulary names it tokenizer.model), and
+    # load_tokenizer requires one: write it in id order, one token a line.
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError(f"tokenizer {source!r} has gaps in its ids: cannot write vocab.txt")
+    (directory / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), "utf-8")
+    if load_tokenizer(directory).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"tokenizer {source!r} did not survive a save/load round trip")
+
+
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:'])")
 _SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")  # WordPiece splits "t-shirt" into t - shirt
 

@@ -10,6 +10,9 @@ os.environ.update(
     DVC_NO_ANALYTICS="1",
     MLFLOW_DISABLE_TELEMETRY="true",
     DO_NOT_TRACK="1",
+    # OpenMP threads that spin while waiting stall 10x and worse as soon as another process
+    # (a TorchServe worker, a pipeline stage) holds one of the two cores
+    OMP_WAIT_POLICY="PASSIVE",
 )
 
 import pytest  # noqa: E402

@@ -124,3 +124,35 @@ def test_generate_rejects_bad_arguments():
         model.generate(grid=grids(model, 1), num_beams=0)
     with pytest.raises(ValueError, match="max_length must be in"):
         model.generate(grid=grids(model, 1), max_length=1000)
+
+
+def test_beam_search_keeps_going_while_a_running_beam_can_still_win():
+    """Two short hypotheses end early and score badly; the best caption is still running.
+
+    Stopping at the first K ended hypotheses would return "b"; the right answer is "a a a".
+    """
+    model = tiny(vocab_size=6, pad_id=0, bos_id=1, eos_id=2)
+    A, B, C, E = 3, 4, 5, 2
+    table = {
+        (): {A: -0.01, B: -0.1, E: -6.0},
+        (A,): {A: -0.001, E: -4.0},
+        (B,): {E: -0.5, C: -3.0},
+        (A, A): {A: -0.001, E: -5.0},
+        (B, C): {E: -0.01},
+        (A, A, A): {E: -0.001},
+    }
+
+    def stepper(context, use_cache):
+        def step(tokens):
+            logp = torch.full((tokens.shape[0], 6), -9.0)
+            for row, seq in enumerate(tokens[:, 1:].tolist()):
+                for token, value in table.get(tuple(seq), {E: -0.01}).items():
+                    logp[row, token] = value
+            return logp
+
+        return step, lambda rows: None
+
+    model._stepper = stepper
+    out = model.generate(grid=grids(model, 1), num_beams=2, max_length=6)
+    assert out.tokens == [[A, A, A]]
+    assert out.scores[0] == pytest.approx(-0.013 / 4)

@@ -48,5 +48,6 @@ def test_tiny_model_memorises_eight_captions(tokenizer):
     model.eval()
 
     assert loss.item() < 0.05
-    out = model.generate(pixels, max_length=16)
-    assert [decode_caption(tokenizer, t) for t in out.tokens] == CAPTIONS
+    for num_beams in (1, 3):  # beam search must not stop at an early, truncated hypothesis
+        out = model.generate(pixels, num_beams=num_beams, max_length=16)
+        assert [decode_caption(tokenizer, t) for t in out.tokens] == CAPTIONS, num_beams

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 import model
-from model import CaptionerConfig, load_tokenizer, read_checkpoint
+from model import CaptionerConfig, read_checkpoint
+from model.tokenizer import save_tokenizer
 from training.params import load_params
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def build_archive(checkpoint: Path, out_dir: Path, serve_params: dict[str, Any])
         shutil.copytree(
             MODEL_PACKAGE, stage / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-        _save_tokenizer(config.tokenizer, stage / "tokenizer")
+        save_tokenizer(config.tokenizer, stage / "tokenizer")
         (stage / "handler.json").write_text(json.dumps(params.handler_settings(), indent=2) + "\n")
         model_config = Path(tmp) / "model-config.yaml"
         model_config.write_text(yaml.safe_dump(params.model_config(), sort_keys=False))
@@ -158,21 +159,6 @@ def build_archive(checkpoint: Path, out_dir: Path, serve_params: dict[str, Any])
         shutil.copyfile(export / f"{MODEL_NAME}.mar", partial)
         os.replace(partial, target)  # a reader never sees half an archive
     return target
-
-
-def _save_tokenizer(source: str, directory: Path) -> None:
-    """Write the tokenizer's files, vocab.txt included, so the archive loads it offline."""
-    tokenizer = load_tokenizer(source)
-    tokenizer.save_pretrained(directory)
-    # transformers 5 saves no vocab.txt (save_vocabulary names it tokenizer.model), and
-    # model.load_tokenizer requires one: write it in id order, one token a line.
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    if [i for _, i in vocab] != list(range(len(vocab))):
-        raise ValueError(f"tokenizer {source!r} has gaps in its ids: cannot write vocab.txt")
-    (directory / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), "utf-8")
-    reloaded = load_tokenizer(directory)
-    if reloaded.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"tokenizer {source!r} did not survive a save/load round trip")
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ def configure() -> str:
         import dagshub  # opt-in: pip install dagshub
 
         dagshub.init(repo_owner=owner, repo_name=name, mlflow=True)
-    elif not os.environ.get("MLFLOW_TRACKING_URI"):
+    elif os.environ.get("MLFLOW_TRACKING_URI"):  # explicit: a URI set earlier in-process loses
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    else:
         mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
     mlflow.set_experiment(EXPERIMENT)
     return mlflow.get_tracking_uri()
@@ -55,6 +59,10 @@ def start(run_id: str | None = None, name: str | None = None) -> str | None:
 
     Tracking must never cost a training run: a store that cannot be reached is a warning.
     """
+    down = unreachable_server()
+    if down:  # MLflow's client would retry for ~4 minutes before giving up
+        log.warning("MLflow server %s does not answer: continuing without tracking", down)
+        return None
     try:
         configure()
         return mlflow.start_run(run_id=run_id, run_name=name).info.run_id
@@ -94,6 +102,22 @@ def save_run_id(run_id: str | None, path: Path = RUN_FILE) -> None:
 def load_run_id(path: Path = RUN_FILE) -> str | None:
     """The pipeline's run id, or None when training ran without tracking."""
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def unreachable_server(timeout: float = 5.0) -> str | None:
+    """host:port of the configured MLflow server when nothing accepts a connection there."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri and os.environ.get("DAGSHUB_REPO_OWNER"):
+        uri = "https://dagshub.com"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None  # a local store (sqlite, file) or a scheme a plugin handles
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+        return f"{parts.hostname}:{port}"
+    return None
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

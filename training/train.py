@@ -52,6 +52,7 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 64
+    captions_per_image: int | None = None  # per image per epoch; None: all of them
     lr: float = 3e-4
     new_layer_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -74,7 +75,11 @@ class TrainConfig:
 
 
 class CaptionData:
-    """One split: image features (n, N, C) fp16 and every (image row, caption tokens) pair."""
+    """One split: image features (n, N, C) fp16 and all captions of every image.
+
+    A batch holds whole images with all their captions: the image's projected memory is
+    computed once and shared by its captions (`rows`), which saves a third of the compute.
+    """
 
     def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
         entries = processed["splits"][split]
@@ -85,30 +90,60 @@ class CaptionData:
                 "(the transform stage) again"
             )
         self.grid = torch.from_numpy(np.load(features_dir / f"{split}.npy"))  # (n, N, C) fp16
-        self.rows = torch.tensor([i for i, e in enumerate(entries) for _ in e["tokens"]])
         sequences = [seq for e in entries for seq in e["tokens"]]
-        self.tokens = torch.full((len(sequences), max(map(len, sequences))), pad_id)
+        self.tokens = torch.full((len(sequences), max(map(len, sequences), default=2)), pad_id)
         for i, seq in enumerate(sequences):
             self.tokens[i, : len(seq)] = torch.tensor(seq)
+        counts = torch.tensor([len(e["tokens"]) for e in entries])
+        self.first = torch.cumsum(counts, 0) - counts  # image i's captions: first[i] + 0..count-1
+        self.counts = counts
         self.pad_id = pad_id
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.tokens)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(grid (b, N, C) fp16, tokens (b, T)) batches; shuffled when given a generator."""
-        order = (
-            torch.randperm(len(self), generator=generator)
-            if generator is not None
-            else torch.arange(len(self))
-        )
-        for start in range(0, len(order), batch_size):
-            pick = order[start : start + batch_size]
-            tokens = self.tokens[pick]
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        captions_per_image: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(grid (I, N, C) fp16, tokens (B, T), rows (B,)): B ~ batch_size captions of I images.
+
+        Each image comes with all its captions, or with `captions_per_image` of them drawn at
+        random (a new draw each epoch: over epochs every caption is used). Images are shuffled
+        when given a generator.
+        """
+        n = len(self.counts)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        used = self.counts.clamp(max=captions_per_image) if captions_per_image else self.counts
+        for start in range(0, n, self._images_per_batch(batch_size, used)):
+            images = order[start : start + self._images_per_batch(batch_size, used)]  # (I,)
+            counts = used[images]
+            rows = torch.repeat_interleave(torch.arange(len(images)), counts)  # (B,)
+            if captions_per_image:
+                offsets = torch.cat(
+                    [
+                        torch.randperm(int(self.counts[i]), generator=generator)[: int(c)]
+                        for i, c in zip(images, counts)
+                    ]
+                )
+            else:
+                offsets = torch.arange(len(rows)) - torch.repeat_interleave(
+                    torch.cumsum(counts, 0) - counts, counts
+                )
+            tokens = self.tokens[self.first[images][rows] + offsets]  # (B, T)
             width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
-            yield self.grid[self.rows[pick]], tokens[:, :width]
+            yield self.grid[images], tokens[:, :width], rows
+
+    def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
+        """Batches per pass over the split."""
+        used = self.counts.clamp(max=captions_per_image) if captions_per_image else self.counts
+        return math.ceil(len(self.counts) / self._images_per_batch(batch_size, used))
+
+    @staticmethod
+    def _images_per_batch(batch_size: int, used: torch.Tensor) -> int:
+        return max(1, round(batch_size / max(1.0, used.float().mean().item())))
 
 
 def param_groups(model: Captioner, new: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -147,9 +182,9 @@ def validation_loss(model: Captioner, data: CaptionData, batch_size: int, device
     """Token-weighted mean cross-entropy (no label smoothing) over a split."""
     model.eval()
     total, count = 0.0, 0
-    for grid, tokens in data.batches(batch_size):
+    for grid, tokens, rows in data.batches(batch_size):
         tokens = tokens.to(device)
-        _, loss = model(grid.to(device), tokens)
+        _, loss = model(grid.to(device), tokens, rows=rows.to(device))
         n = int((tokens[:, 1:] != data.pad_id).sum())
         total, count = total + loss.item() * n, count + n
     return total / max(count, 1)
@@ -199,7 +234,7 @@ def train(
     new = set(load_pretrained(model, encoder_weights=encoder_weights))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
     )
@@ -225,7 +260,9 @@ def train(
         state.update(history=[], run_id=None, seconds=0.0)
     run_id = tracking.start(state["run_id"], name="train")
     if run_id and not state["run_id"]:
-        tracking.log_params({"params": params or {}, "config": config.to_dict()})
+        logged = config.to_dict()  # the id list would overflow MLflow's param size limit
+        logged["output_vocab"] = len(config.output_vocab) if config.output_vocab else "full"
+        tracking.log_params({**(params or {}), "config": logged})
     state["run_id"] = run_id
 
     log.info(
@@ -242,15 +279,17 @@ def train(
         model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         batches = tqdm(
-            train_data.batches(cfg.batch_size, generator),
+            train_data.batches(cfg.batch_size, generator, cfg.captions_per_image),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
         )
         running = 0.0
-        for step, (grid, tokens) in enumerate(batches, 1):
+        for step, (grid, tokens, rows) in enumerate(batches, 1):
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                _, loss = model(grid.to(device), tokens.to(device), cfg.label_smoothing)
+                _, loss = model(
+                    grid.to(device), tokens.to(device), cfg.label_smoothing, rows.to(device)
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

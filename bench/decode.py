@@ -1,0 +1,152 @@
+"""Decoding speed, side by side in one run: imgtocap's generate() vs a naive decoder vs HF generate().
+
+    python bench/decode.py [--max-length 20] [--repeats 3]
+
+Offline preset (EfficientNet-Lite0 + MiniLM-L6), CPU. The weights are the untrained starting
+point, so every method decodes the full max_length: equal work for all three.
+- imgtocap: image encoded once, KV cache, batched beams.
+- naive: how the original project decoded: the encoder and the whole prefix re-run at every step.
+- transformers: BertLMHeadModel.generate() on the same decoder weights, fed our image memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from skimage import data  # noqa: E402
+
+from model import build_captioner, preset  # noqa: E402
+from model.decoder import to_hf_bert  # noqa: E402
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
+
+
+def photos(model, batch: int) -> torch.Tensor:
+    images = []
+    for i in range(batch):
+        array = getattr(data, PHOTOS[i % len(PHOTOS)])()
+        images.append(model.preprocess(Image.fromarray(array).convert("RGB")))
+    return torch.stack(images)  # (B, 3, 224, 224)
+
+
+def naive_stepper(model, pixels):
+    """Replace the cached step with the original project's loop: re-encode, re-run the prefix."""
+
+    def stepper(context, use_cache):
+        px = pixels.repeat_interleave(context.shape[0] // pixels.shape[0], dim=0)
+
+        def step(tokens):
+            ctx = model.image_context(model.encode_image(px))
+            hidden, _ = model.decoder(tokens, cross=model._cross(ctx))
+            return F.log_softmax(model._logits(hidden[:, -1:], ctx)[:, 0].float(), dim=-1)
+
+        return step, lambda rows: None
+
+    return stepper
+
+
+def hf_model(model):
+    from transformers import BertConfig, BertLMHeadModel
+
+    c = model.config
+    hf = BertLMHeadModel(
+        BertConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            intermediate_size=c.intermediate_size,
+            max_position_embeddings=c.max_position,
+            layer_norm_eps=c.layer_norm_eps,
+            is_decoder=True,
+            add_cross_attention=True,
+        )
+    ).eval()
+    hf.load_state_dict(to_hf_bert(model.state_dict(), list(hf.state_dict())))
+    return hf
+
+
+def hf_generate(model, hf, pixels, num_beams, max_length):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    memory = model.image_context(model.encode_image(pixels))  # image encoded once, as ours
+    bos = torch.full((pixels.shape[0], 1), model.config.bos_id)
+    out = hf.generate(
+        input_ids=bos,
+        encoder_hidden_states=memory,
+        max_new_tokens=max_length,
+        num_beams=num_beams,
+        do_sample=False,
+        eos_token_id=model.config.eos_id,
+        pad_token_id=model.config.pad_id,
+        # transformers 5.24's default cache breaks BERT cross-attention (FACTS.md)
+        past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+    )
+    return [model._strip(row) for row in out.tolist()]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build_captioner(preset("offline")).eval()
+    hf = hf_model(model)
+    rows = []
+    with torch.inference_mode():
+        for num_beams in (1, 3):
+            for batch in (1, 16):
+                pixels = photos(model, batch)
+                kw = dict(num_beams=num_beams, max_length=args.max_length)
+                ours_t, ours = timed(lambda p=pixels, k=kw: model.generate(p, **k), args.repeats)
+                hf_t, hf_tokens = timed(
+                    lambda p=pixels, k=kw: hf_generate(model, hf, p, **k), args.repeats
+                )
+                model._stepper = naive_stepper(model, pixels)
+                naive_t, naive = timed(lambda p=pixels, k=kw: model.generate(p, **k), 1)
+                del model._stepper
+                same = ours.tokens == naive.tokens
+                same_hf = ours.tokens == hf_tokens
+                for name, seconds, agree in (
+                    ("imgtocap", ours_t, "-"),
+                    ("naive (original)", naive_t, "yes" if same else "NO"),
+                    ("transformers generate()", hf_t, "yes" if same_hf else "NO"),
+                ):
+                    rows.append((name, num_beams, batch, seconds, naive_t / seconds, agree))
+    print(
+        f"\noffline preset, CPU threads={args.threads}, max_length={args.max_length}, "
+        f"median of {args.repeats} (naive: 1 run)\n"
+    )
+    print("| decoder | beams | batch | ms / caption | captions / s | vs naive | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for name, beams, batch, seconds, speedup, agree in rows:
+        print(
+            f"| {name} | {beams} | {batch} | {1000 * seconds / batch:.1f} | "
+            f"{batch / seconds:.1f} | {speedup:.1f}x | {agree} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The evaluate stage end to end on a tiny synthetic dataset, a tiny model and a tmp MLflow store.
+
+The model is overfitted on a chosen caption for each test image: four describe their scene,
+two do not, so content accuracy lies strictly between 0 and 1 and the grid shows both colours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageColor
+
+from model import (
+    Captioner,
+    decode_caption,
+    encode_caption,
+    load_checkpoint,
+    normalize_caption,
+    open_image,
+    preset,
+    save_checkpoint,
+)
+from training import evaluate as evaluate_module
+from training import samples, tracking
+from training.captions import read_captions
+from training.evaluate import evaluate
+from training.metrics import warm_up
+from training.samples import grid_size
+from training.synthetic import content_correct, load_scenes, write_synthetic
+from training.transform import transform
+
+PARAMS = {
+    "num_beams": 2,
+    "max_length": 20,
+    "length_penalty": 1.0,
+    "batch_size": 4,
+    "grid_images": 6,
+}
+CORRECT = 4  # test images trained on a caption that describes them; the other two get a wrong one
+
+
+@contextlib.contextmanager
+def mlflow_store(mp: pytest.MonkeyPatch, uri: str):
+    """Point MLflow at `uri` for the duration (env var and the process-wide setting)."""
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unset: the next test's environment decides
+
+
+def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenizer) -> None:
+    """Overfit the model towards grid[i] -> captions[i] (not to perfection: a few seconds)."""
+    ids = [encode_caption(tokenizer, c, max_tokens=PARAMS["max_length"] + 1) for c in captions]
+    tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for row, seq in zip(tokens, ids):
+        row[: len(seq)] = torch.tensor(seq)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(120):
+        _, loss = model(grid, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tokenizer):
+    """A workspace after `evaluate`: inputs, outputs, the model and the MLflow run id."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: two threads only spin against each other
+    warm_up()  # METEOR's JVM loads on the other core while the model trains
+    root = tmp_path_factory.mktemp("evaluate")
+    raw = root / "raw"
+    write_synthetic(raw, num_images=10, image_size=64, seed=3)
+    scenes = load_scenes(raw)
+    refs: dict[str, list[str]] = {}
+    for row in read_captions(raw):
+        refs.setdefault(row.image, []).append(normalize_caption(row.caption))
+    images = sorted(refs)
+    splits = {"train": images[:3], "val": images[3:4], "test": images[4:]}
+    processed = root / "processed" / "captions.json"
+    processed.parent.mkdir()
+    entry = lambda i: {  # noqa: E731
+        "image": i,
+        "captions": refs[i],
+        "tokens": [encode_caption(tokenizer, c, 32) for c in refs[i]],
+    }
+    processed.write_text(
+        json.dumps(
+            {
+                "tokenizer": "packaged",
+                "max_tokens": 32,
+                "splits": {s: [entry(i) for i in v] for s, v in splits.items()},
+            }
+        )
+    )
+    # The tiny encoder is random: the same seed gives transform's encoder and the model's the
+    # same weights (checked below), as a pretrained encoder's weights would be.
+    torch.manual_seed(0)
+    transform(raw, processed, root / "features", "tiny", torch.device("cpu"), batch_size=4)
+    torch.manual_seed(0)
+    model = Captioner(preset("tiny"))
+
+    test = splits["test"]
+    grid = torch.from_numpy(np.load(root / "features" / "test.npy")).float()  # (6, 16, 32)
+    pixels = torch.stack([model.preprocess(open_image(raw / "Images" / i)) for i in test])
+    assert torch.allclose(model.encode_image(pixels), grid, atol=1e-2, rtol=1e-2)
+    wrong = [min(refs[i], key=len) for i in splits["train"][:2]]  # captions of other images
+    assert not any(content_correct(c, scenes[i]) for c, i in zip(wrong, test[CORRECT:]))
+    targets = [min(refs[i], key=len) for i in test[:CORRECT]] + wrong  # short: fast to learn
+    memorise(model, grid, targets, tokenizer)
+    model_dir = root / "model"
+    model_dir.mkdir()
+    save_checkpoint(model, model_dir / "model.pth")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's default artifact location is relative to the working dir
+        with mlflow_store(mp, f"sqlite:///{root / 'mlflow.db'}"):
+            with tracking.run(name="train") as active:  # what train does
+                run_id = active.info.run_id
+            tracking.save_run_id(run_id, model_dir / "mlflow.json")
+            out = root / "out"
+            metrics = evaluate(
+                model_dir / "model.pth",
+                processed,
+                root / "features",
+                raw,
+                out / "eval.json",
+                out / "predictions.jsonl",
+                out / "samples.png",
+                PARAMS,
+            )
+            yield {
+                "root": root,
+                "raw": raw,
+                "out": out,
+                "metrics": metrics,
+                "test": test,
+                "targets": targets,
+                "refs": refs,
+                "scenes": scenes,
+                "run_id": run_id,
+                "mp": mp,
+            }
+    torch.set_num_threads(threads)
+
+
+def read_predictions(ws) -> list[dict]:
+    return [json.loads(line) for line in (ws["out"] / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_predictions_are_what_the_model_generates(ws, tokenizer):
+    lines = read_predictions(ws)
+    assert [line["image"] for line in lines] == ws["test"]
+    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    grid = torch.from_numpy(np.load(ws["root"] / "features" / "test.npy")).float()
+    for i, line in enumerate(lines):  # one image at a time: batching must not change a caption
+        out = model.generate(grid=grid[i : i + 1], num_beams=2, max_length=20, length_penalty=1.0)
+        assert line["caption"] == decode_caption(tokenizer, out.tokens[0])
+        assert line["score"] == pytest.approx(out.scores[0], abs=1e-3)
+        assert line["references"] == ws["refs"][line["image"]]
+
+
+def test_content_accuracy_is_the_fraction_of_correct_predictions(ws):
+    lines = read_predictions(ws)
+    correct = [content_correct(line["caption"], ws["scenes"][line["image"]]) for line in lines]
+    assert [line["correct"] for line in lines] == correct
+    saved = json.loads((ws["out"] / "eval.json").read_text())
+    assert saved == ws["metrics"]
+    assert saved["content_accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-4)
+    assert 0 < saved["content_accuracy"] <= CORRECT / 6 + 1e-4  # the two wrong targets stay wrong
+    assert saved["num_images"] == 6
+    assert {k: saved[k] for k in ("num_beams", "max_length", "length_penalty")} == {
+        "num_beams": 2,
+        "max_length": 20,
+        "length_penalty": 1.0,
+    }
+    for key in ("bleu1", "bleu4", "meteor", "rouge_l", "objects_accuracy", "colour_accuracy"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved["bleu1"] > 0.3  # most captions are (nearly) references
+    assert saved["decode_seconds"] > 0 and saved["captions_per_second"] > 0
+
+
+def test_sample_grid_is_a_png_of_the_expected_size(ws):
+    with Image.open(ws["out"] / "samples.png") as image:
+        assert image.format == "PNG"
+        assert image.size == grid_size(PARAMS["grid_images"])
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert (ws["out"] / "samples.png").stat().st_size < 1_000_000
+    # the caption bands under each row of images (the images hold red and green shapes too)
+    rows = len(ws["test"]) // samples.COLUMNS + 1
+    bands = [
+        pixels[round(top * samples.DPI) : round((top + samples.TEXT_H) * samples.DPI)]
+        for r in range(rows)
+        for top in [samples.TITLE_H + r * samples.CELL_H + samples.NAME_H + samples.IMAGE_H]
+    ]
+    text = np.concatenate(bands)
+    green, red = (np.array(ImageColor.getrgb(samples.COLOUR[ok])) for ok in (True, False))
+    assert (np.abs(text - green).sum(-1) < 40).sum() > 50  # correct captions are drawn green
+    assert (np.abs(text - red).sum(-1) < 40).sum() > 50  # and wrong ones red
+
+
+def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
+    client = mlflow.MlflowClient()
+    run = client.get_run(ws["run_id"])
+    assert run.data.metrics["bleu4"] == pytest.approx(ws["metrics"]["bleu4"])
+    assert run.data.metrics["content_accuracy"] == ws["metrics"]["content_accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(ws["run_id"], "evaluation")}
+    assert artifacts == {
+        "evaluation/eval.json",
+        "evaluation/predictions.jsonl",
+        "evaluation/samples.png",
+    }
+
+    (version,) = client.search_model_versions("name='imgtocap'")
+    assert version.run_id == ws["run_id"]
+    assert float(version.tags["cider"]) == pytest.approx(ws["metrics"]["cider"])
+    assert f"content accuracy {ws['metrics']['content_accuracy']:.3f}" in version.description
+
+    loaded = mlflow.pyfunc.load_model(f"models:/imgtocap/{version.version}")
+    images = ws["test"][:2] + ws["test"][-1:]
+    data = pd.DataFrame({"image": [(ws["raw"] / "Images" / i).read_bytes() for i in images]})
+    out = loaded.predict(data)  # from image bytes: decode, preprocess, encode, beam search
+    expected = {line["image"]: line["caption"] for line in read_predictions(ws)}
+    assert list(out["caption"]) == [expected[i] for i in images]
+    greedy = loaded.predict(data, params={"num_beams": 1, "max_length": 3})
+    assert all(len(c.split()) <= 3 for c in greedy["caption"])
+
+
+def test_unreachable_tracking_server_warns_and_the_stage_succeeds(ws, caplog):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = ws["root"] / "out_unreachable"
+    with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"), caplog.at_level(logging.WARNING):
+        metrics = evaluate(
+            ws["root"] / "model" / "model.pth",
+            ws["root"] / "processed" / "captions.json",
+            ws["root"] / "features",
+            ws["raw"],
+            out / "eval.json",
+            out / "predictions.jsonl",
+            out / "samples.png",
+            {**PARAMS, "grid_images": 2},
+        )
+    ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
+    assert metrics["bleu4"] == ws["metrics"]["bleu4"]
+    assert (out / "samples.png").is_file() and (out / "predictions.jsonl").is_file()
+    assert f"127.0.0.1:{port} does not answer" in caplog.text
+
+
+def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("registry says no")
+
+    monkeypatch.setattr(evaluate_module, "register_model", refuse)
+    model_path = ws["root"] / "model" / "model.pth"
+    files = [ws["out"] / "eval.json"]
+    cfg = evaluate_module.EvalParams.from_dict(PARAMS)
+    metrics = {**ws["metrics"], "bleu4": 0.123}
+    with caplog.at_level(logging.WARNING):
+        assert (
+            evaluate_module.track(
+                model_path.parent / "mlflow.json", model_path, metrics, files, cfg
+            )
+            is None
+        )
+    assert "registry says no" in caplog.text
+    run = mlflow.MlflowClient().get_run(ws["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["bleu4"] == 0.123  # logged before the registry refused
+
+
+def test_features_from_another_encoder_are_refused(ws, tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    index = json.loads((ws["root"] / "features" / "index.json").read_text())
+    (features / "index.json").write_text(json.dumps({**index, "encoder": "resnet50"}))
+    np.save(features / "test.npy", np.zeros((6, 49, 2048), np.float16))
+    with pytest.raises(
+        ValueError, match="'resnet50' features but the model uses the 'tiny'.*dvc repro"
+    ):
+        evaluate(
+            ws["root"] / "model" / "model.pth",
+            ws["root"] / "processed" / "captions.json",
+            features,
+            ws["raw"],
+            tmp_path / "eval.json",
+            tmp_path / "p.jsonl",
+            tmp_path / "g.png",
+            PARAMS,
+        )
+
+
+def test_unknown_evaluate_param_is_an_error(ws, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown evaluate key\(s\) \['beams'\]"):
+        evaluate(
+            ws["root"] / "model" / "model.pth",
+            ws["root"] / "processed" / "captions.json",
+            ws["root"] / "features",
+            ws["raw"],
+            tmp_path / "eval.json",
+            tmp_path / "p.jsonl",
+            tmp_path / "g.png",
+            {**PARAMS, "beams": 3},
+        )

@@ -1,0 +1,223 @@
+"""The real DVC pipeline, shrunk: `dvc repro` in a copy of the repository, end to end.
+
+Tiny preset, a few dozen synthetic images, an epoch or two: every stage runs for real
+(ingest -> package), then DVC must skip what did not change, `dvc exp run -S` must work, and a
+training run killed mid-way must resume and end where a straight run ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
+
+pytestmark = pytest.mark.slow
+
+
+def project_copy(dest: Path) -> Path:
+    """The repository's files, as a clone has them, committed into a fresh git repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def set_params(repo: Path, changes: dict[str, object]) -> None:
+    """Edit params.yaml: {"train.epochs": 2, ...}."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def environment(repo: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
+    p = subprocess.run(
+        ["dvc", *args],
+        cwd=repo,
+        env=environment(repo),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert p.returncode == 0, f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout + p.stderr
+
+
+SHRUNK = {
+    "data.synthetic.num_images": 40,
+    "model.preset": "tiny",
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "evaluate.num_beams": 2,
+    "evaluate.max_length": 12,
+    "evaluate.grid_images": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One shrunk `dvc repro` from scratch, shared by the checks below."""
+    repo = project_copy(tmp_path_factory.mktemp("repo"))
+    set_params(repo, SHRUNK)
+    return repo, dvc(repo, "repro")
+
+
+def test_every_stage_runs_and_writes_what_it_declares(pipeline):
+    repo, log = pipeline
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log, stage
+
+    report = json.loads((repo / "reports/validation.json").read_text())
+    assert report["counts"]["kept"] == 200 and report["counts"]["dropped"] == 0
+
+    splits = json.loads((repo / "data/processed/captions.json").read_text())["splits"]
+    images = [e["image"] for entries in splits.values() for e in entries]
+    assert len(images) == len(set(images)) == 40  # split by image: none in two splits
+    assert all(len(e["captions"]) == 5 for entries in splits.values() for e in entries)
+
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    for key in ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "content_accuracy"):
+        assert 0 <= metrics[key] <= (10 if key == "cider" else 1), key
+    predictions = (repo / "reports/predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == len(splits["test"]) == metrics["num_images"]
+    assert Image.open(repo / "reports/samples.png").size[0] > 200
+
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["epochs_run"] == 2
+    with (repo / "metrics/train_history.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+    checkpoint = torch.load(repo / "artifacts/model/model.pth", weights_only=True)
+    assert checkpoint["config"]["encoder"] == "tiny"
+    with zipfile.ZipFile(repo / "model-store/imgtocap.mar") as mar:
+        names = set(mar.namelist())
+    assert {"model.pth", "imgtocap_handler.py", "model/captioner.py", "MAR-INF/MANIFEST.json"} <= names
+    assert any(n.startswith("tokenizer/") and n.endswith("vocab.txt") for n in names)
+
+
+def test_runs_are_tracked_and_the_model_registered(pipeline):
+    repo, _ = pipeline
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads((repo / "artifacts/model/mlflow.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.params["train.epochs"] == "2"
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2  # one point per epoch
+    assert "bleu4" in run.data.metrics and "content_accuracy" in run.data.metrics
+    versions = client.search_model_versions("name='imgtocap'")
+    assert versions and versions[0].run_id == run_id
+
+
+def test_the_docker_image_finds_every_file_it_copies(pipeline):
+    repo, _ = pipeline
+    from test_deploy import Dockerfile
+
+    for source in Dockerfile(repo / "Dockerfile").sources:
+        assert (repo / source).exists(), f"COPY {source}: missing after dvc repro"
+
+
+def test_dvc_reruns_only_what_changed(pipeline):
+    repo, _ = pipeline
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+    # the original architecture through the same pipeline, as an experiment
+    log = dvc(repo, "exp", "run", "-S", "model.fusion=concat")
+    for stage in ("ingest", "validate", "preprocess", "transform"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, stage
+    for stage in ("define", "train", "evaluate", "package"):
+        assert f"Running stage '{stage}'" in log, stage
+    config = json.loads((repo / "artifacts/model/config.json").read_text())
+    assert config["fusion"] == "concat"
+    assert json.loads((repo / "metrics/eval.json").read_text())["num_images"] > 0
+
+
+def history(repo: Path) -> list[dict[str, str]]:
+    with (repo / "metrics/train_history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
+    straight = project_copy(tmp_path / "straight")
+    set_params(
+        straight,
+        {**SHRUNK, "data.synthetic.num_images": 60, "train.epochs": 12, "train.batch_size": 8},
+    )
+    dvc(straight, "repro", "define")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed, symlinks=True)
+    dvc(straight, "repro", "train")
+
+    # start training, kill everything (dvc and its python) after the 3rd epoch is saved
+    last = resumed / "artifacts/checkpoints/last.pth"
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=resumed,
+        env=environment(resumed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert 3 <= killed_at < 12 and not (resumed / "metrics/train.json").exists()
+
+    log = dvc(resumed, "repro", "train")
+    assert f"resuming after epoch {killed_at} of 12" in log
+    assert "epoch 1/12" not in log  # no epoch ran twice
+    a, b = history(straight), history(resumed)
+    assert [r["epoch"] for r in b] == [str(e) for e in range(1, 13)]
+    for x, y in zip(a, b):
+        assert float(x["val_loss"]) == pytest.approx(float(y["val_loss"]), abs=1e-4)
+    assert json.loads((straight / "metrics/train.json").read_text())["best_val_loss"] == pytest.approx(
+        json.loads((resumed / "metrics/train.json").read_text())["best_val_loss"], abs=1e-4
+    )

@@ -1,0 +1,311 @@
+"""DVC stage `evaluate`: caption the test split, score it, draw samples, log and register.
+
+Reads artifacts/model/model.pth, data/processed/captions.json, data/features/ (the test
+split's precomputed encoder features) and data/raw/ (images for the grid; scenes.json for the
+synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl and
+reports/samples.png. When training recorded an MLflow run (artifacts/model/mlflow.json), the
+results are added to that run and the model is registered as `imgtocap`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
+from training import tracking
+from training.captions import IMAGES_DIR, SCENES_FILE
+from training.metrics import caption_metrics, content_metrics
+from training.params import load_params, pick_device
+from training.registry import register_model
+from training.samples import Sample, render_grid
+from training.synthetic import load_scenes
+
+log = logging.getLogger(__name__)
+
+DECODING = ("num_beams", "max_length", "length_penalty")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """params.yaml `evaluate:`: how test captions are decoded and how many the grid shows."""
+
+    num_beams: int = 3
+    max_length: int = 20  # generated tokens at most, [SEP] included
+    length_penalty: float = 1.0
+    batch_size: int = 32
+    grid_images: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        for name in ("num_beams", "max_length", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"evaluate.{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
+        if self.grid_images < 1:  # reports/samples.png is a declared output: always drawn
+            raise ValueError(f"evaluate.grid_images must be >= 1, got {self.grid_images}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalParams:
+        """Build from params.yaml's mapping; an unknown key is an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown evaluate key(s) {unknown} in params.yaml; valid: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def decoding(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in DECODING}
+
+
+def evaluate(
+    model_path: str | Path,
+    processed_path: str | Path,
+    features_dir: str | Path,
+    raw_dir: str | Path,
+    out_metrics: str | Path,
+    out_predictions: str | Path,
+    out_grid: str | Path,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """Caption the test split; write metrics, predictions and the sample grid; return metrics."""
+    cfg = EvalParams.from_dict(params)
+    model_path, raw_dir = Path(model_path), Path(raw_dir)
+    device = pick_device(cfg.device)
+    model = load_checkpoint(model_path, device)
+    tokenizer = load_tokenizer(model.config.tokenizer)
+    test = _test_split(Path(processed_path))
+    grid = _test_features(Path(features_dir), [entry["image"] for entry in test], model)
+
+    start = time.perf_counter()
+    captions, scores = _caption(model, tokenizer, grid, cfg, device)
+    seconds = time.perf_counter() - start
+    images = [entry["image"] for entry in test]
+    predictions = dict(zip(images, captions))
+    references = {entry["image"]: entry["captions"] for entry in test}
+    log.info("captioned %d test images in %.1f s; scoring", len(images), seconds)
+
+    metrics: dict[str, Any] = caption_metrics(predictions, references)
+    flags: dict[str, dict[str, bool | None]] = {}
+    if (raw_dir / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
+        rates, flags = content_metrics(predictions, load_scenes(raw_dir))
+        metrics.update(rates)
+    metrics = {key: round(value, 4) for key, value in metrics.items()}
+    metrics.update(
+        num_images=len(images),
+        **cfg.decoding(),
+        decode_seconds=round(seconds, 2),
+        captions_per_second=round(len(images) / max(seconds, 1e-9), 2),
+    )
+
+    _write_json(Path(out_metrics), metrics)
+    _write_predictions(Path(out_predictions), images, captions, scores, references, flags)
+    samples = [
+        Sample(image, predictions[image], references[image], flags.get(image, {}).get("correct"))
+        for image in images[: cfg.grid_images]
+    ]
+    render_grid(samples, raw_dir / IMAGES_DIR, Path(out_grid), _grid_title(metrics))
+    log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
+
+    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid)]
+    track(model_path.parent / tracking.RUN_FILE.name, model_path, metrics, outputs, cfg)
+    return metrics
+
+
+def track(
+    run_file: Path, model_path: Path, metrics: dict[str, Any], files: list[Path], cfg: EvalParams
+) -> str | None:
+    """Add the results to training's MLflow run and register the model; returns its version.
+
+    Tracking is a record, not a result: any failure (server unreachable, registry refused) is
+    logged as a warning and the stage still succeeds with its local outputs.
+    """
+    run_id = tracking.load_run_id(run_file)
+    if run_id is None:
+        log.info(
+            "no MLflow run recorded in %s (training ran without tracking): not logging", run_file
+        )
+        return None
+    down = tracking.unreachable_server()
+    if down:  # MLflow's client would retry for ~4 minutes before giving up
+        log.warning(
+            "MLflow server %s does not answer: the evaluation is not logged to run %s (its "
+            "files are written). Start the server or fix MLFLOW_TRACKING_URI, then run "
+            "`dvc repro -f evaluate` to log it.",
+            down,
+            run_id,
+        )
+        return None
+    scores = {k: v for k, v in metrics.items() if k not in DECODING}
+    failure: Exception | None = None
+    try:
+        with tracking.run(run_id=run_id):
+            try:  # caught inside the run: MLflow would otherwise mark training's run FAILED
+                version = _log_and_register(model_path, scores, files, cfg)
+            except Exception as exc:
+                failure = exc
+    except Exception as exc:  # the store itself: unreachable, refused, misconfigured
+        failure = exc
+    if failure is not None:
+        log.warning(
+            "MLflow logging failed (%s: %s); the evaluation's files are written, the run %s and "
+            "the registry may be incomplete. Check MLFLOW_TRACKING_URI (now %s).",
+            type(failure).__name__,
+            failure,
+            run_id,
+            _tracking_uri(),
+        )
+        return None
+    log.info("MLflow run %s: test metrics logged, model registered as version %s", run_id, version)
+    return version
+
+
+def _log_and_register(
+    model_path: Path, scores: dict[str, Any], files: list[Path], cfg: EvalParams
+) -> str:
+    """In the active run: the metrics (named as in eval.json), the files, the registered model."""
+    mlflow = tracking.mlflow  # imported there, after telemetry is switched off
+    mlflow.log_metrics({k: float(v) for k, v in scores.items()})
+    # tags, not params: re-evaluating the same run with other settings must not clash
+    mlflow.set_tags({f"evaluate.{k}": v for k, v in dataclasses.asdict(cfg).items()})
+    for path in files:
+        mlflow.log_artifact(str(path), artifact_path="evaluation")
+    return register_model(model_path, scores, cfg.decoding())
+
+
+def _caption(
+    model: Captioner, tokenizer: Any, grid: np.ndarray, cfg: EvalParams, device: torch.device
+) -> tuple[list[str], list[float]]:
+    """Batched decoding of precomputed grid features (n, N, C) -> captions and scores."""
+    captions: list[str] = []
+    scores: list[float] = []
+    with tqdm(total=len(grid), desc="captioning test images", unit="img") as bar:
+        for start in range(0, len(grid), cfg.batch_size):
+            batch = torch.from_numpy(np.array(grid[start : start + cfg.batch_size]))  # a copy
+            out = model.generate(
+                grid=batch.to(device, torch.float32),  # (B, N, C)
+                num_beams=cfg.num_beams,
+                max_length=cfg.max_length,
+                length_penalty=cfg.length_penalty,
+            )
+            captions += [decode_caption(tokenizer, ids) for ids in out.tokens]
+            scores += out.scores
+            bar.update(len(batch))
+    return captions, scores
+
+
+def _test_split(processed_path: Path) -> list[dict[str, Any]]:
+    if not processed_path.is_file():
+        raise FileNotFoundError(f"{processed_path} not found: run `dvc repro preprocess` first")
+    test = json.loads(processed_path.read_text(encoding="utf-8"))["splits"].get("test") or []
+    if not test:
+        raise ValueError(
+            f"the test split in {processed_path} is empty: raise preprocess.test_fraction in "
+            "params.yaml (or provide a test split) and run `dvc repro`"
+        )
+    return test
+
+
+def _test_features(features_dir: Path, images: list[str], model: Captioner) -> np.ndarray:
+    """Rows of data/features/test.npy in `images` order, checked against the model's encoder."""
+    index_path, array_path = features_dir / "index.json", features_dir / "test.npy"
+    if not index_path.is_file() or not array_path.is_file():
+        raise FileNotFoundError(f"{index_path} or {array_path} missing: run `dvc repro transform`")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    spec = model.encoder.spec
+    if index["encoder"] != model.config.encoder:
+        raise ValueError(
+            f"{features_dir} holds {index['encoder']!r} features but the model uses the "
+            f"{model.config.encoder!r} encoder: run `dvc repro` so transform and train agree"
+        )
+    features = np.load(array_path, mmap_mode="r")
+    if features.shape[1:] != (spec.grid * spec.grid, spec.channels):
+        raise ValueError(
+            f"{array_path} has shape {features.shape}, expected (n, {spec.grid**2}, "
+            f"{spec.channels}) for the {model.config.encoder!r} encoder: run `dvc repro`"
+        )
+    row_of = {name: i for i, name in enumerate(index["splits"]["test"])}
+    missing = [name for name in images if name not in row_of]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} test image(s) have no features in {features_dir}, e.g. "
+            f"{missing[:3]}: preprocess and transform are out of step; run `dvc repro`"
+        )
+    rows = [row_of[name] for name in images]
+    if rows == list(range(len(rows))):
+        return features[: len(rows)]  # same order: stay memory-mapped
+    return features[rows]
+
+
+def _write_predictions(
+    path: Path,
+    images: list[str],
+    captions: list[str],
+    scores: list[float],
+    references: dict[str, list[str]],
+    flags: dict[str, dict[str, bool | None]],
+) -> None:
+    """One JSON line per test image: caption, score, references and (synthetic) content flags."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for image, caption, score in zip(images, captions, scores):
+            line: dict[str, Any] = {
+                "image": image,
+                "caption": caption,
+                "score": round(score, 4),
+                "references": references[image],
+            }
+            if image in flags:
+                line["correct"] = flags[image]["correct"]
+                line["content"] = {k: v for k, v in flags[image].items() if k != "correct"}
+            f.write(json.dumps(line) + "\n")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _grid_title(metrics: dict[str, Any]) -> str:
+    parts = [f"BLEU-4 {metrics['bleu4']:.3f}", f"CIDEr {metrics['cider']:.3f}"]
+    if "content_accuracy" in metrics:
+        parts.append(f"content accuracy {metrics['content_accuracy']:.3f}")
+    return (
+        f"imgtocap test samples \u2014 {', '.join(parts)} on {metrics['num_images']} images "
+        f"(beam {metrics['num_beams']})"
+    )
+
+
+def _tracking_uri() -> str:
+    return tracking.mlflow.get_tracking_uri()
+
+
+def main() -> None:
+    """Evaluate artifacts/model/model.pth on the test split with params.yaml's `evaluate:`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    evaluate(
+        model_path="artifacts/model/model.pth",
+        processed_path="data/processed/captions.json",
+        features_dir="data/features",
+        raw_dir="data/raw",
+        out_metrics="metrics/eval.json",
+        out_predictions="reports/predictions.jsonl",
+        out_grid="reports/samples.png",
+        params=load_params().get("evaluate") or {},
+    )
+
+
+if __name__ == "__main__":
+    main()
