@@ -82,7 +82,9 @@ def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
         text=True,
         timeout=timeout,
     )
-    assert p.returncode == 0, f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    assert p.returncode == 0, (
+        f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    )
     return p.stdout + p.stderr
 
 
@@ -134,7 +136,12 @@ def test_every_stage_runs_and_writes_what_it_declares(pipeline):
     assert checkpoint["config"]["encoder"] == "tiny"
     with zipfile.ZipFile(repo / "model-store/imgtocap.mar") as mar:
         names = set(mar.namelist())
-    assert {"model.pth", "imgtocap_handler.py", "model/captioner.py", "MAR-INF/MANIFEST.json"} <= names
+    assert {
+        "model.pth",
+        "imgtocap_handler.py",
+        "model/captioner.py",
+        "MAR-INF/MANIFEST.json",
+    } <= names
     assert any(n.startswith("tokenizer/") and n.endswith("vocab.txt") for n in names)
 
 
@@ -218,6 +225,8 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     assert [r["epoch"] for r in b] == [str(e) for e in range(1, 13)]
     for x, y in zip(a, b):
         assert float(x["val_loss"]) == pytest.approx(float(y["val_loss"]), abs=1e-4)
-    assert json.loads((straight / "metrics/train.json").read_text())["best_val_loss"] == pytest.approx(
+    assert json.loads((straight / "metrics/train.json").read_text())[
+        "best_val_loss"
+    ] == pytest.approx(
         json.loads((resumed / "metrics/train.json").read_text())["best_val_loss"], abs=1e-4
     )
