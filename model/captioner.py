@@ -63,8 +63,10 @@ class Captioner(nn.Module):
             if name != "encoder":
                 module.apply(_init_bert)
         if config.fusion == "cross_attention":
-            nn.init.normal_(self.row_emb, std=0.02)
-            nn.init.normal_(self.col_emb, std=0.02)
+            row, col = _sincos_2d(spec.grid, hidden)
+            with torch.no_grad():
+                self.row_emb.copy_(row)
+                self.col_emb.copy_(col)
 
     # --- image side -----------------------------------------------------------------------
 
@@ -282,6 +284,21 @@ class Captioner(nn.Module):
         if ids and ids[0] == self.config.bos_id:
             ids = ids[1:]
         return ids[: ids.index(self.config.eos_id)] if self.config.eos_id in ids else ids
+
+
+def _sincos_2d(grid: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial row and column embeddings (grid, hidden): sin/cos of the row in the first half of
+    the channels, of the column in the second (as MAE/DETR). Smooth in space, so "further left"
+    is a direction the decoder can read from the start; both stay trainable."""
+    quarter = hidden // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter) / quarter)  # (hidden/4,)
+    angles = torch.arange(grid)[:, None] * freqs[None, :]  # (grid, hidden/4)
+    waves = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, hidden/2)
+    row = torch.zeros(grid, hidden)
+    col = torch.zeros(grid, hidden)
+    row[:, : waves.shape[1]] = waves
+    col[:, waves.shape[1] : 2 * waves.shape[1]] = waves
+    return row, col
 
 
 def _init_bert(module: nn.Module) -> None:

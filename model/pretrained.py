@@ -72,6 +72,12 @@ def load_pretrained(
             )
         if config.fusion == "concat":  # no MLM head: logits come from the fusion layer
             decoder = {k: v for k, v in decoder.items() if not k.startswith("head.")}
+        # a shallower decoder (num_layers override) starts from the first layers
+        decoder = {
+            k: v
+            for k, v in decoder.items()
+            if not (m := re.match(r"decoder\.layers\.(\d+)\.", k)) or int(m[1]) < config.num_layers
+        }
         _, unexpected = model.load_state_dict(decoder, strict=False)
         if unexpected:
             raise ValueError(f"{config.decoder_weights} weights do not fit: {unexpected[:5]}")
