@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Checked from the header before any decoding: a bigger claim is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -40,7 +40,11 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
             image = Image.open(fp)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large ({exc}); downscale it first") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+    except UnidentifiedImageError as exc:  # its message names an in-memory object: useless
+        raise ImageError(
+            f"{name} is not a readable image (unknown format); send {ACCEPTED}"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is not a readable image ({exc}); send {ACCEPTED}") from exc
     width, height = image.size
     if width * height > max_pixels:

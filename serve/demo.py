@@ -57,7 +57,7 @@ TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs
   describe:  curl {management}/models/imgtocap
   scale:     curl -X PUT "{management}/models/imgtocap?min_worker=2&synchronous=true"
   metrics:   curl {metrics}/metrics
-`make stop` stops it. `make serve` runs the secure configuration (token auth on): docs/serving.md
+`make stop` stops it. `make serve` runs the secure configuration (token auth on): README.md (Serving)
 """)
     return 0
 

@@ -31,11 +31,9 @@ BIN = Path(sys.executable).parent
 K8S = ROOT / "k8s"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 MODEL = "imgtocap"
-# The EKS version docs/deployment.md creates, and the newest schemas kubernetes-validate bundles,
+# The EKS version README.md (Deployment) creates, and the newest schemas kubernetes-validate bundles,
 # so that a cluster upgrade finds no removed API.
 K8S_VERSIONS = ("1.35.0", "1.37.0")
-# The pipeline outputs the image needs, used until dvc.yaml exists to declare them.
-FALLBACK_DVC_OUTS = ("model-store/imgtocap.mar",)
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:
 # bind addresses (the ClusterIP Service must reach the pod), token auth (the public curl; the
 # read-only working directory), the absolute model store, worker count, JVM arguments.
@@ -172,8 +170,6 @@ def dockerfile() -> Dockerfile:
 
 def _dvc_outs() -> set[str]:
     path = ROOT / "dvc.yaml"
-    if not path.exists():
-        return set(FALLBACK_DVC_OUTS)
     outs = set()
     for stage in yaml.safe_load(path.read_text())["stages"].values():
         for out in stage.get("do", stage).get("outs", []):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ def transform(
     }
     encoder = build_encoder(encoder_name, device)
     spec = encoder.spec
+    # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
+    # features differ from eager ones by ~1e-5, far below their fp16 storage precision.
+    example = torch.zeros(2, 3, spec.image_size, spec.image_size, device=device)
+    with warnings.catch_warnings():  # shapes are fixed here: the padding arithmetic may freeze
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, images in splits.items():
         shape = (len(images), spec.grid**2, spec.channels)
@@ -67,7 +74,7 @@ def transform(
             pixels = torch.stack(
                 [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
             )  # (b, 3, S, S)
-            grid = encoder(pixels.to(device))  # (b, N, C)
+            grid = frozen(pixels.to(device))  # (b, N, C)
             features[start : start + len(names)] = grid.half().cpu().numpy()
         features.flush()
         del features
