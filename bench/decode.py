@@ -5,7 +5,8 @@
 Offline preset (EfficientNet-Lite0 + MiniLM-L6), CPU. The weights are the untrained starting
 point, so every method decodes the full max_length: equal work for all three.
 - imgtocap: image encoded once, KV cache, batched beams.
-- naive: how the original project decoded: the encoder and the whole prefix re-run at every step.
+- naive: how the original project decoded: at every step the whole model runs again, the
+  encoder and the whole prefix, logits for every position, and the last one is kept.
 - transformers: BertLMHeadModel.generate() on the same decoder weights, fed our image memory.
 """
 
@@ -42,14 +43,14 @@ def naive_stepper(model, pixels):
     """Replace the cached step with the original project's loop: re-encode, re-run the prefix."""
 
     def stepper(context, use_cache):
-        px = pixels.repeat_interleave(context.shape[0] // pixels.shape[0], dim=0)
-
         def step(tokens):
+            px = pixels.repeat_interleave(tokens.shape[0] // pixels.shape[0], dim=0)
             ctx = model.image_context(model.encode_image(px))
-            hidden, _ = model.decoder(tokens, cross=model._cross(ctx))
-            return F.log_softmax(model._logits(hidden[:, -1:], ctx)[:, 0].float(), dim=-1)
+            hidden, _ = model.decoder(tokens, cross=model._cross(ctx))  # (B, T, H)
+            logits = model._logits(hidden, ctx)  # (B, T, V): every position, as its forward did
+            return F.log_softmax(logits[:, -1].float(), dim=-1)
 
-        return step, lambda rows: None
+        return step, lambda rows, image=False: None
 
     return stepper
 
@@ -89,7 +90,7 @@ def hf_generate(model, hf, pixels, num_beams, max_length):
         eos_token_id=model.config.eos_id,
         pad_token_id=model.config.pad_id,
         # transformers 5.24's default cache breaks BERT cross-attention (FACTS.md)
-        past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+        cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
     )
     return [model._strip(row) for row in out.tolist()]
 

@@ -150,7 +150,7 @@ def test_beam_search_keeps_going_while_a_running_beam_can_still_win():
                     logp[row, token] = value
             return logp
 
-        return step, lambda rows: None
+        return step, lambda rows, image=False: None
 
     model._stepper = stepper
     out = model.generate(grid=grids(model, 1), num_beams=2, max_length=6)
