@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
-from model.decoder import to_hf_bert  # noqa: E402
+from model.decoder import to_hf_bert_lm  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
 
@@ -53,27 +53,6 @@ def naive_stepper(model, pixels):
         return step, lambda rows, image=False: None
 
     return stepper
-
-
-def hf_model(model):
-    from transformers import BertConfig, BertLMHeadModel
-
-    c = model.config
-    hf = BertLMHeadModel(
-        BertConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=c.max_position,
-            layer_norm_eps=c.layer_norm_eps,
-            is_decoder=True,
-            add_cross_attention=True,
-        )
-    ).eval()
-    hf.load_state_dict(to_hf_bert(model.state_dict(), list(hf.state_dict())))
-    return hf
 
 
 def hf_generate(model, hf, pixels, num_beams, max_length):
@@ -114,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = build_captioner(preset("offline")).eval()
-    hf = hf_model(model)
+    hf = to_hf_bert_lm(model.config, model.state_dict())
     rows = []
     with torch.inference_mode():
         for num_beams in (1, 3):

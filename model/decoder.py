@@ -191,3 +191,25 @@ def to_hf_bert(state: dict[str, torch.Tensor], hf_names: list[str]) -> dict[str,
         elif name == "cls.predictions.decoder.bias":
             out[name] = state["head.bias"]
     return out
+
+
+def to_hf_bert_lm(config: CaptionerConfig, state: dict[str, torch.Tensor]):
+    """A transformers BertLMHeadModel (decoder + cross-attention) holding these Captioner
+    weights, in eval mode: the reference for parity tests and benchmarks."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    reference = BertLMHeadModel(
+        BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_position,
+            layer_norm_eps=config.layer_norm_eps,
+            is_decoder=True,
+            add_cross_attention=True,
+        )
+    )
+    reference.load_state_dict(to_hf_bert(state, list(reference.state_dict())))  # strict: all
+    return reference.eval()

@@ -97,29 +97,10 @@ def test_loss_ignores_padding():
 
 def test_decoder_matches_transformers_bert_lm_head_model():
     """Same weights, same logits as transformers' BertLMHeadModel with cross-attention."""
-    from transformers import BertConfig, BertLMHeadModel
-
-    from model.decoder import to_hf_bert
+    from model.decoder import to_hf_bert_lm
 
     model = tiny(max_position=64)
-    c = model.config
-    reference = BertLMHeadModel(
-        BertConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=c.max_position,
-            layer_norm_eps=c.layer_norm_eps,
-            is_decoder=True,
-            add_cross_attention=True,
-        )
-    ).eval()
-    names = list(reference.state_dict())
-    state = to_hf_bert(model.state_dict(), names)
-    assert set(state) == set(names)
-    reference.load_state_dict(state)
+    reference = to_hf_bert_lm(model.config, model.state_dict())  # every weight mapped: strict
     grid, tokens = random_batch(model)
     logits, _ = model(grid, tokens)
     with torch.no_grad():
