@@ -72,8 +72,8 @@ def main() -> None:
     # transform: the traced, frozen encoder, as training/transform.py builds it
     pixels = torch.randn(args.encode_batch, 3, spec.image_size, spec.image_size, device=device)
     with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as in the transform stage
+        warnings.simplefilter("ignore", FutureWarning)
         frozen = torch.jit.optimize_for_inference(torch.jit.trace(model.encoder, pixels[:2]))
         encode_s = timed(lambda: frozen(pixels), device, args.repeats) / args.encode_batch
 

@@ -4,9 +4,10 @@ MAR := model-store/imgtocap.mar
 
 .PHONY: serve demo stop
 
-# No archive yet: run the pipeline (its last stage, package, writes it).
+# No archive yet: run the pipeline (its last stage, package, writes it). The stages run
+# `python -m training.<stage>`: the venv's python must come first on PATH.
 $(MAR): | setup
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 ## serve: TorchServe in the foreground with serve/config.properties (token auth on); Ctrl-C stops it
 serve: $(MAR)

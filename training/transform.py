@@ -62,8 +62,9 @@ def transform(
     # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
     # features differ from eager ones by ~1e-5, far below their fp16 storage precision.
     example = torch.zeros(2, 3, spec.image_size, spec.image_size, device=device)
-    with warnings.catch_warnings():  # shapes are fixed here: the padding arithmetic may freeze
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
         frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, images in splits.items():
