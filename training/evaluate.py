@@ -25,7 +25,7 @@ from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
 from training import tracking
 from training.captions import IMAGES_DIR, SCENES_FILE
 from training.metrics import caption_metrics, content_metrics
-from training.params import load_params, pick_device
+from training.params import from_section, load_params, pick_device
 from training.registry import register_model
 from training.samples import Sample, render_grid
 from training.synthetic import load_scenes
@@ -57,14 +57,8 @@ class EvalParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvalParams:
-        """Build from params.yaml's mapping; an unknown key is an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown evaluate key(s) {unknown} in params.yaml; valid: {sorted(known)}"
-            )
-        return cls(**values)
+        """Build from params.yaml's `evaluate:` mapping; an unknown key is an error."""
+        return from_section(cls, values, "evaluate")
 
     def decoding(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in DECODING}

@@ -22,15 +22,15 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, get_type_hints
+from typing import Any
 
 from tqdm import tqdm
 
 from training.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
 from training.download import download, url_file_name
-from training.params import load_params
+from training.params import from_section, load_params
 from training.synthetic import SyntheticConfig, write_synthetic
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> DataConfig:
         """Build from params.yaml's `data` mapping; an unknown key is an error."""
-        return _from_dict(cls, data, "data")
+        return from_section(cls, data, "data")
 
 
 def ingest(cfg: Mapping[str, Any] | DataConfig, out_dir: Path) -> Path:
@@ -357,24 +357,6 @@ def _join(prefix: str, name: str) -> str:
 
 def _depth(name: str) -> int:
     return name.count("/")
-
-
-def _from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
-    """Dataclass from a params.yaml mapping, nested dataclasses included; unknown keys fail."""
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where} in params.yaml must be a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} (params.yaml); known keys: {known}")
-    return cls(
-        **{
-            k: _from_dict(hints[k], v, f"{where}.{k}") if is_dataclass(hints[k]) else v
-            for k, v in data.items()
-        }
-    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ torchvision, transformers and pillow, not imgtocap:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import yaml
 import model
 from model import CaptionerConfig, read_checkpoint
 from model.tokenizer import save_tokenizer
-from training.params import load_params
+from training.params import from_section, load_params
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,8 @@ class ServeParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeParams:
-        """Build from params.yaml's `serve:` mapping; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown serve key(s) {unknown} in params.yaml; valid: {sorted(known)}"
-            )
-        return cls(**values)
+        """Build from params.yaml's `serve:` mapping; an unknown key is an error."""
+        return from_section(cls, values, "serve")
 
     def model_config(self) -> dict[str, int]:
         """TorchServe's model-config yaml (read when the archive is loaded)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 import yaml
@@ -25,6 +27,25 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             f"{path} must hold a YAML mapping (key: value), got {type(params).__name__}"
         )
     return params
+
+
+def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
+    """A params dataclass from its params.yaml mapping (`where`, e.g. "serve"), nested
+    dataclasses included; an unknown key is an error naming the known ones, never ignored."""
+    values = {} if values is None else values
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where} in params.yaml must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
+    return cls(
+        **{
+            k: from_section(hints[k], v, f"{where}.{k}") if is_dataclass(hints[k]) else v
+            for k, v in values.items()
+        }
+    )
 
 
 def captioner_config(params: dict[str, Any]) -> CaptionerConfig:

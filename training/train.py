@@ -34,7 +34,7 @@ from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.pretrained import load_pretrained
 from training import tracking
 from training.define import CONFIG_PATH
-from training.params import load_params, pick_device
+from training.params import from_section, load_params, pick_device
 from training.preprocess import PROCESSED_PATH
 from training.transform import ENCODER_WEIGHTS, FEATURES_DIR
 
@@ -66,12 +66,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise ValueError(
-                f"unknown key(s) {unknown} under train: in params.yaml; valid: {sorted(known)}"
-            )
-        return cls(**values)
+        """Build from params.yaml's `train:` mapping; an unknown key is an error."""
+        return from_section(cls, values, "train")
 
 
 class CaptionData:
