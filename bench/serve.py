@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from PIL import Image
 
 from model import build_captioner, preset, save_checkpoint
 from training.package import ServeParams, build_archive
+from training.torchserve import private_env, write_private_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
@@ -177,39 +177,10 @@ class Server:
     def __init__(self, workdir: Path, model_store: Path):
         workdir.mkdir()
         self.workdir = workdir
-        sockets = [socket.socket() for _ in range(5)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        ports = [s.getsockname()[1] for s in sockets]
-        for s in sockets:
-            s.close()
-        overrides = {
-            "inference_address": f"http://127.0.0.1:{ports[0]}",
-            "management_address": f"http://127.0.0.1:{ports[1]}",
-            "metrics_address": f"http://127.0.0.1:{ports[2]}",
-            "grpc_inference_port": ports[3],
-            "grpc_management_port": ports[4],
-            "model_store": model_store,
-        }
-        lines = []
-        for line in (ROOT / "serve" / "config.properties").read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if not line.startswith("#") and key in overrides:
-                line = f"{key}={overrides[key]}"
-            lines.append(line)
-        (workdir / "config.properties").write_text("\n".join(lines) + "\n")
-        self.url = f"{overrides['inference_address']}/predictions/imgtocap"
-        self.describe = f"{overrides['management_address']}/models/imgtocap"
-        (workdir / "tmp").mkdir()
-        self.env = {
-            **os.environ,
-            "TMPDIR": str(workdir / "tmp"),
-            "TEMP": str(workdir / "tmp"),
-            "LOG_LOCATION": str(workdir / "logs"),
-            "METRICS_LOCATION": str(workdir / "logs"),
-            # OpenMP threads that spin while waiting stall badly when another process holds a core
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        }
+        urls = write_private_config(workdir, model_store)
+        self.url = f"{urls['inference']}/predictions/imgtocap"
+        self.describe = f"{urls['management']}/models/imgtocap"
+        self.env = private_env(workdir)
 
     def __enter__(self) -> Server:
         self.console = open(self.workdir / "console.log", "wb")  # noqa: SIM115 - closed in __exit__

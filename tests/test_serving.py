@@ -13,9 +13,7 @@ import base64
 import contextlib
 import io
 import json
-import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -43,6 +41,7 @@ from model import (
     save_checkpoint,
 )
 from training.package import build_archive
+from training.torchserve import private_env, write_private_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -160,52 +159,18 @@ def model_store(tiny, tmp_path_factory) -> Path:
 # --- TorchServe on free ports -----------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class TorchServe:
     """serve/config.properties on free loopback ports, in its own working dir, TMPDIR and TEMP."""
 
     def __init__(self, workdir: Path, model_store: Path, python: str = sys.executable):
         self.workdir, self.python = workdir, python
-        ports = free_ports(5)
-        self.inference = f"http://127.0.0.1:{ports[0]}"
-        self.management = f"http://127.0.0.1:{ports[1]}"
-        self.metrics = f"http://127.0.0.1:{ports[2]}"
-        overrides = {
-            "inference_address": self.inference,
-            "management_address": self.management,
-            "metrics_address": self.metrics,
-            "grpc_inference_port": ports[3],
-            "grpc_management_port": ports[4],
-            "model_store": model_store,
-            "max_request_size": MAX_REQUEST_SIZE,
-        }
-        lines = []
-        for line in (ROOT / "serve" / "config.properties").read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if not line.startswith("#") and key in overrides:
-                line = f"{key}={overrides.pop(key)}"
-            lines.append(line)
-        lines += [f"{key}={value}" for key, value in overrides.items()]
-        (workdir / "config.properties").write_text("\n".join(lines) + "\n")
-        tmp = workdir / "tmp"  # pid file, worker sockets, extracted archives: ours alone
-        tmp.mkdir()
-        self.env = {
-            **os.environ,
-            "TMPDIR": str(tmp),
-            "TEMP": str(tmp),
-            "LOG_LOCATION": str(workdir / "logs"),
-            "METRICS_LOCATION": str(workdir / "logs"),
-            "OMP_WAIT_POLICY": "PASSIVE",  # as serve/serve.sh runs it
-        }
+        urls = write_private_config(workdir, model_store, max_request_size=MAX_REQUEST_SIZE)
+        self.inference, self.management, self.metrics = (
+            urls["inference"],
+            urls["management"],
+            urls["metrics"],
+        )
+        self.env = private_env(workdir)
         self.console = open(workdir / "console.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [python, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]

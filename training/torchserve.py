@@ -1,0 +1,65 @@
+"""A private TorchServe for the tests and benchmarks: serve/config.properties on free loopback
+ports, with its own temp dir and logs, so it never meets the user's server on 8080-8082."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.properties"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held together, so never the same one twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def write_private_config(workdir: Path, model_store: Path, **settings: Any) -> dict[str, str]:
+    """Write workdir/config.properties: serve/config.properties on free 127.0.0.1 ports serving
+    `model_store`, `settings` replacing or adding keys. Returns the inference, management and
+    metrics base URLs."""
+    ports = free_ports(5)
+    urls = {
+        api: f"http://127.0.0.1:{port}"
+        for api, port in zip(("inference", "management", "metrics"), ports, strict=False)
+    }
+    overrides = {
+        **{f"{api}_address": url for api, url in urls.items()},
+        "grpc_inference_port": ports[3],
+        "grpc_management_port": ports[4],
+        "model_store": model_store,
+        **settings,
+    }
+    lines = []
+    for line in CONFIG.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.startswith("#") and key in overrides:
+            line = f"{key}={overrides.pop(key)}"
+        lines.append(line)
+    lines += [f"{key}={value}" for key, value in overrides.items()]
+    (workdir / "config.properties").write_text("\n".join(lines) + "\n")
+    return urls
+
+
+def private_env(workdir: Path) -> dict[str, str]:
+    """The server's environment: pid file, worker sockets, extracted archives and logs all under
+    `workdir`; OpenMP threads that wait passively, as `make serve` runs them (spinning ones
+    stall badly when another process holds a core)."""
+    tmp = workdir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "TEMP": str(tmp),
+        "LOG_LOCATION": str(workdir / "logs"),
+        "METRICS_LOCATION": str(workdir / "logs"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    }
