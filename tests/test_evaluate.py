@@ -10,12 +10,14 @@ import contextlib
 import json
 import logging
 import socket
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures_model import caption_tokens
 from PIL import Image, ImageColor
 
 from model import (
@@ -60,10 +62,7 @@ def mlflow_store(mp: pytest.MonkeyPatch, uri: str):
 
 def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenizer) -> None:
     """Overfit the model towards grid[i] -> captions[i] (not to perfection: a few seconds)."""
-    ids = [encode_caption(tokenizer, c, max_tokens=PARAMS["max_length"] + 1) for c in captions]
-    tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-    for row, seq in zip(tokens, ids):
-        row[: len(seq)] = torch.tensor(seq)
+    tokens = caption_tokens(tokenizer, captions, max_tokens=PARAMS["max_length"] + 1)  # (B, T)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(120):
@@ -72,6 +71,21 @@ def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenize
         loss.backward()
         optimizer.step()
     model.eval()
+
+
+def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path | None = None):
+    """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
+    eval.json, predictions.jsonl and samples.png into `out`."""
+    return evaluate(
+        root / "model" / "model.pth",
+        root / "processed" / "captions.json",
+        features or root / "features",
+        raw,
+        out / "eval.json",
+        out / "predictions.jsonl",
+        out / "samples.png",
+        params,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +145,7 @@ def ws(tmp_path_factory, tokenizer):
                 run_id = active.info.run_id
             tracking.save_run_id(run_id, model_dir / "mlflow.json")
             out = root / "out"
-            metrics = evaluate(
-                model_dir / "model.pth",
-                processed,
-                root / "features",
-                raw,
-                out / "eval.json",
-                out / "predictions.jsonl",
-                out / "samples.png",
-                PARAMS,
-            )
+            metrics = run_evaluate(root, raw, out, PARAMS)
             yield {
                 "root": root,
                 "raw": raw,
@@ -244,16 +249,7 @@ def test_unreachable_tracking_server_warns_and_the_stage_succeeds(ws, caplog):
         port = s.getsockname()[1]
     out = ws["root"] / "out_unreachable"
     with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"), caplog.at_level(logging.WARNING):
-        metrics = evaluate(
-            ws["root"] / "model" / "model.pth",
-            ws["root"] / "processed" / "captions.json",
-            ws["root"] / "features",
-            ws["raw"],
-            out / "eval.json",
-            out / "predictions.jsonl",
-            out / "samples.png",
-            {**PARAMS, "grid_images": 2},
-        )
+        metrics = run_evaluate(ws["root"], ws["raw"], out, {**PARAMS, "grid_images": 2})
     ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
     assert metrics["bleu4"] == ws["metrics"]["bleu4"]
@@ -292,27 +288,9 @@ def test_features_from_another_encoder_are_refused(ws, tmp_path):
     with pytest.raises(
         ValueError, match="'resnet50' features but the model uses the 'tiny'.*dvc repro"
     ):
-        evaluate(
-            ws["root"] / "model" / "model.pth",
-            ws["root"] / "processed" / "captions.json",
-            features,
-            ws["raw"],
-            tmp_path / "eval.json",
-            tmp_path / "p.jsonl",
-            tmp_path / "g.png",
-            PARAMS,
-        )
+        run_evaluate(ws["root"], ws["raw"], tmp_path, PARAMS, features=features)
 
 
 def test_unknown_evaluate_param_is_an_error(ws, tmp_path):
     with pytest.raises(ValueError, match=r"unknown evaluate key\(s\) \['beams'\]"):
-        evaluate(
-            ws["root"] / "model" / "model.pth",
-            ws["root"] / "processed" / "captions.json",
-            ws["root"] / "features",
-            ws["raw"],
-            tmp_path / "eval.json",
-            tmp_path / "p.jsonl",
-            tmp_path / "g.png",
-            {**PARAMS, "beams": 3},
-        )
+        run_evaluate(ws["root"], ws["raw"], tmp_path, {**PARAMS, "beams": 3})

@@ -1,10 +1,9 @@
 """A tiny model must learn a tiny dataset: the whole train -> decode path works end to end."""
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from fixtures_model import caption_tokens, picture
 
-from model import Captioner, decode_caption, encode_caption, preset
+from model import Captioner, decode_caption, preset
 
 CAPTIONS = [
     "a red circle on the left",
@@ -18,25 +17,12 @@ CAPTIONS = [
 ]
 
 
-def scene(i: int) -> Image.Image:
-    """Eight different 32x32 pictures (the captions need not describe them: ids must map)."""
-    rng = np.random.default_rng(i)
-    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    ImageDraw.Draw(image).rectangle(
-        [4 * (i % 4), 2 * i, 4 * (i % 4) + 12, 2 * i + 10], fill=(255, 0, 0)
-    )
-    return image
-
-
 def test_tiny_model_memorises_eight_captions(tokenizer):
     torch.manual_seed(0)
     model = Captioner(preset("tiny"))
-    pixels = torch.stack([model.preprocess(scene(i)) for i in range(8)])  # (8, 3, 32, 32)
+    pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)  # frozen: computed once, like the transform stage
-    ids = [encode_caption(tokenizer, c, max_tokens=16) for c in CAPTIONS]
-    tokens = torch.zeros(8, max(map(len, ids)), dtype=torch.long)
-    for row, seq in zip(tokens, ids):
-        row[: len(seq)] = torch.tensor(seq)
+    tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=16)  # (8, T)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()

@@ -24,17 +24,17 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
+import fixtures_model
 import psutil
 import pytest
 import requests
 import torch
-from PIL import Image, ImageDraw
+from fixtures_model import caption_tokens
+from PIL import Image
 
 from model import (
     Captioner,
     decode_caption,
-    encode_caption,
     load_checkpoint,
     open_image,
     preset,
@@ -74,11 +74,7 @@ CAPTIONS = [
 
 def picture(i: int) -> Image.Image:
     """Eight different 64x64 pictures (noise plus a red box in a different place each)."""
-    rng = np.random.default_rng(i)
-    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    x, y = 8 * (i % 4), 4 * i
-    ImageDraw.Draw(image).rectangle([x, y, x + 24, y + 20], fill=(255, 0, 0))
-    return image
+    return fixtures_model.picture(i, size=64)
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -110,10 +106,7 @@ def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
     model = Captioner(preset("tiny"))
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)
-    ids = [encode_caption(tokenizer, c, max_tokens=8) for c in CAPTIONS]
-    tokens = torch.zeros(8, max(map(len, ids)), dtype=torch.long)
-    for row, seq in zip(tokens, ids):
-        row[: len(seq)] = torch.tensor(seq)
+    tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=8)  # (8, T)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only makes threads contend (seconds vs minutes)
