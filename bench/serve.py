@@ -13,7 +13,6 @@ max_length is capped identically in both modes). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import math
@@ -28,13 +27,12 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-import psutil
 import torch
 from PIL import Image
 
 from model import build_captioner, preset, save_checkpoint
 from training.package import ServeParams, build_archive
-from training.torchserve import private_env, write_private_config
+from training.torchserve import private_env, stop_server, write_private_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
@@ -206,24 +204,7 @@ class Server:
         raise RuntimeError(f"TorchServe never got a READY worker: see {self.workdir}/logs")
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            started = psutil.Process(self.process.pid).children(recursive=True)  # java, workers
-        except psutil.NoSuchProcess:
-            started = []
-        subprocess.run(
-            [sys.executable, "-m", "ts.model_server", "--stop", "--foreground"],
-            cwd=self.workdir,
-            env=self.env,
-            capture_output=True,
-            timeout=90,
-        )
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for process in alive:  # only what this server started
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        stop_server(self.process, self.workdir, self.env)
         self.console.close()
 
 

@@ -10,7 +10,6 @@ caption and a mix-up inside a batch would show; the server's answer must equal w
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import shutil
@@ -25,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fixtures_model
-import psutil
 import pytest
 import requests
 import torch
@@ -41,7 +39,7 @@ from model import (
     save_checkpoint,
 )
 from training.package import build_archive
-from training.torchserve import private_env, write_private_config
+from training.torchserve import private_env, stop_server, write_private_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -229,26 +227,7 @@ class TorchServe:
 
     def stop(self) -> None:
         """`torchserve --stop` as a user would; then make sure nothing it started is left."""
-        try:
-            started = psutil.Process(self.process.pid).children(recursive=True)  # java, workers
-        except psutil.NoSuchProcess:
-            started = []
-        subprocess.run(
-            [self.python, "-m", "ts.model_server", "--stop", "--foreground"],
-            cwd=self.workdir,
-            env=self.env,
-            timeout=90,
-            capture_output=True,
-        )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=30)
-        _, alive = psutil.wait_procs(started, timeout=10)
-        for process in alive:  # only what this server started
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
+        stop_server(self.process, self.workdir, self.env, self.python)
         self.console.close()
 
 

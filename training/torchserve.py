@@ -3,10 +3,15 @@ ports, with its own temp dir and logs, so it never meets the user's server on 80
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import psutil  # a TorchServe dependency
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.properties"
 
@@ -63,3 +68,30 @@ def private_env(workdir: Path) -> dict[str, str]:
         "METRICS_LOCATION": str(workdir / "logs"),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
+
+
+def stop_server(
+    process: subprocess.Popen, workdir: Path, env: dict[str, str], python: str = sys.executable
+) -> None:
+    """`torchserve --stop` as a user would, for the server `process` started in `workdir`; then
+    kill whatever it started that is still alive (the JVM, workers), and nothing else."""
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    subprocess.run(
+        [python, "-m", "ts.model_server", "--stop", "--foreground"],
+        cwd=workdir,
+        env=env,
+        timeout=90,
+        capture_output=True,
+    )
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    _, alive = psutil.wait_procs(started, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
