@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hf_bert import to_hf_bert, to_hf_bert_lm
 
 from model import Captioner, CaptionerConfig, preset
 from model.config import PRESETS
+from model.decoder import from_hf_bert
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
@@ -97,8 +99,6 @@ def test_loss_ignores_padding():
 
 def test_decoder_matches_transformers_bert_lm_head_model():
     """Same weights, same logits as transformers' BertLMHeadModel with cross-attention."""
-    from model.decoder import to_hf_bert_lm
-
     model = tiny(max_position=64)
     reference = to_hf_bert_lm(model.config, model.state_dict())  # every weight mapped: strict
     grid, tokens = random_batch(model)
@@ -111,8 +111,6 @@ def test_decoder_matches_transformers_bert_lm_head_model():
 
 
 def test_hf_weight_names_round_trip():
-    from model.decoder import from_hf_bert, to_hf_bert
-
     model = tiny()
     names = [f"bert.{n}" for n in ("embeddings.word_embeddings.weight",)] + [
         "encoder.layer.1.crossattention.self.value.bias",
