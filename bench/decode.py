@@ -15,18 +15,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# this checkout's model/ (as pytest imports it), and tests/hf_bert.py: the transformers
+# reference, kept out of model/ so that it does not ship in every .mar
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from hf_bert import to_hf_bert_lm  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
-from model.decoder import to_hf_bert_lm  # noqa: E402
+from model.decoding import Generation, beam_search, greedy, strip  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
 
@@ -39,20 +46,29 @@ def photos(model, batch: int) -> torch.Tensor:
     return torch.stack(images)  # (B, 3, 224, 224)
 
 
-def naive_stepper(model, pixels):
-    """Replace the cached step with the original project's loop: re-encode, re-run the prefix."""
+class NaiveState:
+    """A DecodeState that decodes as the original project did: at every step the whole model
+    runs again, the encoder and the whole prefix, and keeps the last position's logits."""
 
-    def stepper(context, use_cache):
-        def step(tokens):
-            px = pixels.repeat_interleave(tokens.shape[0] // pixels.shape[0], dim=0)
-            ctx = model.image_context(model.encode_image(px))
-            hidden, _ = model.decoder(tokens, cross=model._cross(ctx))  # (B, T, H)
-            logits = model._logits(hidden, ctx)  # (B, T, V): every position, as its forward did
-            return F.log_softmax(logits[:, -1].float(), dim=-1)
+    def __init__(self, model, pixels: torch.Tensor):
+        self.model, self.pixels = model, pixels
+        self.batch_size, self.device = pixels.shape[0], pixels.device
 
-        return step, lambda rows, image=False: None
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        px = self.pixels.repeat_interleave(tokens.shape[0] // self.pixels.shape[0], dim=0)
+        # forward() predicts tokens[:, 1:]: a dummy last token makes it read the whole prefix
+        logits, _ = self.model(self.model.encode_image(px), torch.cat([tokens, tokens[:, :1]], 1))
+        return F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V): every position computed
 
-    return stepper
+    def select(self, rows: torch.Tensor, image: bool = False) -> None:
+        pass  # nothing kept between steps: the prefix is re-run
+
+
+def naive_generate(model, pixels, num_beams: int, max_length: int) -> Generation:
+    state = NaiveState(model, pixels)
+    if num_beams == 1:
+        return greedy(state, model.config, max_length)
+    return beam_search(state, model.config, num_beams, max_length)
 
 
 def hf_generate(model, hf, pixels, num_beams, max_length):
@@ -71,7 +87,7 @@ def hf_generate(model, hf, pixels, num_beams, max_length):
         # transformers 5.24's default cache breaks BERT cross-attention (FACTS.md)
         cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
     )
-    return [model._strip(row) for row in out.tolist()]
+    return [strip(row, model.config) for row in out.tolist()]
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -104,9 +120,7 @@ def main() -> None:
                 hf_t, hf_tokens = timed(
                     lambda p=pixels, k=kw: hf_generate(model, hf, p, **k), args.repeats
                 )
-                model._stepper = naive_stepper(model, pixels)
-                naive_t, naive = timed(lambda p=pixels, k=kw: model.generate(p, **k), 1)
-                del model._stepper
+                naive_t, naive = timed(lambda p=pixels, k=kw: naive_generate(model, p, **k), 1)
                 same = ours.tokens == naive.tokens
                 same_hf = ours.tokens == hf_tokens
                 for name, seconds, agree in (

@@ -1,7 +1,8 @@
 """imgtocap's captioner: frozen CNN encoder + causal BERT decoder, as plain PyTorch."""
 
-from .captioner import Captioner, Generation
+from .captioner import Captioner
 from .config import PRESETS, CaptionerConfig, preset
+from .decoding import Generation
 from .encoders import preprocess
 from .image import ImageError, open_image
 from .io import load_checkpoint, read_checkpoint, save_checkpoint

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -11,15 +9,8 @@ from torch import nn
 
 from .config import CaptionerConfig
 from .decoder import KV, Decoder
+from .decoding import Generation, beam_search, greedy
 from .encoders import ImageEncoder, pooled, preprocess
-
-
-@dataclass
-class Generation:
-    """Decoded captions as token ids ([CLS]/[SEP] stripped) and their length-normalised log-prob."""
-
-    tokens: list[list[int]]
-    scores: list[float]
 
 
 class LMHead(nn.Module):
@@ -110,23 +101,11 @@ class Captioner(nn.Module):
         """Decoder states (B, T, H) -> logits over the output vocabulary (B, T, V')."""
         return F.linear(self._head_input(hidden, context), *self._output_layer())
 
-    def _next_logits(
-        self, hidden: torch.Tensor, context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """The last position's logits (B, V') while decoding, from `_output_layer()`'s weights.
-
-        Computed as (V', D) @ (D, B): for a few rows CPU BLAS runs this 2-5x faster than
-        x @ W.T (nn.Linear's layout), and the LM head is most of a decoding step's work.
-        """
-        x = self._head_input(hidden[:, -1:], context)[:, 0]  # (B, D)
-        return torch.addmm(bias[:, None], weight, x.T).T  # (B, V')
-
-    def _token_ids(self, index: torch.Tensor) -> torch.Tensor:
-        """Output-vocabulary index -> token id."""
-        return self.output_ids[index] if self.config.output_vocab is not None else index
-
-    def _cross(self, context: torch.Tensor) -> list[KV] | None:
-        return self.decoder.cross_keys_values(context) if context.dim() == 3 else None
+    def _cross_keys_values(self, context: torch.Tensor) -> list[KV] | None:
+        """Every layer's cross-attention keys/values of the memory (B, N, H); None for concat."""
+        if self.config.fusion != "cross_attention":
+            return None
+        return self.decoder.cross_keys_values(context)
 
     def forward(
         self,
@@ -143,7 +122,7 @@ class Captioner(nn.Module):
         the mean loss over non-pad targets.
         """
         context = self.image_context(grid)  # (I, N, H) or (I, H)
-        cross = self._cross(context)
+        cross = self._cross_keys_values(context)
         if rows is not None:
             context = context[rows]
             cross = [(k[rows], v[rows]) for k, v in cross] if cross else None  # (B, nh, N, hs)
@@ -192,129 +171,51 @@ class Captioner(nn.Module):
             )
         if grid is None:
             grid = self.encode_image(pixels)
-        context = self.image_context(grid)
+        state = CaptionerState(self, self.image_context(grid), use_cache)
         if num_beams == 1:
-            return self._greedy(context, max_length, length_penalty, use_cache)
-        return self._beam_search(context, num_beams, max_length, length_penalty, use_cache)
+            return greedy(state, self.config, max_length, length_penalty)
+        return beam_search(state, self.config, num_beams, max_length, length_penalty)
 
-    def _stepper(self, context: torch.Tensor, use_cache: bool):
-        """A function tokens (B, T) -> next-token log-probs (B, V'), and one that selects rows
-        of the cache (and, with `image=True`, of the image memory too) for the next step."""
-        weight, bias = self._output_layer()  # gathered once, not at every step
-        state: dict[str, list[KV] | torch.Tensor | None] = {
-            "past": None,
-            "context": context,
-            "cross": self._cross(context),
-        }
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            new = tokens[:, -1:] if use_cache and state["past"] is not None else tokens
-            hidden, past = self.decoder(
-                new, cross=state["cross"], past=state["past"] if use_cache else None
-            )
-            state["past"] = past if use_cache else None
-            logits = self._next_logits(hidden, state["context"], weight, bias)  # (B, V')
-            return F.log_softmax(logits.float(), dim=-1)
+class CaptionerState:
+    """A batch being decoded by a Captioner (a `decoding.DecodeState`): the self-attention KV
+    cache, the image context and its cross-attention keys/values, the output layer.
 
-        def select(rows: torch.Tensor, image: bool = False) -> None:
-            if state["past"] is not None:
-                state["past"] = [(k[rows], v[rows]) for k, v in state["past"]]
-            if image:
-                state["context"] = state["context"][rows]
-                if state["cross"] is not None:
-                    state["cross"] = [(k[rows], v[rows]) for k, v in state["cross"]]
+    The image side and the output layer are computed once per batch, not per step. Everything
+    held per row is reordered in `select`, the one place beams change rows.
+    """
 
-        return step, select
+    def __init__(self, model: Captioner, context: torch.Tensor, use_cache: bool = True):
+        self.model = model
+        self.use_cache = use_cache  # False: every step recomputes the whole prefix
+        self.batch_size, self.device = context.shape[0], context.device
+        self.context = context  # (B, N, H) memory or (B, H) pooled
+        self.cross = model._cross_keys_values(context)  # per layer (B, nh, N, hs); None: concat
+        self.weight, self.bias = model._output_layer()  # (V', D), (V',)
+        self.past: list[KV] | None = None  # per layer (B, nh, T, hs)
 
-    def _greedy(self, context, max_length, length_penalty, use_cache) -> Generation:
-        B, device = context.shape[0], context.device
-        cfg = self.config
-        step, _ = self._stepper(context, use_cache)
-        tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        total = torch.zeros(B, device=device)
-        length = torch.zeros(B, device=device)
-        for _ in range(max_length):
-            logp = step(tokens)  # (B, V')
-            best = logp.argmax(dim=-1)  # (B,)
-            total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
-            length += (~done).float()
-            best = torch.where(done, cfg.pad_id, self._token_ids(best))
-            tokens = torch.cat([tokens, best[:, None]], dim=1)  # (B, T+1)
-            done |= best == cfg.eos_id
-            if done.all():
-                break
-        scores = total / length.clamp(min=1) ** length_penalty
-        return Generation([self._strip(t) for t in tokens.tolist()], scores.tolist())
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prefixes (B, T) -> next-token log-probs over the output vocabulary (B, V').
 
-    def _beam_search(self, context, K, max_length, length_penalty, use_cache) -> Generation:
-        """Batched beam search with transformers' default stopping rule: an image is done when
-        K hypotheses have ended and no running beam, scored at its current length, beats the
-        worst of them (stopping at the first K ended ones would drop better, longer captions).
+        The output layer is computed as (V', D) @ (D, B): for a few rows CPU BLAS runs this
+        2-5x faster than x @ W.T (nn.Linear's layout), and it is most of a step's work.
         """
-        B, device, cfg = context.shape[0], context.device, self.config
-        # the first step runs one row per image (all its beams start identical); then beams of
-        # image b are rows b*K .. b*K+K-1 of the cache and the image memory
-        step, select = self._stepper(context, use_cache)
-        tokens = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=device)
-        beam_scores = torch.full((B, K), float("-inf"), device=device)
-        beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-        ids = self.output_ids.tolist() if cfg.output_vocab is not None else None
-        done = [False] * B
-        for t in range(max_length):
-            # (B*K, V'); the first step decodes one row per image and copies it to its beams
-            logp = step(tokens[::K]).repeat_interleave(K, dim=0) if t == 0 else step(tokens)
-            V = logp.shape[1]
-            candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
-            top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
-            last = t == max_length - 1
-            rows, next_tokens, next_scores = [], [], []
-            for b, (scores_b, ids_b) in enumerate(zip(top_scores.tolist(), top_ids.tolist())):
-                kept, best_running = 0, float("-inf")
-                if not done[b]:
-                    for rank, (score, idx) in enumerate(zip(scores_b, ids_b)):
-                        if score == float("-inf") or kept == K:
-                            break
-                        beam, token = divmod(idx, V)
-                        token = ids[token] if ids is not None else token
-                        if token == cfg.eos_id or last:
-                            if rank < K:  # as in HF: a finished hypothesis must rank in the top K
-                                seq = tokens[b * K + beam, 1:].tolist() + [token]
-                                finished[b].append((score / (t + 1) ** length_penalty, seq))
-                            continue
-                        rows.append(b * K + beam)
-                        next_tokens.append(token)
-                        next_scores.append(score)
-                        best_running = max(best_running, score)
-                        kept += 1
-                    finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
-                    bound = best_running / (t + 1) ** length_penalty
-                    full = len(finished[b]) == K
-                    done[b] = last or kept == 0 or (full and finished[b][-1][0] >= bound)
-                for _ in range(K - kept):  # padding beams that can never win
-                    rows.append(b * K)
-                    next_tokens.append(cfg.pad_id)
-                    next_scores.append(float("-inf"))
-            if all(done):
-                break
-            rows_t = torch.tensor(rows, device=device)
-            tokens = torch.cat(
-                [tokens[rows_t], torch.tensor(next_tokens, device=device)[:, None]], dim=1
-            )
-            beam_scores = torch.tensor(next_scores, device=device).view(B, K)
-            if t == 0:
-                select(rows_t // K, image=True)  # (B rows) -> (B*K rows)
-            else:
-                select(rows_t)
-        best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
-        return Generation([self._strip(seq) for _, seq in best], [score for score, _ in best])
+        new = tokens[:, -1:] if self.past is not None else tokens  # the cache holds the rest
+        hidden, past = self.model.decoder(new, cross=self.cross, past=self.past)  # (B, T', H)
+        if self.use_cache:
+            self.past = past
+        x = self.model._head_input(hidden[:, -1:], self.context)[:, 0]  # (B, D)
+        logits = torch.addmm(self.bias[:, None], self.weight, x.T).T  # (B, V')
+        return F.log_softmax(logits.float(), dim=-1)
 
-    def _strip(self, ids: list[int]) -> list[int]:
-        """Drop the leading [CLS]; cut at the first [SEP]."""
-        if ids and ids[0] == self.config.bos_id:
-            ids = ids[1:]
-        return ids[: ids.index(self.config.eos_id)] if self.config.eos_id in ids else ids
+    def select(self, rows: torch.Tensor, image: bool = False) -> None:
+        """Row i continues row rows[i] (B',); with `image`, the image context is gathered too."""
+        if self.past is not None:
+            self.past = [(k[rows], v[rows]) for k, v in self.past]  # (B', nh, T, hs)
+        if image:
+            self.context = self.context[rows]
+            if self.cross is not None:
+                self.cross = [(k[rows], v[rows]) for k, v in self.cross]  # (B', nh, N, hs)
 
 
 def _sincos_2d(grid: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """A BERT-layout transformer run as a causal decoder, with optional cross-attention.
 
 Written out in plain PyTorch (post-LayerNorm BERT blocks) so the KV cache is ours to control;
-`load_bert_weights` maps Hugging Face BERT checkpoints (bert-base-uncased, MiniLM) onto it,
-and the tests check logits against transformers' BertLMHeadModel on the same weights.
+`from_hf_bert` renames Hugging Face BERT checkpoints (bert-base-uncased, MiniLM) onto it
+(`pretrained.load_pretrained` loads them), and the tests check logits against transformers'
+BertLMHeadModel on the same weights.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ _NAME_MAP = [
 ]
 
 
-def _ours(hf_name: str) -> str | None:
+def our_name(hf_name: str) -> str | None:
     """Our parameter name for a Hugging Face BERT parameter name (None: not used here)."""
     name = re.sub(r"^bert\.", "", hf_name)
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
@@ -171,45 +172,10 @@ def _ours(hf_name: str) -> str | None:
 
 def from_hf_bert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face BERT state dict to Captioner names; unused keys are dropped."""
-    out = {ours: tensor for name, tensor in state.items() if (ours := _ours(name))}
+    out = {ours: tensor for name, tensor in state.items() if (ours := our_name(name))}
     token_type = next(
         (t for n, t in state.items() if n.endswith("token_type_embeddings.weight")), None
     )
     if token_type is not None and "decoder.pos_emb.weight" in out:
         out["decoder.pos_emb.weight"] = out["decoder.pos_emb.weight"] + token_type[0]
     return out
-
-
-def to_hf_bert(state: dict[str, torch.Tensor], hf_names: list[str]) -> dict[str, torch.Tensor]:
-    """Captioner weights -> the given Hugging Face names (for parity tests and benchmarks)."""
-    out = {name: state[ours] for name in hf_names if (ours := _ours(name)) in state}
-    for name in hf_names:
-        if name.endswith("token_type_embeddings.weight"):  # folded into positions already
-            out[name] = torch.zeros_like(state["decoder.pos_emb.weight"][:2])
-        elif name == "cls.predictions.decoder.weight":  # tied to the token embedding
-            out[name] = state["decoder.tok_emb.weight"]
-        elif name == "cls.predictions.decoder.bias":
-            out[name] = state["head.bias"]
-    return out
-
-
-def to_hf_bert_lm(config: CaptionerConfig, state: dict[str, torch.Tensor]):
-    """A transformers BertLMHeadModel (decoder + cross-attention) holding these Captioner
-    weights, in eval mode: the reference for parity tests and benchmarks."""
-    from transformers import BertConfig, BertLMHeadModel
-
-    reference = BertLMHeadModel(
-        BertConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=config.max_position,
-            layer_norm_eps=config.layer_norm_eps,
-            is_decoder=True,
-            add_cross_attention=True,
-        )
-    )
-    reference.load_state_dict(to_hf_bert(state, list(reference.state_dict())))  # strict: all
-    return reference.eval()

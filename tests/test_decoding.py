@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from model import Captioner, preset
+from model import Captioner, CaptionerConfig, preset
+from model.captioner import CaptionerState
+from model.decoding import beam_search, greedy
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
@@ -61,10 +63,10 @@ def test_beam_search_with_one_beam_is_greedy(fusion):
     model = tiny(fusion)
     context = model.image_context(grids(model, 6))
     with torch.no_grad():
-        greedy = model._greedy(context, 12, 1.0, use_cache=True)
-        beam = model._beam_search(context, 1, 12, 1.0, use_cache=True)
-    assert beam.tokens == greedy.tokens
-    assert beam.scores == pytest.approx(greedy.scores, abs=1e-4)
+        best = greedy(CaptionerState(model, context), model.config, 12, 1.0)
+        beam = beam_search(CaptionerState(model, context), model.config, 1, 12, 1.0)
+    assert beam.tokens == best.tokens
+    assert beam.scores == pytest.approx(best.scores, abs=1e-4)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
@@ -126,12 +128,31 @@ def test_generate_rejects_bad_arguments():
         model.generate(grid=grids(model, 1), max_length=1000)
 
 
+class TableState:
+    """A DecodeState without a model: next-token log-probs looked up by prefix in a table."""
+
+    batch_size, device = 1, torch.device("cpu")
+
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]], config: CaptionerConfig):
+        self.table, self.config = table, config
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        logp = torch.full((tokens.shape[0], self.config.vocab_size), -9.0)
+        for row, seq in enumerate(tokens[:, 1:].tolist()):
+            for token, value in self.table.get(tuple(seq), {self.config.eos_id: -0.01}).items():
+                logp[row, token] = value
+        return logp
+
+    def select(self, rows: torch.Tensor, image: bool = False) -> None:
+        pass  # the prefix is the whole state
+
+
 def test_beam_search_keeps_going_while_a_running_beam_can_still_win():
     """Two short hypotheses end early and score badly; the best caption is still running.
 
     Stopping at the first K ended hypotheses would return "b"; the right answer is "a a a".
     """
-    model = tiny(vocab_size=6, pad_id=0, bos_id=1, eos_id=2)
+    config = preset("tiny", vocab_size=6, pad_id=0, bos_id=1, eos_id=2)
     A, B, C, E = 3, 4, 5, 2
     table = {
         (): {A: -0.01, B: -0.1, E: -6.0},
@@ -141,18 +162,6 @@ def test_beam_search_keeps_going_while_a_running_beam_can_still_win():
         (B, C): {E: -0.01},
         (A, A, A): {E: -0.001},
     }
-
-    def stepper(context, use_cache):
-        def step(tokens):
-            logp = torch.full((tokens.shape[0], 6), -9.0)
-            for row, seq in enumerate(tokens[:, 1:].tolist()):
-                for token, value in table.get(tuple(seq), {E: -0.01}).items():
-                    logp[row, token] = value
-            return logp
-
-        return step, lambda rows, image=False: None
-
-    model._stepper = stepper
-    out = model.generate(grid=grids(model, 1), num_beams=2, max_length=6)
+    out = beam_search(TableState(table, config), config, num_beams=2, max_length=6)
     assert out.tokens == [[A, A, A]]
     assert out.scores[0] == pytest.approx(-0.013 / 4)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hf_bert import to_hf_bert, to_hf_bert_lm
 
-from model import Captioner, CaptionerConfig, preset
-from model.config import PRESETS
+from model import PRESETS, Captioner, CaptionerConfig, preset, pretrained
+from model.decoder import from_hf_bert
+from model.pretrained import decoder_state, encoder_state
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
@@ -36,18 +38,75 @@ def test_config_rejects_unknown_and_invalid_values():
         preset("tiny", output_vocab=[1037, 2417])
 
 
+def checkpoint_layout(decoder_weights: str) -> dict[str, torch.Tensor] | None:
+    """A decoder checkpoint in Captioner names, with no download: MiniLM's real file (it ships
+    in a package); bert-base-uncased's layout on the meta device (transformers' BertConfig()
+    defaults are bert-base-uncased's, and its hub checkpoint is a BertForPreTraining)."""
+    if decoder_weights == "bert-base-uncased":
+        from transformers import BertConfig, BertForPreTraining
+
+        with torch.device("meta"):
+            return from_hf_bert(BertForPreTraining(BertConfig()).state_dict())
+    state = decoder_state(decoder_weights)
+    return {k: v.to("meta") for k, v in state.items()} if state is not None else None
+
+
+def encoder_layout(name: str) -> dict[str, torch.Tensor] | None:
+    """An encoder checkpoint: ResNet-50's IMAGENET1K_V1 layout (torchvision's resnet50, no
+    download) or the real packaged EfficientNet-Lite0 weights."""
+    if name == "resnet50":
+        from torchvision.models import resnet50
+
+        with torch.device("meta"):
+            state = resnet50().state_dict()
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = encoder_state(name)
+    return {k: v.to("meta") for k, v in state.items()} if state is not None else None
+
+
+IMAGE_SIDE = {"image_proj", "row_emb", "col_emb", "image_norm", "cross_attn"}
+
+
+# What the README's Architecture table promises: each preset's fusion, and so which parameters
+# start random once the named encoder and decoder checkpoints are loaded
+PROMISES = {
+    "seed": ("concat", {"image_proj", "fuse"}),  # the brief's: all of BERT is pretrained
+    "base": ("cross_attention", IMAGE_SIDE),  # BERT's MLM head included
+    "offline": ("cross_attention", IMAGE_SIDE | {"head"}),  # MiniLM has no MLM head
+    "tiny": ("cross_attention", IMAGE_SIDE | {"decoder", "head"}),  # random: for tests
+}
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_build_with_the_documented_architecture(name):
+# BatchNorm fills the Lite0 file's missing num_batches_tracked with a CPU tensor: a no-op on meta
+@pytest.mark.filterwarnings("ignore:.*non-meta parameter:UserWarning")
+def test_presets_fit_their_pretrained_checkpoints(monkeypatch, name):
+    fusion, starts_random = PROMISES[name]  # a new preset: say here what it promises
+
     with torch.device("meta"):  # shapes only: no weights, no download
-        model = Captioner(preset(name))
-    config = model.config
-    assert {"seed": "concat"}.get(name, "cross_attention") == config.fusion
-    encoder = {"seed": "resnet50", "base": "resnet50", "offline": "efficientnet_lite0"}
-    assert config.encoder == encoder.get(name, "tiny")
-    assert model.decoder.tok_emb.weight.shape == (30522, config.hidden_size)
+        captioner = Captioner(preset(name))
+        spec = captioner.encoder.spec
+        grid = captioner.encode_image(torch.empty(2, 3, spec.image_size, spec.image_size))
+        context = captioner.image_context(grid)
+        logits, _ = captioner(grid, torch.zeros(2, 6, dtype=torch.long))
+    hidden, vocab = captioner.config.hidden_size, captioner.config.vocab_size
+    assert grid.shape == (2, spec.grid**2, spec.channels)
+    assert logits.shape == (2, 5, vocab)
+    cross = [layer.cross_attn is not None for layer in captioner.decoder.layers]
+    if fusion == "concat":  # the pooled image, repeated along the sequence
+        assert context.shape == (2, hidden) and not any(cross)
+        assert captioner.fuse.weight.shape == (vocab, 2 * hidden)
+    else:  # every layer cross-attends to the whole grid
+        assert context.shape == (2, spec.grid**2, hidden) and all(cross)
+
+    # load_pretrained as training starts it, on the checkpoints' true layouts: a misfit raises
+    monkeypatch.setattr(pretrained, "decoder_state", checkpoint_layout)
+    monkeypatch.setattr(pretrained, "encoder_state", encoder_layout)
+    new = pretrained.load_pretrained(captioner)
+    assert {"cross_attn" if ".cross_attn." in n else n.split(".")[0] for n in new} == starts_random
     if name == "seed":  # the brief's projection 2048 -> 768 and fusion 1536 -> vocab
-        assert model.image_proj.weight.shape == (768, 2048)
-        assert model.fuse.weight.shape == (30522, 1536)
+        assert captioner.image_proj.weight.shape == (768, 2048)
+        assert captioner.fuse.weight.shape == (30522, 1536)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
@@ -97,8 +156,6 @@ def test_loss_ignores_padding():
 
 def test_decoder_matches_transformers_bert_lm_head_model():
     """Same weights, same logits as transformers' BertLMHeadModel with cross-attention."""
-    from model.decoder import to_hf_bert_lm
-
     model = tiny(max_position=64)
     reference = to_hf_bert_lm(model.config, model.state_dict())  # every weight mapped: strict
     grid, tokens = random_batch(model)
@@ -111,8 +168,6 @@ def test_decoder_matches_transformers_bert_lm_head_model():
 
 
 def test_hf_weight_names_round_trip():
-    from model.decoder import from_hf_bert, to_hf_bert
-
     model = tiny()
     names = [f"bert.{n}" for n in ("embeddings.word_embeddings.weight",)] + [
         "encoder.layer.1.crossattention.self.value.bias",
