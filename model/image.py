@@ -1,7 +1,8 @@
 """Decode untrusted image bytes into RGB and turn RGB images into encoder input tensors.
 
 Training, evaluation and the TorchServe handler all go through these two functions, so an
-image is decoded and normalised the same way everywhere (no train/serve skew).
+image is decoded and normalised the same way everywhere (no train/serve skew). Decoding needs
+only PIL and numpy (validation runs it without torch); torch is imported by `to_tensor`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Checked from the header before any decoding: a bigger claim is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -89,6 +93,8 @@ def to_tensor(
     The whole image is resized to a square (no crop): a crop could cut off an object at the
     border, and with it the caption's "left of"/"right of".
     """
+    import torch
+
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
     x = x.permute(2, 0, 1)  # (3, H, W)

@@ -33,11 +33,11 @@ from model import (
 from training import evaluate as evaluate_module
 from training import samples, tracking
 from training.captions import read_captions
-from training.evaluate import evaluate
+from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
 from training.samples import grid_size
 from training.synthetic import content_correct, load_scenes, write_synthetic
-from training.transform import transform
+from training.transform import TransformConfig, transform
 
 PARAMS = {
     "num_beams": 2,
@@ -77,6 +77,7 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
     """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
     eval.json, predictions.jsonl and samples.png into `out`."""
     return evaluate(
+        EvalParams.from_dict(params),
         root / "model" / "model.pth",
         root / "processed" / "captions.json",
         features or root / "features",
@@ -84,7 +85,6 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
         out / "eval.json",
         out / "predictions.jsonl",
         out / "samples.png",
-        params,
     )
 
 
@@ -122,7 +122,9 @@ def ws(tmp_path_factory, tokenizer):
     # The tiny encoder is random: the same seed gives transform's encoder and the model's the
     # same weights (checked below), as a pretrained encoder's weights would be.
     torch.manual_seed(0)
-    transform(raw, processed, root / "features", "tiny", torch.device("cpu"), batch_size=4)
+    transform(
+        TransformConfig(device="cpu", batch_size=4), "tiny", raw, processed, root / "features"
+    )
     torch.manual_seed(0)
     model = Captioner(preset("tiny"))
 
@@ -264,7 +266,7 @@ def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monke
     monkeypatch.setattr(evaluate_module, "register_model", refuse)
     model_path = ws["root"] / "model" / "model.pth"
     files = [ws["out"] / "eval.json"]
-    cfg = evaluate_module.EvalParams.from_dict(PARAMS)
+    cfg = EvalParams.from_dict(PARAMS)
     metrics = {**ws["metrics"], "bleu4": 0.123}
     with caplog.at_level(logging.WARNING):
         assert (

@@ -23,13 +23,19 @@ from fixtures_data import (
 from training import download as download_module
 from training.captions import read_captions
 from training.download import download
-from training.ingest import DataConfig, ingest
+from training.ingest import ingest
+from training.params import DataConfig
 
 EXPECTED_ROWS = [(n, c) for n, caps in CAPTIONS.items() for c in caps]
 
 
-def flickr(path: Path | None, **more: object) -> dict:
-    return {"source": "flickr8k", "flickr8k": {"path": None if path is None else str(path), **more}}
+def flickr(path: Path | None, **more: object) -> DataConfig:
+    flickr8k = {"path": None if path is None else str(path), **more}
+    return DataConfig.from_dict({"source": "flickr8k", "flickr8k": flickr8k})
+
+
+def folder(path: Path) -> DataConfig:
+    return DataConfig.from_dict({"source": "folder", "folder": {"path": str(path)}})
 
 
 def assert_raw(raw: Path, splits: bool) -> None:
@@ -181,17 +187,12 @@ def test_missing_source_or_unknown_layout_fails_clearly(tmp_path):
 
 
 def test_folder_source_takes_the_kaggle_layout_only(tmp_path):
-    raw = ingest(
-        {"source": "folder", "folder": {"path": str(make_kaggle(tmp_path / "k"))}}, tmp_path / "raw"
-    )
+    raw = ingest(folder(make_kaggle(tmp_path / "k")), tmp_path / "raw")
     assert_raw(raw, splits=False)
     with pytest.raises(FileNotFoundError, match="captions.txt"):
-        ingest(
-            {"source": "folder", "folder": {"path": str(make_original(tmp_path / "o"))}},
-            tmp_path / "r2",
-        )
+        ingest(folder(make_original(tmp_path / "o")), tmp_path / "r2")
     with pytest.raises(ValueError, match="data.folder.path"):
-        ingest({"source": "folder"}, tmp_path / "r3")
+        ingest(DataConfig(source="folder"), tmp_path / "r3")
 
 
 def test_bad_data_reaches_validation_instead_of_crashing_ingest(tmp_path):
@@ -219,8 +220,7 @@ def test_synthetic_source_replaces_the_previous_raw_dir(tmp_path):
     raw = tmp_path / "raw"
     (raw / "Images").mkdir(parents=True)
     (raw / "Images" / "stale.jpg").write_bytes(b"old")
-    cfg = {"source": "synthetic", "synthetic": {"num_images": 6, "seed": 3}}
-    ingest(cfg, raw)
+    ingest(DataConfig.from_dict({"synthetic": {"num_images": 6, "seed": 3}}), raw)
     assert sorted(p.name for p in (raw / "Images").iterdir()) == [
         f"shapes_{i:05d}.png" for i in range(6)
     ]

@@ -200,3 +200,14 @@ def test_efficientnet_lite0_matches_the_published_implementation():
     with torch.no_grad():
         expected = reference.extract_features(pixels).flatten(2).transpose(1, 2)  # (B, 49, 1280)
     torch.testing.assert_close(encoder(pixels), expected)
+
+
+def test_the_public_api_loads_on_first_use():
+    import model
+
+    assert set(model.__all__) <= set(dir(model))
+    for name in model.__all__:
+        assert getattr(model, name) is not None, name
+    assert model.Captioner is model.captioner.Captioner
+    with pytest.raises(AttributeError, match="no attribute 'Captioneer'"):
+        model.Captioneer  # noqa: B018

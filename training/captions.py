@@ -14,11 +14,12 @@ double quotes (what pandas/csv writers produce when it holds a comma) is unquote
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from training.checksums import file_sha256
 
 IMAGES_DIR = "Images"
 CAPTIONS_FILE = "captions.txt"
@@ -112,15 +113,6 @@ def write_captions(raw_dir: str | Path, rows: Iterable[tuple[str, str]]) -> int:
             f.write(f"{image},{caption}\n")
             count += 1
     return count
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def valid_rows(raw_dir: str | Path, report_path: str | Path) -> list[CaptionRow]:

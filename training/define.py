@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from model import Captioner, CaptionerConfig
-from training.params import captioner_config, load_params
-from training.preprocess import PROCESSED_PATH
+from training.params import ModelParams, load_params
+from training.paths import CONFIG_PATH, PROCESSED_PATH, SUMMARY_PATH
 
 log = logging.getLogger(__name__)
-
-CONFIG_PATH = Path("artifacts/model/config.json")
-SUMMARY_PATH = Path("metrics/model.json")
 
 
 def dataset_vocab(processed_path: Path, eos_id: int) -> list[int]:
@@ -55,13 +52,12 @@ def parameter_summary(config: CaptionerConfig) -> dict[str, Any]:
     }
 
 
-def define(params: dict[str, Any], processed_path: Path, config_path: Path, summary_path: Path):
-    """Resolve params into a CaptionerConfig, save it and its parameter summary."""
-    config = captioner_config(params)
-    choice = (params.get("model") or {}).get("output_vocab", "dataset")
-    if choice not in ("dataset", "full"):
-        raise ValueError(f"model.output_vocab is {choice!r}; use dataset or full")
-    if choice == "dataset":
+def define(
+    cfg: ModelParams, processed_path: Path, config_path: Path, summary_path: Path
+) -> tuple[CaptionerConfig, dict[str, Any]]:
+    """Resolve the model params into a CaptionerConfig, save it and its parameter summary."""
+    config = cfg.captioner_config()
+    if cfg.output_vocab == "dataset":
         config.output_vocab = dataset_vocab(processed_path, config.eos_id)
         CaptionerConfig.from_dict(config.to_dict())  # re-validate
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +81,8 @@ def define(params: dict[str, Any], processed_path: Path, config_path: Path, summ
 def main() -> None:
     """`python -m training.define`: params.yaml (+ data/processed) -> artifacts/model/config.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    define(load_params(), PROCESSED_PATH, CONFIG_PATH, SUMMARY_PATH)
+    cfg = ModelParams.from_dict(load_params().get("model"))
+    define(cfg, PROCESSED_PATH, CONFIG_PATH, SUMMARY_PATH)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ from training import tracking
 from training.captions import IMAGES_DIR, SCENES_FILE
 from training.metrics import caption_metrics, content_metrics
 from training.params import from_section, load_params, pick_device
+from training.paths import (
+    EVAL_METRICS_PATH,
+    FEATURES_DIR,
+    FEATURES_INDEX,
+    MODEL_PATH,
+    PREDICTIONS_PATH,
+    PROCESSED_PATH,
+    RAW_DIR,
+    RUN_FILE,
+    SAMPLES_PATH,
+)
 from training.registry import register_model
 from training.samples import Sample, render_grid
 from training.synthetic import load_scenes
@@ -56,7 +68,7 @@ class EvalParams:
             raise ValueError(f"evaluate.grid_images must be >= 1, got {self.grid_images}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalParams:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> EvalParams:
         """Build from params.yaml's `evaluate:` mapping; an unknown key is an error."""
         return from_section(cls, values, "evaluate")
 
@@ -65,6 +77,7 @@ class EvalParams:
 
 
 def evaluate(
+    cfg: EvalParams,
     model_path: str | Path,
     processed_path: str | Path,
     features_dir: str | Path,
@@ -72,10 +85,8 @@ def evaluate(
     out_metrics: str | Path,
     out_predictions: str | Path,
     out_grid: str | Path,
-    params: dict[str, Any],
 ) -> dict[str, Any]:
     """Caption the test split; write metrics, predictions and the sample grid; return metrics."""
-    cfg = EvalParams.from_dict(params)
     model_path, raw_dir = Path(model_path), Path(raw_dir)
     device = pick_device(cfg.device)
     model = load_checkpoint(model_path, device)
@@ -114,7 +125,7 @@ def evaluate(
     log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
     outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid)]
-    track(model_path.parent / tracking.RUN_FILE.name, model_path, metrics, outputs, cfg)
+    track(model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg)
     return metrics
 
 
@@ -214,7 +225,7 @@ def _test_split(processed_path: Path) -> list[dict[str, Any]]:
 
 def _test_features(features_dir: Path, images: list[str], model: Captioner) -> np.ndarray:
     """Rows of data/features/test.npy in `images` order, checked against the model's encoder."""
-    index_path, array_path = features_dir / "index.json", features_dir / "test.npy"
+    index_path, array_path = features_dir / FEATURES_INDEX, features_dir / "test.npy"
     if not index_path.is_file() or not array_path.is_file():
         raise FileNotFoundError(f"{index_path} or {array_path} missing: run `dvc repro transform`")
     index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -290,14 +301,14 @@ def main() -> None:
     """Evaluate artifacts/model/model.pth on the test split with params.yaml's `evaluate:`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evaluate(
-        model_path="artifacts/model/model.pth",
-        processed_path="data/processed/captions.json",
-        features_dir="data/features",
-        raw_dir="data/raw",
-        out_metrics="metrics/eval.json",
-        out_predictions="reports/predictions.jsonl",
-        out_grid="reports/samples.png",
-        params=load_params().get("evaluate") or {},
+        EvalParams.from_dict(load_params().get("evaluate")),
+        MODEL_PATH,
+        PROCESSED_PATH,
+        FEATURES_DIR,
+        RAW_DIR,
+        EVAL_METRICS_PATH,
+        PREDICTIONS_PATH,
+        SAMPLES_PATH,
     )
 
 

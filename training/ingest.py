@@ -22,30 +22,18 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from tqdm import tqdm
 
 from training.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
 from training.download import download, url_file_name
-from training.params import from_section, load_params
-from training.synthetic import SyntheticConfig, write_synthetic
+from training.params import DataConfig, Flickr8kConfig, load_params
+from training.paths import RAW_DIR
+from training.synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
-
-RAW_DIR = Path("data/raw")
-FLICKR8K_IMAGES_URL = (
-    "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
-)
-FLICKR8K_TEXT_URL = (
-    "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip"
-)
-# No sha256 is published for these archives. These MD5s are the ones two independent public
-# code bases check the same URLs against (an R torchvision port and a CMake fetch script).
-FLICKR8K_IMAGES_MD5 = "f18a1e2920de5bd84dae7cf08ec78978"
-FLICKR8K_TEXT_MD5 = "bf6c1abcb8e4a833b7f922104de18627"
 
 ORIGINAL_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the archive's own misspelling
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -56,53 +44,8 @@ SPLIT_FILES = {
 }
 
 
-@dataclass(frozen=True)
-class Flickr8kConfig:
-    """`data.flickr8k`: a local `path`, or archives to download (checksums: null = unchecked)."""
-
-    path: str | None = None
-    images_url: str = FLICKR8K_IMAGES_URL
-    images_sha256: str | None = None
-    images_md5: str | None = FLICKR8K_IMAGES_MD5
-    text_url: str = FLICKR8K_TEXT_URL
-    text_sha256: str | None = None
-    text_md5: str | None = FLICKR8K_TEXT_MD5
-    cache_dir: str = "data/downloads"
-
-
-@dataclass(frozen=True)
-class FolderConfig:
-    """`data.folder`: a directory (or zip) with `Images/` + `captions.txt`."""
-
-    path: str | None = None
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The `data` section of params.yaml."""
-
-    source: str = "synthetic"
-    on_invalid: str = "drop"
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    flickr8k: Flickr8kConfig = field(default_factory=Flickr8kConfig)
-    folder: FolderConfig = field(default_factory=FolderConfig)
-
-    def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "flickr8k", "folder"):
-            raise ValueError(f"data.source is {self.source!r}; use synthetic, flickr8k or folder")
-        if self.on_invalid not in ("drop", "fail"):
-            raise ValueError(f"data.on_invalid is {self.on_invalid!r}; use drop or fail")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> DataConfig:
-        """Build from params.yaml's `data` mapping; an unknown key is an error."""
-        return from_section(cls, data, "data")
-
-
-def ingest(cfg: Mapping[str, Any] | DataConfig, out_dir: Path) -> Path:
+def ingest(cfg: DataConfig, out_dir: Path) -> Path:
     """Write the configured source into `out_dir` in the raw layout, replacing what was there."""
-    if not isinstance(cfg, DataConfig):
-        cfg = DataConfig.from_dict(cfg)
     out_dir = Path(out_dir)
     # Build beside the target and swap at the end: an interrupted run leaves no half dataset.
     work = out_dir.with_name(out_dir.name + ".ingesting")
@@ -133,7 +76,7 @@ def ingest(cfg: Mapping[str, Any] | DataConfig, out_dir: Path) -> Path:
 def main() -> None:
     """`python -m training.ingest`: read params.yaml and write data/raw."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ingest(load_params().get("data") or {}, RAW_DIR)
+    ingest(DataConfig.from_dict(load_params().get("data")), RAW_DIR)
 
 
 # ------------------------------------------------------------------------------ download

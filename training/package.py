@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,14 @@ import model
 from model import CaptionerConfig, read_checkpoint
 from model.tokenizer import save_tokenizer
 from training.params import from_section, load_params
+from training.paths import ARCHIVE_PATH, MODEL_PATH
 
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = Path(model.__file__).parent
 # handler/ sits beside training/ in a checkout and in an install (setup.py ships both)
 HANDLER = Path(__file__).resolve().parents[1] / "handler" / "imgtocap_handler.py"
-CHECKPOINT = Path("artifacts/model/model.pth")
-MODEL_STORE = Path("model-store")
-MODEL_NAME = "imgtocap"
+MODEL_NAME = ARCHIVE_PATH.stem  # TorchServe's name for it
 VERSION = "1.0"
 # torch-model-archiver's command line, run by this Python (no PATH lookup, no runpy warning)
 ARCHIVER_CLI = (
@@ -81,7 +81,7 @@ class ServeParams:
             _check(f"{name}.default", spec["default"], minimum=1, maximum=spec["max"])
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ServeParams:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ServeParams:
         """Build from params.yaml's `serve:` mapping; an unknown key is an error."""
         return from_section(cls, values, "serve")
 
@@ -110,9 +110,14 @@ def _check(name: str, value: Any, minimum: int, maximum: int | None = None) -> N
         raise ValueError(f"serve.{name} must be >= {minimum}{upper}, got {value}")
 
 
-def build_archive(checkpoint: Path, out_dir: Path, serve_params: dict[str, Any]) -> Path:
-    """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar."""
-    params = ServeParams.from_dict(serve_params)
+def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping[str, Any]) -> Path:
+    """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar.
+
+    `params` may also be a `serve:` mapping (the tests' and bench/serve.py's), parsed as
+    params.yaml's is.
+    """
+    if not isinstance(params, ServeParams):
+        params = ServeParams.from_dict(params)
     config = CaptionerConfig.from_dict(read_checkpoint(checkpoint)["config"])
     if params.max_length["max"] >= config.max_position:
         raise ValueError(
@@ -157,10 +162,10 @@ def build_archive(checkpoint: Path, out_dir: Path, serve_params: dict[str, Any])
 def main() -> None:
     """Package artifacts/model/model.pth with params.yaml's serve settings."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    serve = load_params().get("serve") or {}
+    serve = load_params().get("serve")
     if not serve:
         log.warning("params.yaml has no serve: section; packaging with the defaults")
-    archive = build_archive(CHECKPOINT, MODEL_STORE, serve)
+    archive = build_archive(MODEL_PATH, ARCHIVE_PATH.parent, ServeParams.from_dict(serve))
     log.info("wrote %s (%.1f MB)", archive, archive.stat().st_size / 1e6)
 
 

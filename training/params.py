@@ -1,16 +1,39 @@
-"""Read `params.yaml`, the one place a user overrides the pipeline's settings."""
+"""Read `params.yaml`, the one place a user overrides the pipeline's settings.
+
+Each section is one dataclass whose defaults equal params.yaml (tests/test_params.py checks),
+beside the one stage that reads it; the two sections several stages read live here, so that no
+stage imports another:
+
+| section | dataclass | read by |
+|---|---|---|
+| `data` | `DataConfig` (here) | ingest, validate (`on_invalid`) |
+| `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
+| `transform` | `training.transform.TransformConfig` | transform |
+| `model` | `ModelParams` (here) | preprocess (tokenizer), transform (encoder), define |
+| `train` | `training.train.TrainConfig` | train |
+| `evaluate` | `training.evaluate.EvalParams` | evaluate |
+| `serve` | `training.package.ServeParams` | package |
+
+A stage's `main()` loads params.yaml and builds its dataclasses with `from_section`, which
+refuses unknown keys and scalars of the wrong type; the stage function takes the dataclass.
+Nothing here imports torch: `pick_device` imports it when called.
+"""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 
-import torch
 import yaml
 
-from model import CaptionerConfig, preset
+from model.config import CaptionerConfig, preset
+from training.synthetic import SyntheticConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -31,7 +54,11 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     """A params dataclass from its params.yaml mapping (`where`, e.g. "serve"), nested
-    dataclasses included; an unknown key is an error naming the known ones, never ignored."""
+    dataclasses included; an unknown key or a scalar of the wrong type is an error naming it.
+
+    Mappings and lists (serve.num_beams, model.overrides) are left to the dataclass, which
+    knows their shape.
+    """
     values = {} if values is None else values
     if not isinstance(values, Mapping):
         raise ValueError(f"{where} in params.yaml must be a mapping, got {values!r}")
@@ -40,37 +67,159 @@ def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
-    return cls(
-        **{
-            k: from_section(hints[k], v, f"{where}.{k}") if is_dataclass(hints[k]) else v
-            for k, v in values.items()
-        }
-    )
+    built = {}
+    for key, value in values.items():
+        if is_dataclass(hints[key]):
+            built[key] = from_section(hints[key], value, f"{where}.{key}")
+        else:
+            _check_scalar(value, hints[key], f"{where}.{key}")
+            built[key] = value
+    return cls(**built)
 
 
-def captioner_config(params: dict[str, Any]) -> CaptionerConfig:
-    """The model params (preset + encoder/fusion + overrides) resolved into a CaptionerConfig."""
-    section = dict(params.get("model") or {})
-    name = section.pop("preset", "offline")
-    overrides = dict(section.pop("overrides", None) or {})
-    section.pop("output_vocab", None)  # filled from the data by the define stage
-    for key in ("encoder", "fusion"):
-        if section.get(key) is not None:
-            overrides[key] = section[key]
-        section.pop(key, None)
-    if section:
-        raise ValueError(
-            f"unknown key(s) {sorted(section)} under model: in params.yaml; use preset, encoder, "
-            "fusion, or put CaptionerConfig fields under model.overrides"
-        )
-    return preset(name, **overrides)
+_SCALARS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+}
+
+
+def _check_scalar(value: Any, hint: Any, where: str) -> None:
+    """Raise when `value` is none of the scalar types `hint` allows (int, float | None, ...)."""
+    allowed = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if not all(t in _SCALARS for t in allowed) or any(_is(value, t) for t in allowed):
+        return
+    expected = " or ".join(_SCALARS[t] for t in allowed)
+    note = ""
+    if float in allowed and isinstance(value, str) and _parses_as_float(value):
+        note = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
+    raise ValueError(f"{where} must be {expected}, got {value!r}{note}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # YAML's true/false are not numbers here
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` -> CUDA when present, else CPU; `cpu` / `cuda` / `cuda:1` as given."""
+    import torch  # here: the stages that need no torch (ingest, validate) import this module
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
     return device
+
+
+# --------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Flickr8kConfig:
+    """`data.flickr8k`: a local `path`, or archives to download (checksums: null = unchecked).
+
+    No sha256 is published for the official archives. The MD5s are the ones two independent
+    public code bases check the same URLs against (an R torchvision port and a CMake fetch
+    script); a sha256 is recorded on first download (training.download).
+    """
+
+    path: str | None = None
+    images_url: str = (
+        "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
+    )
+    images_sha256: str | None = None
+    images_md5: str | None = "f18a1e2920de5bd84dae7cf08ec78978"
+    text_url: str = (
+        "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip"
+    )
+    text_sha256: str | None = None
+    text_md5: str | None = "bf6c1abcb8e4a833b7f922104de18627"
+    cache_dir: str = "data/downloads"
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    """`data.folder`: a directory (or zip) with `Images/` + `captions.txt`."""
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section of params.yaml."""
+
+    source: str = "synthetic"  # synthetic | flickr8k | folder
+    on_invalid: str = "drop"  # drop: train on the rest | fail: stop on any problem
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    flickr8k: Flickr8kConfig = field(default_factory=Flickr8kConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "flickr8k", "folder"):
+            raise ValueError(f"data.source is {self.source!r}; use synthetic, flickr8k or folder")
+        if self.on_invalid not in ("drop", "fail"):
+            raise ValueError(f"data.on_invalid is {self.on_invalid!r}; use drop or fail")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> DataConfig:
+        """Build from params.yaml's `data` mapping; an unknown key is an error."""
+        return from_section(cls, data, "data")
+
+
+# -------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The `model` section: a preset, optionally with its encoder, fusion or any other
+    CaptionerConfig field replaced; resolved by `captioner_config()`."""
+
+    preset: str = "offline"  # seed | base | offline | tiny (model.config.PRESETS)
+    encoder: str | None = None  # None: the preset's
+    fusion: str | None = None  # None: the preset's
+    # CaptionerConfig fields, applied to whichever preset: by default the first 3 of
+    # MiniLM-L6's 6 decoder layers (twice as fast on a CPU, plenty for the shapes)
+    overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
+    # dataset: the model emits only WordPieces of the train/val captions (define fills them)
+    output_vocab: str = "dataset"  # dataset | full
+
+    def __post_init__(self) -> None:
+        if self.output_vocab not in ("dataset", "full"):
+            raise ValueError(f"model.output_vocab is {self.output_vocab!r}; use dataset or full")
+        if self.overrides is not None and not isinstance(self.overrides, Mapping):
+            raise ValueError(
+                f"model.overrides must be a mapping of CaptionerConfig fields, e.g. "
+                f"{{num_layers: 3}}, got {self.overrides!r}"
+            )
+        self.captioner_config()  # an unknown preset or field fails here, before any work
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ModelParams:
+        """Build from params.yaml's `model` mapping; an unknown key is an error."""
+        return from_section(cls, values, "model")
+
+    def captioner_config(self) -> CaptionerConfig:
+        """The preset with encoder, fusion and overrides applied (output_vocab: all ids)."""
+        overrides = dict(self.overrides or {})
+        for key in ("encoder", "fusion"):
+            if getattr(self, key) is not None:
+                overrides[key] = getattr(self, key)
+        try:
+            return preset(self.preset, **overrides)
+        except ValueError as exc:  # name the section: the message alone names a dataclass
+            raise ValueError(f"model in params.yaml: {exc}") from exc

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,33 @@ import numpy as np
 
 from model import encode_caption, load_tokenizer, normalize_caption
 from training.captions import SPLITS_FILE, valid_rows
-from training.ingest import RAW_DIR
-from training.params import captioner_config, load_params
-from training.validate import REPORT_PATH
+from training.params import ModelParams, from_section, load_params
+from training.paths import PROCESSED_PATH, RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
 
-PROCESSED_PATH = Path("data/processed/captions.json")
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The `preprocess` section of params.yaml."""
+
+    max_tokens: int = 32  # [CLS] + caption + [SEP]; longer captions are truncated
+    val_fraction: float = 0.1  # of the images; Flickr8k's official splits win when present
+    test_fraction: float = 0.1
+    seed: int = 0  # of the shuffle that splits the images
+
+    def __post_init__(self) -> None:
+        if self.val_fraction < 0 or self.test_fraction < 0:
+            raise ValueError("preprocess.val_fraction and test_fraction must be >= 0")
+        if not self.val_fraction + self.test_fraction < 1:
+            raise ValueError("preprocess.val_fraction + test_fraction must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> PreprocessConfig:
+        """Build from params.yaml's `preprocess` mapping; an unknown key is an error."""
+        return from_section(cls, values, "preprocess")
 
 
 def split_images(
@@ -68,18 +89,13 @@ def split_images(
 
 
 def preprocess(
+    cfg: PreprocessConfig,
+    tokenizer_source: str,
     raw_dir: Path,
     report_path: Path,
     out_path: Path,
-    tokenizer_source: str,
-    max_tokens: int,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Tokenise the kept captions of `raw_dir` into `out_path`; returns what was written."""
-    if not 0 <= val_fraction + test_fraction < 1:
-        raise ValueError("preprocess.val_fraction + test_fraction must be in [0, 1)")
     captions: dict[str, list[str]] = defaultdict(list)
     empty = 0
     for row in valid_rows(raw_dir, report_path):
@@ -100,21 +116,25 @@ def preprocess(
         sorted(captions),
         official,
         report.get("duplicate_images", []),
-        val_fraction,
-        test_fraction,
-        seed,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.seed,
     )
 
     tokenizer = load_tokenizer(tokenizer_source)
     truncated = 0
-    out: dict[str, Any] = {"tokenizer": tokenizer_source, "max_tokens": max_tokens, "splits": {}}
+    out: dict[str, Any] = {
+        "tokenizer": tokenizer_source,
+        "max_tokens": cfg.max_tokens,
+        "splits": {},
+    }
     for split, images in splits.items():
         entries = []
         for image in images:
             tokens = [encode_caption(tokenizer, c) for c in captions[image]]
-            long = [i for i, t in enumerate(tokens) if len(t) > max_tokens]
+            long = [i for i, t in enumerate(tokens) if len(t) > cfg.max_tokens]
             for i in long:
-                tokens[i] = encode_caption(tokenizer, captions[image][i], max_tokens)
+                tokens[i] = encode_caption(tokenizer, captions[image][i], cfg.max_tokens)
             truncated += len(long)
             entries.append({"image": image, "captions": captions[image], "tokens": tokens})
         out["splits"][split] = entries
@@ -125,7 +145,9 @@ def preprocess(
             sum(len(e["tokens"]) for e in entries),
         )
     if truncated:
-        log.warning("%d captions longer than max_tokens=%d were truncated", truncated, max_tokens)
+        log.warning(
+            "%d captions longer than max_tokens=%d were truncated", truncated, cfg.max_tokens
+        )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out) + "\n")
     return out
@@ -135,17 +157,9 @@ def main() -> None:
     """`python -m training.preprocess`: data/raw + validation report -> data/processed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    cfg = params["preprocess"]
-    preprocess(
-        RAW_DIR,
-        REPORT_PATH,
-        PROCESSED_PATH,
-        captioner_config(params).tokenizer,
-        cfg["max_tokens"],
-        cfg["val_fraction"],
-        cfg["test_fraction"],
-        cfg["seed"],
-    )
+    cfg = PreprocessConfig.from_dict(params.get("preprocess"))
+    tokenizer = ModelParams.from_dict(params.get("model")).captioner_config().tokenizer
+    preprocess(cfg, tokenizer, RAW_DIR, REPORT_PATH, PROCESSED_PATH)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
+from training.paths import RUN_FILE  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "imgtocap")
-RUN_FILE = Path("artifacts/model/mlflow.json")
 
 
 def configure() -> str:

@@ -21,7 +21,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,26 +33,30 @@ from tqdm import tqdm
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.pretrained import load_pretrained
 from training import tracking
-from training.define import CONFIG_PATH
+from training.checksums import hash_file
 from training.params import from_section, load_params, pick_device
-from training.preprocess import PROCESSED_PATH
-from training.transform import ENCODER_WEIGHTS, FEATURES_DIR
+from training.paths import (
+    CHECKPOINT_DIR,
+    CONFIG_PATH,
+    ENCODER_WEIGHTS,
+    FEATURES_DIR,
+    FEATURES_INDEX,
+    HISTORY_PATH,
+    MODEL_PATH,
+    PROCESSED_PATH,
+    TRAIN_METRICS_PATH,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = Path("artifacts/checkpoints")
-MODEL_PATH = Path("artifacts/model/model.pth")
-METRICS_PATH = Path("metrics/train.json")
-HISTORY_PATH = Path("metrics/train_history.csv")
 
 
 @dataclass
 class TrainConfig:
     """The `train:` section of params.yaml."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    captions_per_image: int | None = None  # per image per epoch; None: all of them
+    epochs: int = 16
+    batch_size: int = 64  # captions per step
+    captions_per_image: int | None = 1  # per image per epoch, drawn anew each epoch; None: all
     lr: float = 3e-4
     new_layer_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -65,7 +69,7 @@ class TrainConfig:
     num_threads: int = 0
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> TrainConfig:
         """Build from params.yaml's `train:` mapping; an unknown key is an error."""
         return from_section(cls, values, "train")
 
@@ -79,7 +83,7 @@ class CaptionData:
 
     def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
         entries = processed["splits"][split]
-        index = json.loads((features_dir / "index.json").read_text())
+        index = json.loads((features_dir / FEATURES_INDEX).read_text())
         if index["splits"][split] != [e["image"] for e in entries]:
             raise ValueError(
                 f"{features_dir} does not match {split} of data/processed: run `dvc repro` "
@@ -190,9 +194,7 @@ def fingerprint(*paths: Path, **values: Any) -> str:
     """What a resumable state must match: the files' bytes and the settings."""
     digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
     for path in paths:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(path, digest)
     return digest.hexdigest()
 
 
@@ -203,16 +205,19 @@ def train(
     features_dir: Path = FEATURES_DIR,
     checkpoint_dir: Path = CHECKPOINT_DIR,
     model_path: Path = MODEL_PATH,
-    metrics_path: Path = METRICS_PATH,
+    metrics_path: Path = TRAIN_METRICS_PATH,
     history_path: Path = HISTORY_PATH,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume), write the best model, metrics and history; returns the metrics."""
+    """Train (or resume), write the best model, metrics and history; returns the metrics.
+
+    `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
+    """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
     config = CaptionerConfig.load(config_path)
-    index = json.loads((features_dir / "index.json").read_text())
+    index = json.loads((features_dir / FEATURES_INDEX).read_text())
     if index["encoder"] != config.encoder:
         raise ValueError(
             f"features in {features_dir} come from {index['encoder']} but the model uses "
@@ -240,7 +245,7 @@ def train(
     key = fingerprint(
         config_path,
         processed_path,
-        features_dir / "index.json",
+        features_dir / FEATURES_INDEX,
         features_dir / "train.npy",
         train=dataclasses.asdict(cfg),
     )
@@ -385,7 +390,7 @@ def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    train(TrainConfig.from_dict(params.get("train") or {}), params=params)
+    train(TrainConfig.from_dict(params.get("train")), params=params)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ cheap. DVC re-runs this stage only when the images, the splits or the encoder ch
 Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["splits"][split][i],
 `data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
 the encoder weights used, which training starts from so the model matches its features.
+Which encoder: params.yaml `model:` (preset, encoder); how: `transform:` (device, batch size).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +28,27 @@ from model.encoders import ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
 from training.captions import IMAGES_DIR
-from training.ingest import RAW_DIR
-from training.params import captioner_config, load_params, pick_device
-from training.preprocess import PROCESSED_PATH
+from training.params import ModelParams, from_section, load_params, pick_device
+from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = Path("data/features")
-ENCODER_WEIGHTS = "encoder.pth"
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """The `transform` section of params.yaml: where and how many images are encoded at once."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 32  # images per forward pass
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"transform.batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> TransformConfig:
+        """Build from params.yaml's `transform` mapping; an unknown key is an error."""
+        return from_section(cls, values, "transform")
 
 
 def build_encoder(name: str, device: torch.device) -> ImageEncoder:
@@ -45,14 +62,10 @@ def build_encoder(name: str, device: torch.device) -> ImageEncoder:
 
 @torch.inference_mode()
 def transform(
-    raw_dir: Path,
-    processed_path: Path,
-    out_dir: Path,
-    encoder_name: str,
-    device: torch.device,
-    batch_size: int = 32,
+    cfg: TransformConfig, encoder_name: str, raw_dir: Path, processed_path: Path, out_dir: Path
 ) -> dict:
-    """Encode every image of every split into `out_dir`; returns the index."""
+    """Encode every image of every split with `encoder_name` into `out_dir`; returns the index."""
+    device = pick_device(cfg.device)
     splits = {
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
@@ -70,8 +83,9 @@ def transform(
     for split, images in splits.items():
         shape = (len(images), spec.grid**2, spec.channels)
         features = np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape)
-        for start in tqdm(range(0, len(images), batch_size), desc=f"encode {split}", unit="batch"):
-            names = images[start : start + batch_size]
+        batches = range(0, len(images), cfg.batch_size)
+        for start in tqdm(batches, desc=f"encode {split}", unit="batch"):
+            names = images[start : start + cfg.batch_size]
             pixels = torch.stack(
                 [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
             )  # (b, 3, S, S)
@@ -86,7 +100,7 @@ def transform(
         "dtype": "float16",
         "splits": splits,
     }
-    (out_dir / "index.json").write_text(json.dumps(index) + "\n")
+    (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
     # training starts from exactly these weights (a random `tiny` encoder included)
     torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
     log.info("features: %s", {s: len(v) for s, v in splits.items()})
@@ -97,9 +111,9 @@ def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    config = captioner_config(params)
-    device = pick_device(params["train"]["device"])
-    transform(RAW_DIR, PROCESSED_PATH, FEATURES_DIR, config.encoder, device)
+    cfg = TransformConfig.from_dict(params.get("transform"))
+    encoder = ModelParams.from_dict(params.get("model")).captioner_config().encoder
+    transform(cfg, encoder, RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ later stages exactly the kept rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,19 +27,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.image import ImageError, open_image
-from training.captions import (
-    IMAGES_DIR,
-    CaptionRow,
-    captions_path,
-    file_sha256,
-    parse_caption_lines,
-)
-from training.ingest import RAW_DIR, DataConfig
-from training.params import load_params
+from training.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
+from training.checksums import file_sha256
+from training.params import DataConfig, load_params
+from training.paths import RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
 
-REPORT_PATH = Path("reports/validation.json")
 # Flickr8k's longest caption is a few hundred characters; beyond this it is not a caption.
 MAX_CAPTION_CHARS = 500
 _POOL_MIN_IMAGES = 64  # below this, starting worker processes costs more than it saves
@@ -211,7 +204,7 @@ def _row_problem(row: CaptionRow, present: set[str], max_chars: int) -> tuple[st
 
 def _check_image(path: str) -> tuple[str, str | None]:
     """(sha256 of the file, decode error or None). Top level: process pools pickle it."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = file_sha256(path)
     try:
         open_image(path)
     except (ImageError, Image.DecompressionBombError) as exc:

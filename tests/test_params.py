@@ -1,0 +1,105 @@
+"""params.yaml and its dataclasses: one per section, the same defaults, errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model import preset
+from training.evaluate import EvalParams
+from training.package import ServeParams
+from training.params import DataConfig, ModelParams, load_params
+from training.preprocess import PreprocessConfig
+from training.train import TrainConfig
+from training.transform import TransformConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
+SECTIONS = {
+    "data": DataConfig,
+    "preprocess": PreprocessConfig,
+    "transform": TransformConfig,
+    "model": ModelParams,
+    "train": TrainConfig,
+    "evaluate": EvalParams,
+    "serve": ServeParams,
+}
+
+
+def test_every_section_has_its_dataclass():
+    assert list(PARAMS) == list(SECTIONS)
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_a_left_out_key_means_what_params_yaml_ships(section):
+    cls = SECTIONS[section]
+    assert dataclasses.asdict(cls.from_dict({})) == PARAMS[section]  # nested sections too
+    assert cls.from_dict(PARAMS[section]) == cls()
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_an_unknown_key_is_an_error_naming_it_and_the_known_ones(section):
+    with pytest.raises(ValueError, match=rf"unknown {section} key\(s\) \['colour'\].*known keys"):
+        SECTIONS[section].from_dict({"colour": 1})
+
+
+@pytest.mark.parametrize(
+    "cls, values, message",
+    [
+        (TrainConfig, {"epochs": "ten"}, r"^train\.epochs must be an integer, got 'ten'$"),
+        (TrainConfig, {"epochs": True}, r"train\.epochs must be an integer, got True"),
+        (TrainConfig, {"lr": "1e-3"}, r"train\.lr must be a number, got '1e-3' \(YAML reads"),
+        (TrainConfig, {"captions_per_image": 2.5}, r"must be an integer or null, got 2\.5"),
+        (TrainConfig, {"device": 0}, r"train\.device must be a string, got 0"),
+        (DataConfig, {"synthetic": {"seed": "x"}}, r"data\.synthetic\.seed must be an integer"),
+        (DataConfig, {"folder": "pics/"}, r"data\.folder in params\.yaml must be a mapping"),
+        (PreprocessConfig, {"test_fraction": 0.95}, r"val_fraction \+ test_fraction .* \[0, 1\)"),
+        (TransformConfig, {"batch_size": 0}, r"transform\.batch_size must be >= 1"),
+        (ModelParams, {"preset": "huge"}, r"model in params\.yaml: unknown preset 'huge'"),
+        (
+            ModelParams,
+            {"overrides": {"layers": 3}},
+            r"unknown CaptionerConfig key\(s\) \['layers'\]",
+        ),
+        (ModelParams, {"overrides": 3}, r"model\.overrides must be a mapping"),
+        (
+            ModelParams,
+            {"output_vocab": "all"},
+            r"model\.output_vocab is 'all'; use dataset or full",
+        ),
+        (EvalParams, {"num_beams": 0}, r"evaluate\.num_beams must be an integer >= 1"),
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_key(cls, values, message):
+    with pytest.raises(ValueError, match=message):
+        cls.from_dict(values)
+
+
+def test_integers_are_numbers_and_null_is_allowed_where_the_type_says():
+    cfg = TrainConfig.from_dict({"lr": 1, "captions_per_image": None})
+    assert cfg.lr == 1 and cfg.captions_per_image is None
+
+
+def test_the_model_section_resolves_to_a_captioner_config():
+    assert ModelParams.from_dict(PARAMS["model"]).captioner_config() == preset(
+        "offline", num_layers=3
+    )
+    assert ModelParams(preset="tiny", fusion="concat", overrides=None).captioner_config() == (
+        preset("tiny", fusion="concat")
+    )
+    # encoder / fusion given explicitly win over the same field in overrides
+    chosen = ModelParams(preset="tiny", encoder="tiny", overrides={"encoder": "resnet50"})
+    assert chosen.captioner_config().encoder == "tiny"
+
+
+def test_params_yaml_sets_what_dvc_yaml_says_each_stage_reads():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, spec in stages.items():
+        for dotted in spec.get("params", []):
+            node = PARAMS
+            for part in dotted.split("."):
+                assert isinstance(node, dict) and part in node, f"{stage}: {dotted} not set"
+                node = node[part]

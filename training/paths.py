@@ -1,0 +1,40 @@
+"""Where the pipeline's stages read and write, relative to the repository root.
+
+`dvc.yaml` names the same files as each stage's deps and outs (tests/test_paths.py checks that
+they agree); a stage takes its paths from here, never from another stage's module. The layout
+inside `data/raw/` is training.captions'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ingest -> validate -> preprocess
+RAW_DIR = Path("data/raw")
+REPORT_PATH = Path("reports/validation.json")
+PROCESSED_DIR = Path("data/processed")
+PROCESSED_PATH = PROCESSED_DIR / "captions.json"
+
+# transform: `<split>.npy` features (n, N, C) fp16, their index, and the encoder weights used
+FEATURES_DIR = Path("data/features")
+FEATURES_INDEX = "index.json"
+ENCODER_WEIGHTS = "encoder.pth"
+
+# define
+CONFIG_PATH = Path("artifacts/model/config.json")
+SUMMARY_PATH = Path("metrics/model.json")
+
+# train
+MODEL_PATH = Path("artifacts/model/model.pth")
+RUN_FILE = Path("artifacts/model/mlflow.json")  # the MLflow run evaluate adds to
+CHECKPOINT_DIR = Path("artifacts/checkpoints")  # resumable state, kept between runs
+TRAIN_METRICS_PATH = Path("metrics/train.json")
+HISTORY_PATH = Path("metrics/train_history.csv")
+
+# evaluate
+EVAL_METRICS_PATH = Path("metrics/eval.json")
+PREDICTIONS_PATH = Path("reports/predictions.jsonl")
+SAMPLES_PATH = Path("reports/samples.png")
+
+# package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
+ARCHIVE_PATH = Path("model-store/imgtocap.mar")
