@@ -5,12 +5,9 @@ import math
 
 import pytest
 import torch
+from fixtures_model import tiny
 
-from model import Captioner, preset
-
-
-def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
-    return Captioner(preset("tiny", fusion=fusion, **overrides)).eval()
+from model import Captioner
 
 
 def grids(model: Captioner, batch: int) -> torch.Tensor:

@@ -2,13 +2,10 @@
 
 import pytest
 import torch
+from fixtures_model import tiny
 
 from model import Captioner, CaptionerConfig, preset
 from model.config import PRESETS
-
-
-def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
-    return Captioner(preset("tiny", fusion=fusion, **overrides)).eval()
 
 
 def random_batch(model: Captioner, batch: int = 3, length: int = 10):
