@@ -15,7 +15,7 @@ serve: $(MAR)
 
 ## demo: train if needed, serve on 127.0.0.1 in the background, caption sample images
 demo: $(MAR)
-	$(BIN)/python serve/demo.py
+	$(BIN)/python -m serve.demo
 
 ## stop: stop the TorchServe started by `make demo` (or `make serve` in another terminal)
 stop:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from dockerfile import Dockerfile
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +162,6 @@ def test_runs_are_tracked_and_the_model_registered(pipeline):
 
 def test_the_docker_image_finds_every_file_it_copies(pipeline):
     repo, _ = pipeline
-    from test_deploy import Dockerfile
-
     for source in Dockerfile(repo / "Dockerfile").sources:
         assert (repo / source).exists(), f"COPY {source}: missing after dvc repro"
 
