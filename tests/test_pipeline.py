@@ -183,6 +183,35 @@ def test_dvc_reruns_only_what_changed(pipeline):
     assert json.loads((repo / "metrics/eval.json").read_text())["num_images"] > 0
 
 
+def test_make_repackages_after_a_handler_edit_and_only_then(pipeline):
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    repo, _ = pipeline
+    venv = Path(sys.prefix)
+    # `make setup` is done: -o keeps make from redoing it in the shared venv
+    make = ["make", "-o", f"{venv}/.installed", f"VENV={venv}", "model-store/imgtocap.mar"]
+
+    def make_archive() -> str:
+        p = subprocess.run(
+            make, cwd=repo, env=environment(repo), capture_output=True, text=True, timeout=600
+        )
+        assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        return p.stdout + p.stderr
+
+    handler = repo / "handler" / "imgtocap_handler.py"
+    handler.write_text(handler.read_text() + "# edited after the archive was built\n")
+    log = make_archive()
+    assert "Running stage 'package'" in log
+    assert not any(f"Running stage '{stage}'" in log for stage in STAGES[:-1]), log
+    archive = repo / "model-store" / "imgtocap.mar"
+    with zipfile.ZipFile(archive) as mar:
+        assert mar.read("imgtocap_handler.py").decode() == handler.read_text()
+
+    built = archive.read_bytes()
+    assert "Running stage" not in make_archive()  # nothing changed: nothing runs
+    assert archive.read_bytes() == built
+
+
 def history(repo: Path) -> list[dict[str, str]]:
     with (repo / "metrics/train_history.csv").open() as f:
         return list(csv.DictReader(f))
