@@ -1,5 +1,5 @@
-"""The README's make targets: what they run finds the venv's python, and DVC, not make, decides
-whether the model archive is out of date.
+"""The README's make targets: what they run finds the venv's python, DVC (not make) decides
+whether the model archive is out of date, and `make setup` can install within the lock.
 
 `make demo` builds the archive with `dvc repro`, whose stages run `python -m training.<stage>`:
 a plain `python` on PATH. From a fresh clone nobody has activated `.venv`, so the Makefile
@@ -7,6 +7,7 @@ must put it first on PATH (a fresh clone once failed at `ingest`: no tqdm in the
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,14 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = "model-store/imgtocap.mar"
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-
 
 @pytest.fixture
 def project(tmp_path) -> Path:
     """The Makefile and what it reads, with a `make setup` already done: a .venv whose python
     is this one and whose dvc is a stand-in that logs its arguments to dvc-calls, then does
     what a stage does: run `python` from PATH (it writes its sys.executable to stage-python)."""
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
     for name in ("Makefile", "setup.py", "serve/serve.mk", "requirements"):
         source, dest = ROOT / name, tmp_path / name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,3 +71,26 @@ def test_dvc_decides_whether_the_archive_is_rebuilt_not_its_timestamp(project):
     handler.write_text("# the handler, edited\n")
     make(project, ARCHIVE)
     assert (project / "dvc-calls").read_text().splitlines() == ["repro", "repro"]
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of the `name==version` lines of a requirements file (names normalised)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+
+def test_the_lock_holds_every_pin_of_the_requirements():
+    # `make setup` installs requirements/dev.txt within the lock: a pin edited without
+    # `make lock` would make it fail with a conflict.
+    lock = pins(ROOT / "requirements" / "constraints.txt")
+    for name in ("serve.txt", "train.txt", "dev.txt"):
+        for package, version in pins(ROOT / "requirements" / name).items():
+            assert lock.get(package) == version, (
+                f"requirements/{name} pins {package}=={version}, requirements/constraints.txt "
+                f"{lock.get(package)}: run `make lock`"
+            )
+    assert "imgtocap" not in lock, "the lock is for dependencies, not the project itself"
