@@ -30,12 +30,14 @@ RUN useradd --no-log-init --create-home --home-dir /home/model-server --uid 1000
 
 # torch and torchvision first, from the variant's index without dependencies; the versions are
 # the ones in serve.txt (as constraints). The second install then takes everything else, torch's
-# dependencies included, from PyPI at the pinned versions. dumb-init is PID 1 (see ENTRYPOINT).
-COPY requirements/serve.txt /tmp/serve.txt
+# dependencies included, from PyPI at the versions requirements/constraints.txt locks (the
+# dependencies of the dependencies too). dumb-init is PID 1 (see ENTRYPOINT).
+COPY requirements/serve.txt requirements/constraints.txt /tmp/
 RUN pip install --no-cache-dir --no-deps --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
         --constraint /tmp/serve.txt torch torchvision \
-    && pip install --no-cache-dir --requirement /tmp/serve.txt dumb-init==1.2.5.post1 \
-    && rm /tmp/serve.txt
+    && pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/serve.txt \
+        dumb-init==1.2.5.post1 \
+    && rm /tmp/serve.txt /tmp/constraints.txt
 
 # Root-owned and read-only to the server; only its home (key_file.json, logs/) is its own.
 WORKDIR /home/model-server

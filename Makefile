@@ -1,7 +1,11 @@
-# imgtocap: `make setup` once, then `make test`; `make demo` trains (if needed) and serves.
+# imgtocap: `make setup` once, then `make test` (or `make test-fast` while working); `make demo`
+# trains (if needed) and serves.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Every package .venv holds, pinned: requirements/*.txt pin what the project imports, this file
+# pins their dependencies too (mlflow's and dvc's would drift otherwise). `make lock` writes it.
+LOCK := requirements/constraints.txt
 
 # No telemetry from any tool, in every target.
 export DVC_NO_ANALYTICS := 1
@@ -11,18 +15,30 @@ export DO_NOT_TRACK := 1
 # Spinning OpenMP threads stall badly when another process holds a core (TorchServe workers).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test lint format clean
+.PHONY: setup test test-fast lint format lock clean
 
 include serve/serve.mk
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements/serve.txt requirements/train.txt requirements/dev.txt setup.py
+$(VENV)/.installed: requirements/serve.txt requirements/train.txt requirements/dev.txt $(LOCK) setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements/dev.txt
+	$(BIN)/pip install --constraint $(LOCK) --upgrade pip
+	$(BIN)/pip install --constraint $(LOCK) --requirement requirements/dev.txt
 	$(BIN)/pip install --no-deps -e .
 	touch $@
+
+## lock: after editing a pin in requirements/: install the pins into .venv, then write $(LOCK)
+# Installs without the old lock (it would refuse the new pin). Packages already installed stay
+# as they are wherever they satisfy the pins, so the lock changes only where the edit needs it;
+# `rm -rf .venv && make lock` re-resolves everything to the newest versions the pins allow.
+lock:
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --requirement requirements/dev.txt
+	{ echo '# Written by `make lock` (pip freeze of .venv): every package, dependencies included.'; \
+	  echo '# `make setup` and the Dockerfile install within it. Edit requirements/*.txt, not this.'; \
+	  $(BIN)/pip freeze --all --exclude-editable --exclude imgtocap; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -34,6 +50,10 @@ format: setup
 
 test: lint
 	$(BIN)/pytest
+
+## test-fast: lint + the tests not marked slow (no pipeline, no TorchServe), under a minute
+test-fast: lint
+	$(BIN)/pytest -m "not slow"
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

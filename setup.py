@@ -27,7 +27,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["model", "model.*", "training", "training.*", "handler"]),
+    packages=find_packages(
+        include=["model", "model.*", "training", "training.*", "handler", "serve"]
+    ),
+    package_data={"serve": ["config.properties"]},  # the runner's default config
     install_requires=requirements("train.txt"),
     extras_require={"dev": requirements("dev.txt")},
 )

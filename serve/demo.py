@@ -5,7 +5,8 @@ The demo server listens on 127.0.0.1 only and has token auth off, so that afterw
 keeps token auth on for `make serve` and the Docker image. `make stop` stops the server.
 
 Images: DEMO_IMAGES (paths or globs, space-separated), else the first 3 of the test split
-(data/processed/captions.json), else the first 3 of data/raw/Images/. Standard library only.
+(data/processed/captions.json), else the first 3 of data/raw/Images/. Run from the repository
+root as `python -m serve.demo`: the standard library, serve/runner.py and psutil (TorchServe's).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from serve.runner import TorchServe, TorchServeError, read_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = Path("model-store/imgtocap.mar")
@@ -37,12 +38,18 @@ def main() -> int:
     images = demo_images()
     if not images:
         sys.exit("no sample images: run `dvc repro`, or set DEMO_IMAGES='a.jpg b.png'")
-    config = local_config(Path(os.environ.get("TS_CONFIG_FILE", "serve/config.properties")))
-    inference = config["inference_address"]
-    management, metrics = config["management_address"], config["metrics_address"]
-    start(config["_path"])
-    print(f"waiting for a READY worker ({management}/models/imgtocap) ...", flush=True)
-    wait_ready(f"{management}/models/imgtocap")
+    server = TorchServe(
+        demo_config(Path(os.environ.get("TS_CONFIG_FILE", "serve/config.properties"))),
+        env={"LOG_LOCATION": str(LOGS), "METRICS_LOCATION": str(LOGS)},
+        console=LOGS / "console.log",
+    )
+    inference, management, metrics = server.inference, server.management, server.metrics
+    try:
+        server.start(detach=True)  # Ctrl-C here won't stop it; `make stop` will
+        print(f"waiting for a READY worker ({management}/models/imgtocap) ...", flush=True)
+        server.wait_ready()
+    except TorchServeError as exc:
+        sys.exit(f"{exc}\n`make stop` stops a TorchServe that is still running.")
 
     url = f"{inference}/predictions/imgtocap"
     print(f"\nCaptions from {url}:\n")
@@ -77,60 +84,16 @@ def demo_images() -> list[tuple[str, str | None]]:
     return [(p, None) for p in sorted(glob.glob(str(IMAGES / "*")))[:3]]
 
 
-def local_config(path: Path) -> dict[str, str]:
-    """The server's config with inference moved to 127.0.0.1, written beside its logs."""
-    lines, config = [], {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if line.strip() and not line.lstrip().startswith("#"):
-            if key.strip() == "inference_address":  # loopback only: token auth is off
-                url = urllib.parse.urlsplit(value.strip())
-                value = f"{url.scheme}://127.0.0.1:{url.port or 8080}"
-                line = f"{key}={value}"
-            config[key.strip()] = value.strip()
-        lines.append(line)
+def demo_config(path: Path) -> Path:
+    """The server's config with inference moved to 127.0.0.1 and token auth off, beside its logs."""
+    inference = urllib.parse.urlsplit(read_config(path)["inference_address"])
     LOGS.mkdir(parents=True, exist_ok=True)
-    demo_config = LOGS / "demo.properties"
-    demo_config.write_text("\n".join(lines) + "\n")
-    config["_path"] = str(demo_config)
-    return config
-
-
-def start(config: str) -> None:
-    """Start TorchServe detached from this terminal (Ctrl-C here won't stop it; make stop will)."""
-    torchserve = Path(sys.executable).parent / "torchserve"
-    command = [str(torchserve), "--start", "--ncs", "--disable-token-auth", "--ts-config", config]
-    env = {
-        **os.environ,
-        "LOG_LOCATION": str(LOGS),
-        "METRICS_LOCATION": str(LOGS),
-        # OpenMP threads that spin while idle stall badly when another process holds a core
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-    }
-    with open(LOGS / "console.log", "ab") as console:
-        launched = subprocess.run(
-            command, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    if launched.returncode != 0:
-        sys.exit(f"TorchServe did not start ({LOGS / 'console.log'}); already running? `make stop`")
-
-
-def wait_ready(describe_url: str, timeout: float = 300) -> None:
-    """Poll the management API until a worker is READY (/ping says Healthy long before)."""
-    pid_file = Path(tempfile.gettempdir()) / ".model_server.pid"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(describe_url, timeout=5) as response:
-                workers = json.load(response)[0]["workers"]
-            if any(w["status"] == "READY" for w in workers):
-                return
-        except (OSError, ValueError, KeyError, IndexError):
-            pass  # not listening yet, or the model not registered yet
-        if not _alive(pid_file):
-            sys.exit(f"TorchServe exited while starting:\n{_tail(LOGS / 'console.log')}")
-        time.sleep(1)
-    sys.exit(f"no READY worker after {timeout:.0f} s:\n{_tail(LOGS / 'model_log.log')}")
+    return write_config(
+        LOGS / "demo.properties",
+        path,
+        inference_address=f"{inference.scheme}://127.0.0.1:{inference.port or 8080}",
+        disable_token_authorization="true",  # loopback only: a plain `curl -T` works
+    )
 
 
 def caption(image: str, url: str) -> str:
@@ -154,20 +117,6 @@ def caption(image: str, url: str) -> str:
     except ValueError:
         return f"(no JSON answer: {body.strip()[:200]})"
     return answer.get("caption") or f"(error: {answer.get('error', answer)})"
-
-
-def _alive(pid_file: Path) -> bool:
-    try:
-        os.kill(int(pid_file.read_text().split()[0]), 0)
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return (
-        "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
-    )
 
 
 if __name__ == "__main__":

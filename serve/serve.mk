@@ -2,10 +2,14 @@
 # no-telemetry variables). The logic lives in serve/serve.sh and serve/demo.py.
 MAR := model-store/imgtocap.mar
 
-.PHONY: serve demo stop
+.PHONY: serve demo stop $(MAR)
 
-# No archive yet: run the pipeline (its last stage, package, writes it). The stages run
-# `python -m training.<stage>`: the venv's python must come first on PATH.
+# DVC, not make, decides whether the archive is out of date: it depends on handler/, model/,
+# the checkpoint and params (dvc.yaml), and make's timestamps would keep serving an old archive
+# after an edit to handler/. So the recipe always runs: `dvc repro` runs whatever stage is out of
+# date (everything on a fresh clone, only `package` after a handler edit) and nothing when
+# nothing changed. The stages run `python -m training.<stage>`: the venv's python must come
+# first on PATH.
 $(MAR): | setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
@@ -15,7 +19,7 @@ serve: $(MAR)
 
 ## demo: train if needed, serve on 127.0.0.1 in the background, caption sample images
 demo: $(MAR)
-	$(BIN)/python serve/demo.py
+	$(BIN)/python -m serve.demo
 
 ## stop: stop the TorchServe started by `make demo` (or `make serve` in another terminal)
 stop:

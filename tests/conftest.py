@@ -1,6 +1,8 @@
-"""Test-wide settings: no network, no telemetry, deterministic CPU threads."""
+"""Test-wide settings (offline, no telemetry, passive OpenMP threads, a fixed seed) and the
+fixtures many tests share."""
 
 import os
+import socket
 
 # Before anything imports transformers / huggingface_hub / mlflow / dvc.
 os.environ.update(
@@ -29,3 +31,14 @@ def tokenizer():
     from model import load_tokenizer
 
     return load_tokenizer("packaged")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket this test opens fails it: what it does must work offline."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access: socket{args}")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -1,12 +1,54 @@
-"""Test helpers for the model: distinct little pictures and padded caption batches."""
+"""Test helpers for the model: a tiny captioner, a training loop, distinct little pictures,
+padded caption batches and a PNG that lies about its size."""
 
 from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import encode_caption
+from model import Captioner, encode_caption, preset
+
+
+def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
+    """A random tiny-preset captioner in eval mode (`overrides` replace preset fields)."""
+    return Captioner(preset("tiny", fusion=fusion, **overrides)).eval()
+
+
+def fit(
+    model: Captioner,
+    grid: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    lr: float,
+    steps: int,
+    until: Callable[[Captioner], bool] | None = None,
+    every: int = 25,
+) -> float:
+    """Train `model` on one batch (grid (B, N, C) -> tokens (B, T)) with AdamW for `steps`
+    steps, or until `until(model)` holds (asked in eval mode every `every` steps). Returns the
+    last loss; the model is left in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small only make threads contend (seconds vs minutes)
+    try:
+        for step in range(1, steps + 1):
+            model.train()
+            _, loss = model(grid, tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if until is not None and step % every == 0 and until(model.eval()):
+                break
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return loss.item()
 
 
 def picture(i: int, size: int = 32) -> Image.Image:
@@ -26,3 +68,14 @@ def caption_tokens(tokenizer, captions: list[str], max_tokens: int) -> torch.Ten
     for row, seq in zip(tokens, ids, strict=True):
         row[: len(seq)] = torch.tensor(seq)
     return tokens
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header is rewritten to claim width x height pixels (no such pixel data)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    chunk = b"IHDR" + struct.pack(">II", width, height) + data[24:29]  # depth, colour, ...
+    return (
+        data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+    )

@@ -1,26 +1,16 @@
 """Checkpoints: one plain dict, weights-only, rebuilt with no network."""
 
-import socket
-
 import pytest
 import torch
+from fixtures_model import tiny
 
-from model import Captioner, load_checkpoint, preset, save_checkpoint
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access while loading a checkpoint")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+from model import load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("output_vocab", [None, [102, 1037, 2417, 4418]])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 def test_save_load_gives_identical_captions_offline(tmp_path, no_network, fusion, output_vocab):
-    model = Captioner(preset("tiny", fusion=fusion, output_vocab=output_vocab)).eval()
+    model = tiny(fusion, output_vocab=output_vocab)
     pixels = torch.randn(3, 3, 32, 32)
     before = model.generate(pixels, num_beams=2, max_length=8)
     save_checkpoint(model, tmp_path / "model.pth", epoch=3)
@@ -34,7 +24,7 @@ def test_save_load_gives_identical_captions_offline(tmp_path, no_network, fusion
 
 
 def test_checkpoint_is_a_plain_weights_only_dict(tmp_path):
-    model = Captioner(preset("tiny"))
+    model = tiny()
     save_checkpoint(model, tmp_path / "model.pth", epoch=7)
     checkpoint = torch.load(tmp_path / "model.pth", weights_only=True)
     assert set(checkpoint) == {"config", "state_dict", "epoch"}

@@ -5,14 +5,11 @@ import math
 
 import pytest
 import torch
+from fixtures_model import tiny
 
 from model import Captioner, CaptionerConfig, preset
 from model.captioner import CaptionerState
 from model.decoding import beam_search, greedy
-
-
-def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
-    return Captioner(preset("tiny", fusion=fusion, **overrides)).eval()
 
 
 def grids(model: Captioner, batch: int) -> torch.Tensor:

@@ -13,11 +13,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -25,6 +22,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from dockerfile import Dockerfile
+
+from serve.runner import TorchServe, private_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,63 +104,6 @@ def k8s_config() -> dict[str, str]:
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
-
-
-def _instructions(text: str) -> list[tuple[str, str]]:
-    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
-    out, pending = [], ""
-    for line in text.splitlines():
-        if line.strip().startswith("#") or (not line.strip() and not pending):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        keyword, _, args = (pending + line).strip().partition(" ")
-        out.append((keyword.upper(), args.strip()))
-        pending = ""
-    return out
-
-
-class Dockerfile:
-    def __init__(self, path: Path):
-        self.copies: list[tuple[list[str], str]] = []  # (sources, absolute destination[/])
-        self.sources: list[str] = []  # build-context files, every stage
-        self.expose: set[int] = set()
-        self.entrypoint: list[str] = []
-        self.cmd: list[str] = []
-        self.user = self.healthcheck = ""
-        workdir = "/"
-        for keyword, args in _instructions(path.read_text()):
-            if keyword == "FROM":  # destinations: only the last (runtime) stage matters
-                self.copies, workdir = [], "/"
-            elif keyword == "WORKDIR":
-                workdir = str(PurePosixPath(workdir, args))
-            elif keyword in ("COPY", "ADD"):
-                words = json.loads(args) if args.startswith("[") else args.split()
-                if any(w.startswith("--from") for w in words):
-                    continue  # from another image or stage, not the build context
-                *sources, dest = [w for w in words if not w.startswith("--")]
-                slash = "/" if dest.endswith("/") else ""
-                self.copies.append((sources, str(PurePosixPath(workdir, dest)) + slash))
-                self.sources += sources
-            elif keyword == "EXPOSE":
-                self.expose |= {int(p.split("/")[0]) for p in args.split()}
-            elif keyword == "USER":
-                self.user = args
-            elif keyword == "HEALTHCHECK":
-                self.healthcheck = args
-            elif keyword in ("ENTRYPOINT", "CMD"):
-                assert args.startswith("["), f"{keyword} must be exec (JSON) form: {args}"
-                setattr(self, keyword.lower(), json.loads(args))
-        self.workdir = workdir
-
-    def destination(self, source: str) -> str:
-        """Where a build-context file lands in the image."""
-        for sources, dest in self.copies:
-            if source in sources:
-                into_dir = dest.endswith("/") or len(sources) > 1
-                return str(PurePosixPath(dest, PurePosixPath(source).name) if into_dir else dest)
-        raise AssertionError(f"the Dockerfile does not COPY {source}")
 
 
 @pytest.fixture(scope="module")
@@ -529,29 +472,11 @@ def test_every_action_is_pinned_to_a_commit():
 # --- TorchServe on the cluster config -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(server: subprocess.Popen) -> None:
-    """SIGTERM the launcher's process group (launcher, JVM, workers), as dumb-init would."""
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            os.killpg(server.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-
-
 def _probe(url: str) -> subprocess.CompletedProcess:
     return _run(sys.executable, K8S / "probe.py", url)
 
 
+@pytest.mark.slow
 def test_cluster_config_serves_and_the_probe_tracks_the_worker(tmp_path, dockerfile, k8s_config):
     if shutil.which("java") is None:
         pytest.skip("java is not installed: TorchServe's frontend needs Java 17")
@@ -571,56 +496,35 @@ def test_cluster_config_serves_and_the_probe_tracks_the_worker(tmp_path, dockerf
     assert p.returncode == 0, _report(p)
 
     # The cluster config as the pod gets it, on free loopback ports and this test's paths.
-    ports = {k: _free_port() for k in ("inference", "management", "metrics", "grpc_i", "grpc_m")}
-    config = dict(k8s_config)
-    for api in ("inference", "management", "metrics"):
-        config[f"{api}_address"] = f"http://127.0.0.1:{ports[api]}"
-    config["grpc_inference_port"], config["grpc_management_port"] = ports["grpc_i"], ports["grpc_m"]
-    config["model_store"] = store
-    vmargs = config["vmargs"].replace("file:///etc/imgtocap/", f"file://{K8S}/")
-    assert vmargs != config["vmargs"], "the log config is no longer under /etc/imgtocap"
-    config["vmargs"] = vmargs
-    (tmp_path / "cluster.properties").write_text("".join(f"{k}={v}\n" for k, v in config.items()))
-
-    # The image's own command; TS_CONFIG_FILE (as the Deployment sets it) overrides its --ts-config.
-    command = dockerfile.cmd
-    env = {
-        **os.environ,
-        "TS_CONFIG_FILE": str(tmp_path / "cluster.properties"),
-        "TMPDIR": str(tmp),
-        "TEMP": str(tmp),
-        "HOME": str(tmp),
-        "LOG_LOCATION": str(tmp / "logs"),
-        "METRICS_LOCATION": str(tmp / "logs"),
-    }
+    vmargs = k8s_config["vmargs"].replace("file:///etc/imgtocap/", f"file://{K8S}/")
+    assert vmargs != k8s_config["vmargs"], "the log config is no longer under /etc/imgtocap"
+    config = private_config(
+        tmp_path / "cluster.properties", store, source=K8S / "torchserve.properties", vmargs=vmargs
+    )
+    env = {"TMPDIR": tmp, "TEMP": tmp, "HOME": tmp, "LOG_LOCATION": tmp / "logs"}
+    env["METRICS_LOCATION"] = tmp / "logs"
     log = tmp_path / "server.log"
-    with log.open("wb") as out:  # a pipe would fill up and stall the server
-        server = subprocess.Popen(
-            [str(BIN / command[0]), *command[1:]],
-            cwd=cwd,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    describe = f"http://127.0.0.1:{ports['management']}/models/{MODEL}"
-    try:
-        deadline = time.monotonic() + 90
-        while (probe := _probe(describe)).returncode != 0:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, _report(probe)
-            time.sleep(0.5)
+    server = TorchServe(config, cwd=cwd, env={k: str(v) for k, v in env.items()}, console=log)
+    assert not server.token_auth
+    describe = f"{server.management}/models/{MODEL}"
+
+    # The image's own command. TS_CONFIG_FILE (the Deployment sets it; so does TorchServe here,
+    # to the same file) overrides its --ts-config.
+    command = dockerfile.cmd
+    with server.start(command=[str(BIN / command[0]), *command[1:]]):  # until a worker is READY
+        probe = _probe(describe)
+        assert probe.returncode == 0, _report(probe)
 
         # No token: the public LoadBalancer's plain `curl -T` must work.
         request = urllib.request.Request(
-            f"http://127.0.0.1:{ports['inference']}/predictions/{MODEL}",
+            f"{server.inference}/predictions/{MODEL}",
             data=b"not really an image",
             method="PUT",
             headers={"Content-Type": "application/octet-stream"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.load(response) == {"caption": "a red circle"}
-        register = urllib.request.Request(f"{describe.rsplit('/', 1)[0]}?url=x.mar", method="POST")
+        register = urllib.request.Request(f"{server.management}/models?url=x.mar", method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(register, timeout=10)
         assert refused.value.code == 405, "the model registration API must stay off"
@@ -631,11 +535,11 @@ def test_cluster_config_serves_and_the_probe_tracks_the_worker(tmp_path, dockerf
         urllib.request.urlopen(scale, timeout=60).close()
         probe = _probe(describe)
         assert probe.returncode == 1 and "no READY worker" in probe.stdout, _report(probe)
-    finally:
-        _stop_group(server)
 
-    # The pod's working directory is read-only: everything went to the TMPDIR/TEMP volume.
+        # The pod's working directory is read-only: everything goes to the TMPDIR/TEMP volume.
+        assert list(cwd.iterdir()) == [], list(cwd.iterdir())
+        assert (tmp / ".model_server.pid").exists() and (tmp / "models").is_dir()
+
     assert list(cwd.iterdir()) == [], list(cwd.iterdir())
-    assert (tmp / ".model_server.pid").exists() and (tmp / "models").is_dir()
     assert not (tmp / "logs").exists() or not any((tmp / "logs").iterdir()), "logs go to stdout"
     assert f"PUT /predictions/{MODEL}" in log.read_text(), "k8s/log4j2.xml lost the access log"

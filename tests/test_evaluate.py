@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_model import caption_tokens
+from fixtures_model import caption_tokens, fit
 from PIL import Image, ImageColor
 
 from model import (
@@ -63,14 +63,7 @@ def mlflow_store(mp: pytest.MonkeyPatch, uri: str):
 def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenizer) -> None:
     """Overfit the model towards grid[i] -> captions[i] (not to perfection: a few seconds)."""
     tokens = caption_tokens(tokenizer, captions, max_tokens=PARAMS["max_length"] + 1)  # (B, T)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(120):
-        _, loss = model(grid, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, grid, tokens, lr=1e-2, steps=120)
 
 
 def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path | None = None):

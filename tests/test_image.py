@@ -1,11 +1,10 @@
 """Image decoding shared by training and serving: every common mode, and refusals with reasons."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from fixtures_model import png_claiming
 from PIL import Image
 
 from model import ImageError, open_image, preprocess
@@ -81,16 +80,6 @@ def test_exif_orientation_is_applied():
     image = open_image(data)
     assert image.size == (30, 40)
     assert image.getpixel((15, 5))[0] > 150  # red half is now on top
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (the pixel data is not there)."""
-    data = encode(Image.new("RGB", (1, 1)), "PNG")
-    ihdr = struct.pack(">II", width, height) + data[24:29]
-    chunk = b"IHDR" + ihdr
-    return (
-        data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
-    )
 
 
 def test_pixel_count_is_checked_from_the_header_before_decoding():

@@ -1,9 +1,9 @@
 """A tiny model must learn a tiny dataset: the whole train -> decode path works end to end."""
 
 import torch
-from fixtures_model import caption_tokens, picture
+from fixtures_model import caption_tokens, fit, picture, tiny
 
-from model import Captioner, decode_caption, preset
+from model import decode_caption
 
 CAPTIONS = [
     "a red circle on the left",
@@ -19,21 +19,13 @@ CAPTIONS = [
 
 def test_tiny_model_memorises_eight_captions(tokenizer):
     torch.manual_seed(0)
-    model = Captioner(preset("tiny"))
+    model = tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)  # frozen: computed once, like the transform stage
     tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=16)  # (8, T)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for _ in range(200):
-        _, loss = model(grid, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-    assert loss.item() < 0.05
+    loss = fit(model, grid, tokens, lr=5e-3, steps=200)
+    assert loss < 0.05
     for num_beams in (1, 3):  # beam search must not stop at an early, truncated hypothesis
         out = model.generate(pixels, num_beams=num_beams, max_length=16)
         assert [decode_caption(tokenizer, t) for t in out.tokens] == CAPTIONS, num_beams

@@ -2,15 +2,12 @@
 
 import pytest
 import torch
+from fixtures_model import tiny
 from hf_bert import to_hf_bert, to_hf_bert_lm
 
 from model import PRESETS, Captioner, CaptionerConfig, preset, pretrained
 from model.decoder import from_hf_bert
 from model.pretrained import decoder_state, encoder_state
-
-
-def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
-    return Captioner(preset("tiny", fusion=fusion, **overrides)).eval()
 
 
 def random_batch(model: Captioner, batch: int = 3, length: int = 10):

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
 import threading
-import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,19 +23,12 @@ import fixtures_model
 import pytest
 import requests
 import torch
-from fixtures_model import caption_tokens
+from fixtures_model import caption_tokens, fit, png_claiming
 from PIL import Image
 
-from model import (
-    Captioner,
-    decode_caption,
-    load_checkpoint,
-    open_image,
-    preset,
-    save_checkpoint,
-)
+from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
+from serve.runner import TorchServe
 from training.package import build_archive
-from training.torchserve import private_env, stop_server, write_private_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -81,15 +70,6 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
-    data = encoded(Image.new("RGB", (1, 1)), "PNG")
-    chunk = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
-    return (
-        data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
-    )
-
-
 def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
     """Whether greedy decoding gives every picture its own caption."""
     model.eval()
@@ -101,27 +81,15 @@ def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
 def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
     """A tiny captioner that memorised CAPTIONS for the eight pictures, and its checkpoint."""
     torch.manual_seed(0)
-    model = Captioner(preset("tiny"))
+    model = fixtures_model.tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)
     tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=8)  # (8, T)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only makes threads contend (seconds vs minutes)
-    try:
-        for step in range(1, 801):  # ~100 steps usually; the bound only stops a runaway
-            model.train()
-            _, loss = model(grid, tokens)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % 25 == 0 and memorised(model, pixels, tokenizer):
-                break
-        # CPUs round differently (CI's once needed more than 100 steps): the tests rely on
-        # the memorisation, so it is checked, not assumed from a step count
-        assert memorised(model, pixels, tokenizer), f"not memorised after {step} steps"
-    finally:
-        torch.set_num_threads(threads)
+    # ~100 steps usually; the bound only stops a runaway. CPUs round differently (CI's once
+    # needed more than 100 steps): the tests rely on the memorisation, so it is checked, not
+    # assumed from a step count
+    fit(model, grid, tokens, lr=1e-2, steps=800, until=lambda m: memorised(m, pixels, tokenizer))
+    assert memorised(model, pixels, tokenizer), "not memorised after 800 steps"
     path = tmp_path_factory.mktemp("tiny") / "model.pth"
     save_checkpoint(model, path)
     return load_checkpoint(path), path
@@ -150,70 +118,12 @@ def model_store(tiny, tmp_path_factory) -> Path:
 # --- TorchServe on free ports -----------------------------------------------------------------
 
 
-class TorchServe:
-    """serve/config.properties on free loopback ports, in its own working dir, TMPDIR and TEMP."""
-
-    def __init__(self, workdir: Path, model_store: Path, python: str = sys.executable):
-        self.workdir, self.python = workdir, python
-        urls = write_private_config(workdir, model_store, max_request_size=MAX_REQUEST_SIZE)
-        self.inference, self.management, self.metrics = (
-            urls["inference"],
-            urls["management"],
-            urls["metrics"],
-        )
-        self.env = private_env(workdir)
-        self.console = open(workdir / "console.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [python, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
-            + ["--ts-config", "config.properties"],
-            cwd=workdir,
-            env=self.env,
-            stdout=self.console,
-            stderr=subprocess.STDOUT,
-            # no session of its own: whatever stops this test run (Ctrl-C, a runner killing
-            # its process group) stops the server too, even when no teardown runs
-        )
-        try:
-            self.keys = self._wait_ready()
-        except BaseException:  # pytest.fail, Ctrl-C: no fixture teardown will run for us
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float = 180) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:  # the key file appears first (maybe half written), then the worker
-                key_file = json.loads((self.workdir / "key_file.json").read_text())
-                keys = {name: entry["key"] for name, entry in key_file.items()}
-                if any(w["status"] == "READY" for w in self.describe(keys)["workers"]):
-                    return keys
-            except (OSError, ValueError, KeyError, IndexError, requests.RequestException):
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"no READY worker after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        logs = [self.workdir / "console.log", self.workdir / "logs" / "model_log.log"]
-        return "\n".join(
-            "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
-            for p in logs
-            if p.is_file()
-        )
-
-    def describe(self, keys: dict[str, str] | None = None) -> dict:
-        keys = keys or self.keys
-        response = requests.get(
-            f"{self.management}/models/imgtocap",
-            headers={"Authorization": f"Bearer {keys['management']}"},
-            timeout=10,
-        )
-        response.raise_for_status()
-        return response.json()[0]
+class Server(TorchServe):
+    """A private TorchServe (serve/config.properties on free loopback ports, token auth on)
+    with the requests these tests send."""
 
     def predict(self, path: str = "/predictions/imgtocap", **kwargs) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.keys['inference']}", **kwargs.pop("headers", {})}
+        headers = {**self.headers("inference"), **kwargs.pop("headers", {})}
         return requests.post(self.inference + path, headers=headers, timeout=60, **kwargs)
 
     def caption(self, data: bytes) -> requests.Response:
@@ -221,24 +131,19 @@ class TorchServe:
         return requests.put(
             f"{self.inference}/predictions/imgtocap",
             data=data,
-            headers={"Authorization": f"Bearer {self.keys['inference']}"},
+            headers=self.headers("inference"),
             timeout=60,
         )
-
-    def stop(self) -> None:
-        """`torchserve --stop` as a user would; then make sure nothing it started is left."""
-        stop_server(self.process, self.workdir, self.env, self.python)
-        self.console.close()
 
 
 @pytest.fixture(scope="module")
 def server(model_store, tmp_path_factory):
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store)
-    yield ts
-    ts.stop()
+    workdir = tmp_path_factory.mktemp("torchserve")
+    with Server.private(workdir, model_store, max_request_size=MAX_REQUEST_SIZE) as ts:
+        yield ts
 
 
-def send_together(server: TorchServe, bodies: list[bytes]) -> list[requests.Response]:
+def send_together(server: Server, bodies: list[bytes]) -> list[requests.Response]:
     """One thread per body, released at once so that TorchServe can batch them."""
     barrier = threading.Barrier(len(bodies))
 
@@ -352,7 +257,7 @@ def test_metrics_count_the_models_requests(server):
 def test_scaling_to_two_workers(server, caption_of):
     response = requests.put(
         f"{server.management}/models/imgtocap?min_worker=2&synchronous=true",
-        headers={"Authorization": f"Bearer {server.keys['management']}"},
+        headers=server.headers("management"),
         timeout=120,
     )
     assert response.status_code == 200, response.text
@@ -384,9 +289,10 @@ def test_the_archive_serves_from_a_python_without_imgtocap(model_store, tmp_path
     )
     assert "No module named 'model'" in check.stderr, check.stderr
 
-    (tmp_path / "server").mkdir()
-    server = TorchServe(tmp_path / "server", model_store, python=python)
-    try:
+    workdir = tmp_path / "server"
+    with Server.private(
+        workdir, model_store, python=python, max_request_size=MAX_REQUEST_SIZE
+    ) as server:
         data = encoded(picture(5), "JPEG")
         response = server.caption(data)
         assert response.status_code == 200, response.text
@@ -394,5 +300,3 @@ def test_the_archive_serves_from_a_python_without_imgtocap(model_store, tmp_path
         pid = server.describe()["workers"][0]["pid"]
         worker_python = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         assert worker_python == python
-    finally:
-        server.stop()

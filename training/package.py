@@ -113,7 +113,7 @@ def _check(name: str, value: Any, minimum: int, maximum: int | None = None) -> N
 def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping[str, Any]) -> Path:
     """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar.
 
-    `params` may also be a `serve:` mapping (the tests' and bench/serve.py's), parsed as
+    `params` may also be a `serve:` mapping (the tests' and bench/serving.py's), parsed as
     params.yaml's is.
     """
     if not isinstance(params, ServeParams):

@@ -1,6 +1,6 @@
 """Benchmark TorchServe serving the offline-preset archive: batching off vs on, side by side.
 
-    .venv/bin/python bench/serve.py [--batch-size 8] [--delay-ms 50] [--max-length 16]
+    .venv/bin/python bench/serving.py [--batch-size 8] [--delay-ms 50] [--max-length 16]
 
 For each mode a private TorchServe (serve/config.properties on free loopback ports, token auth
 off) serves an archive packaged from the same checkpoint; the same JPEG photos (scikit-image's
@@ -18,8 +18,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,8 +29,8 @@ import torch
 from PIL import Image
 
 from model import build_captioner, preset, save_checkpoint
+from serve.runner import TorchServe
 from training.package import ServeParams, build_archive
-from training.torchserve import private_env, stop_server, write_private_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
@@ -77,10 +75,12 @@ def main() -> None:
             }
             store = Path(tmp) / f"store-{mode}"
             build_archive(checkpoint, store, params)
-            with Server(Path(tmp) / f"server-{mode}", store) as server:
+            workdir = Path(tmp) / f"server-{mode}"
+            with TorchServe.private(workdir, store, disable_token_authorization="true") as server:
+                url = f"{server.inference}/predictions/imgtocap"
                 results[mode] = {}
                 for clients in args.concurrency:
-                    results[mode][clients] = load(server.url, photos, clients, args.requests)
+                    results[mode][clients] = load(url, photos, clients, args.requests)
                     print(f"batching {mode}, concurrency {clients}: {results[mode][clients]}")
         print(
             f"\n{source}; {args.num_beams} beam(s), max_length {args.max_length}; one worker, "
@@ -167,45 +167,6 @@ def table(results: dict[str, dict[int, dict[str, float]]], levels: list[int]) ->
                 f"| {r['batch']:.1f} |"
             )
     return "\n".join(rows)
-
-
-class Server:
-    """A private TorchServe (own ports, working dir, TMPDIR, TEMP) with token auth off."""
-
-    def __init__(self, workdir: Path, model_store: Path):
-        workdir.mkdir()
-        self.workdir = workdir
-        urls = write_private_config(workdir, model_store)
-        self.url = f"{urls['inference']}/predictions/imgtocap"
-        self.describe = f"{urls['management']}/models/imgtocap"
-        self.env = private_env(workdir)
-
-    def __enter__(self) -> Server:
-        self.console = open(self.workdir / "console.log", "wb")  # noqa: SIM115 - closed in __exit__
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
-            + ["--disable-token-auth", "--ts-config", "config.properties"],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=self.console,
-            stderr=subprocess.STDOUT,
-            # in this process group: Ctrl-C on the benchmark stops the servers too
-        )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(self.describe, timeout=5) as response:
-                    if any(w["status"] == "READY" for w in json.load(response)[0]["workers"]):
-                        return self
-            except (OSError, ValueError, KeyError, IndexError):
-                pass
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(f"TorchServe never got a READY worker: see {self.workdir}/logs")
-
-    def __exit__(self, *exc: object) -> None:
-        stop_server(self.process, self.workdir, self.env)
-        self.console.close()
 
 
 if __name__ == "__main__":
