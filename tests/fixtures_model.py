@@ -1,5 +1,5 @@
 """Test helpers for the model: a tiny captioner, a training loop, distinct little pictures,
-padded caption batches and a PNG that lies about its size."""
+padded caption batches, a PNG that lies about its size, and a model store to serve."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import Captioner, encode_caption, preset
+from model import Captioner, encode_caption, preset, save_checkpoint
+from training.package import build_archive
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
@@ -79,3 +81,14 @@ def png_claiming(width: int, height: int) -> bytes:
     return (
         data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
     )
+
+
+def model_store(directory: Path, **serve) -> Path:
+    """`directory` as a model store holding imgtocap.mar: a random tiny captioner behind the real
+    handler (its captions are nonsense, but real), `serve` overriding the serve: defaults."""
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = directory / "model.pth"
+    save_checkpoint(tiny(), checkpoint)
+    build_archive(checkpoint, directory, serve)
+    checkpoint.unlink()
+    return directory
