@@ -161,10 +161,11 @@ function show(answer, elapsed) {
     return element;
   });
   ui.caption.replaceChildren(...spans.flatMap((span, i) => (i ? [" ", span] : [span])));
-  ui.wordHint.hidden = !tokens;
-  ui.status.textContent = tokens
-    ? ""
+  ui.status.textContent = "";
+  ui.wordHint.textContent = tokens
+    ? "Point at or tap a word to see where the model looked while writing it; tap again to let go."
     : "This server sends no attention maps (its handler predates them): the caption only.";
+  ui.wordHint.hidden = false;
 
   $("score").textContent = answer.score == null ? "–" : answer.score.toFixed(3).replace("-", "−");
   $("score").title = "mean log-probability per word piece: 0 is certain, lower is less sure";
