@@ -22,26 +22,23 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def main(url: str) -> int:
+    ping = urllib.parse.urlsplit(url).path.rstrip("/") == "/ping"
     try:
         with _OPENER.open(url, timeout=3) as response:
             answer = json.load(response)
-    except urllib.error.HTTPError as e:
-        print(f"not {'alive' if _is_ping(url) else 'ready'}: {url}: HTTP {e.code} {e.read()[:200]!r}")
+    except urllib.error.HTTPError as e:  # /ping: 500 once a worker could not be brought back
+        print(f"not {'alive' if ping else 'ready'}: {url}: HTTP {e.code} {e.read()[:200]!r}")
         return 1
     except (OSError, ValueError) as e:
-        print(f"not {'alive' if _is_ping(url) else 'ready'}: {url}: {e}")
+        print(f"not {'alive' if ping else 'ready'}: {url}: {e}")
         return 1
-    if _is_ping(url):
+    if ping:
         return 0  # 200: the frontend answers, Healthy or Partial Healthy
     statuses = [w.get("status") for v in answer for w in v.get("workers", [])]
     if "READY" in statuses:
         return 0
     print(f"not ready: no READY worker for {url} (workers: {statuses})")
     return 1
-
-
-def _is_ping(url: str) -> bool:
-    return urllib.parse.urlsplit(url).path.rstrip("/") == "/ping"
 
 
 if __name__ == "__main__":
