@@ -153,7 +153,7 @@ def test_only_metrics_listen_beyond_the_pods_loopback(pod):
         if c.status == psutil.CONN_LISTEN:
             listening.setdefault(c.laddr.port, set()).add(c.laddr.ip)
     port = {api: urlsplit(pod.torchserve.urls[api]).port for api in APIS}
-    for api in ("inference", "management"):
+    for api in ("management", "inference"):
         assert listening[port[api]] <= {"127.0.0.1", "::ffff:127.0.0.1"}, (api, listening)
     assert listening[port["metrics"]] & {"0.0.0.0", "::"}, listening
     assert all(
@@ -165,7 +165,7 @@ def test_only_metrics_listen_beyond_the_pods_loopback(pod):
     # From another host or pod: management refuses the connection; metrics answer.
     address = _other_address()
     if address is not None:
-        for api in ("inference", "management"):
+        for api in ("management", "inference"):
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection((address, port[api]), timeout=5).close()
         metrics = requests.get(f"http://{address}:{port['metrics']}/metrics", timeout=10)
