@@ -210,7 +210,7 @@ def test_a_killed_worker_is_ready_again_in_seconds_under_load(pod, record_proper
     # row: the worker must be back within that, so that queued requests are answered there.
     readiness = _torchserve_container()["readinessProbe"]
     patience = readiness["periodSeconds"] * readiness["failureThreshold"]
-    results: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    results: list[tuple[float, int, str]] = []  # (sent, status, body)
     stop = threading.Event()
     image = _image()
 
@@ -218,10 +218,10 @@ def test_a_killed_worker_is_ready_again_in_seconds_under_load(pod, record_proper
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                status = pod.caption(image).status_code
-            except requests.RequestException:
-                status = 0
-            results.append((sent, time.monotonic(), status))
+                response = pod.caption(image)
+                results.append((sent, response.status_code, response.text))
+            except requests.RequestException as e:
+                results.append((sent, 0, str(e)))
 
     clients = [threading.Thread(target=client) for _ in range(16)]
     for thread in clients:
@@ -244,17 +244,19 @@ def test_a_killed_worker_is_ready_again_in_seconds_under_load(pod, record_proper
             thread.join(timeout=150)
 
     seconds = [round(ready - killed, 1) for killed, ready in recoveries]
-    failed = [(sent, status) for sent, _, status in results if status != 200]
+    failed = [(sent, status, body) for sent, status, body in results if status != 200]
     print(f"\nworker killed twice under 16 clients: READY again after {seconds} s; "
-          f"{len(results)} requests, {len(failed)} failed: {sorted({s for _, s in failed})}")  # fmt: skip
+          f"{len(results)} requests, {len(failed)} failed: {sorted({s for _, s, _ in failed})}")  # fmt: skip
     record_property("seconds_to_ready", seconds)
     record_property("failed_requests", len(failed))
-    # Only the batch each dead worker held fails, with TorchServe's 507; requests queued while
-    # the worker restarted, and everything after, are answered.
-    assert {status for _, status in failed} <= {507}, failed
+    # Only the batch each dead worker held fails: "Worker died.", with 507, or 500 when TorchServe
+    # has not yet seen the process's exit status. Requests queued while the worker restarted,
+    # and everything after, are answered.
+    for _, status, body in failed:
+        assert status in (500, 507) and "Worker died" in body, (status, body)
     assert len(failed) <= 2 * BATCH, failed
-    assert all(sent < recoveries[-1][0] for sent, _ in failed), "a request after the restart failed"
-    assert sum(1 for sent, _, status in results if sent > recoveries[-1][1] and status == 200)
+    assert all(sent < recoveries[-1][0] for sent, _, _ in failed), "a later request failed"
+    assert any(sent > recoveries[-1][1] and status == 200 for sent, status, _ in results)
 
 
 def test_the_readiness_probe_tracks_the_worker(pod):
