@@ -70,7 +70,8 @@ TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs
   describe:  curl {management}/models/imgtocap
   scale:     curl -X PUT "{management}/models/imgtocap?min_worker=2&synchronous=true"
   metrics:   curl {metrics}/metrics
-`make stop` stops it. `make serve` runs the secure configuration (token auth on): README.md (Serving)
+`make stop` stops it and the page. `make serve` runs the secure configuration (token auth on):
+README.md (Serving)
 """)
     return 0
 
