@@ -232,7 +232,7 @@ def stop(run_dir: Path) -> bool:
 
 
 def host_port(address: str) -> str:
-    """ "http://127.0.0.1:8080" -> "127.0.0.1:8080": what nginx's `server` takes."""
+    """An address's host:port, as nginx's `server` takes it: http://127.0.0.1:8080 -> 127.0.0.1:8080."""
     url = urllib.parse.urlsplit(address)
     return f"{url.hostname}:{url.port}"
 
