@@ -34,6 +34,7 @@ from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.pretrained import load_pretrained
 from training import tracking
 from training.checksums import hash_file
+from training.datachecks import check_learnable
 from training.params import from_section, load_params, pick_device
 from training.paths import (
     CHECKPOINT_DIR,
@@ -226,8 +227,8 @@ def train(
     processed = json.loads(processed_path.read_text())
     train_data = CaptionData(processed, features_dir, "train", config.pad_id)
     val_data = CaptionData(processed, features_dir, "val", config.pad_id)
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise ValueError("train and val splits must both hold captions: check preprocess fractions")
+    for split, data in (("train", train_data), ("val", val_data)):
+        check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
