@@ -6,7 +6,7 @@ stage imports another:
 
 | section | dataclass | read by |
 |---|---|---|
-| `data` | `DataConfig` (here) | ingest, validate (`on_invalid`) |
+| `data` | `DataConfig` (here) | source, ingest, validate (`on_invalid`) |
 | `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
 | `transform` | `training.transform.TransformConfig` | transform |
 | `model` | `ModelParams` (here) | preprocess (tokenizer), transform (encoder), define |
@@ -160,18 +160,31 @@ class FolderConfig:
 
 
 @dataclass(frozen=True)
+class KarpathyConfig:
+    """`data.karpathy`: a Karpathy-split caption file (dataset_flickr8k.json,
+    dataset_flickr30k.json, dataset_coco.json) and the folder (or zip) of the images it names."""
+
+    json: str | None = None
+    images: str | None = None
+
+
+SOURCES = ("synthetic", "flickr8k", "folder", "karpathy")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The `data` section of params.yaml."""
 
-    source: str = "synthetic"  # synthetic | flickr8k | folder
+    source: str = "synthetic"  # synthetic | flickr8k | folder | karpathy
     on_invalid: str = "drop"  # drop: train on the rest | fail: stop on any problem
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     flickr8k: Flickr8kConfig = field(default_factory=Flickr8kConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    karpathy: KarpathyConfig = field(default_factory=KarpathyConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "flickr8k", "folder"):
-            raise ValueError(f"data.source is {self.source!r}; use synthetic, flickr8k or folder")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source is {self.source!r}; use {', '.join(SOURCES)}")
         if self.on_invalid not in ("drop", "fail"):
             raise ValueError(f"data.on_invalid is {self.on_invalid!r}; use drop or fail")
 
