@@ -9,7 +9,7 @@ stage imports another:
 | `data` | `DataConfig` (here) | source, ingest, validate (`on_invalid`) |
 | `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
 | `transform` | `training.transform.TransformConfig` | transform |
-| `model` | `ModelParams` (here) | preprocess (tokenizer), transform (encoder), define |
+| `model` | `ModelParams` (here), `model.weights`: `training.weights.WeightsConfig` | preprocess (tokenizer), transform (encoder, weights), define, train (weights) |
 | `train` | `training.train.TrainConfig` | train |
 | `evaluate` | `training.evaluate.EvalParams` | evaluate |
 | `serve` | `training.package.ServeParams` | package |
@@ -31,6 +31,7 @@ import yaml
 
 from model.config import CaptionerConfig, preset
 from training.synthetic import SyntheticConfig
+from training.weights import WeightsConfig
 
 if TYPE_CHECKING:
     import torch
@@ -210,6 +211,9 @@ class ModelParams:
     overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
     # dataset: the model emits only WordPieces of the train/val captions (define fills them)
     output_vocab: str = "dataset"  # dataset | full
+    # false: encoder and decoder start from random weights, a deliberate choice (tests, speed)
+    pretrained: bool = True
+    weights: WeightsConfig = field(default_factory=WeightsConfig)  # ResNet-50, bert-base-uncased
 
     def __post_init__(self) -> None:
         if self.output_vocab not in ("dataset", "full"):
@@ -227,11 +231,14 @@ class ModelParams:
         return from_section(cls, values, "model")
 
     def captioner_config(self) -> CaptionerConfig:
-        """The preset with encoder, fusion and overrides applied (output_vocab: all ids)."""
+        """The preset with encoder, fusion and overrides applied (output_vocab: all ids);
+        `pretrained: false` makes the decoder's weights "random" (the encoder's: transform)."""
         overrides = dict(self.overrides or {})
         for key in ("encoder", "fusion"):
             if getattr(self, key) is not None:
                 overrides[key] = getattr(self, key)
+        if not self.pretrained:
+            overrides["decoder_weights"] = "random"
         try:
             return preset(self.preset, **overrides)
         except ValueError as exc:  # name the section: the message alone names a dataclass

@@ -35,7 +35,7 @@ from model.pretrained import load_pretrained
 from training import tracking
 from training.checksums import hash_file
 from training.datachecks import check_learnable
-from training.params import from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device
 from training.paths import (
     CHECKPOINT_DIR,
     CONFIG_PATH,
@@ -47,6 +47,7 @@ from training.paths import (
     PROCESSED_PATH,
     TRAIN_METRICS_PATH,
 )
+from training.weights import WeightsConfig, needed, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +210,12 @@ def train(
     metrics_path: Path = TRAIN_METRICS_PATH,
     history_path: Path = HISTORY_PATH,
     params: dict[str, Any] | None = None,
+    weights: WeightsConfig | None = None,
 ) -> dict[str, Any]:
     """Train (or resume), write the best model, metrics and history; returns the metrics.
 
     `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
+    `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -233,7 +236,8 @@ def train(
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
     encoder_weights = torch.load(features_dir / ENCODER_WEIGHTS, weights_only=True)
-    new = set(load_pretrained(model, encoder_weights=encoder_weights))
+    files = weight_files(needed(config, encoder=False), weights or WeightsConfig(), "the decoder")
+    new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
     steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
@@ -391,7 +395,8 @@ def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    train(TrainConfig.from_dict(params.get("train")), params=params)
+    weights = ModelParams.from_dict(params.get("model")).weights
+    train(TrainConfig.from_dict(params.get("train")), params=params, weights=weights)
 
 
 if __name__ == "__main__":
