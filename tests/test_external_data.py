@@ -30,10 +30,8 @@ def test_editing_the_external_dataset_re_ingests_and_only_then(tmp_path):
     again = validated()
     assert not again["ingested"]  # nothing changed: ingest and validate skipped
     # DVC cannot see outside the repository without looking: it says so, no more
-    assert (
-        dvc(repo, "status", "--with-deps", "validate", "--json").strip()
-        == '{"source": ["always changed"]}'
-    )
+    status = json.loads(dvc(repo, "status", "--with-deps", "validate", "--json"))
+    assert status == {"source": ["always changed"]}
 
     with (data / "captions.txt").open("a", encoding="utf-8") as f:
         f.write("4000_ddd.jpg,a cat sleeps on a red sofa\n")
