@@ -100,6 +100,7 @@ def test_offline_the_error_is_one_paragraph_naming_files_places_and_params(tmp_p
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow  # writes and loads 225 MB
 def test_placed_copies_in_the_real_formats_are_used_with_no_network(tmp_path, no_network):
     folder = tmp_path / "my-weights"
     resnet_sha = write_resnet50(folder / "resnet50-0676ba61.pth")  # a folder holding the file

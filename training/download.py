@@ -135,7 +135,9 @@ def verify(path: Path, url: str, sha256: str | None, md5: str | None, key: str) 
     """Check `path` against the expected (or recorded) hashes; returns its sha256.
 
     `key` names the params: a mismatch points at `<key>_sha256` (or `_md5`) in params.yaml."""
-    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
+    hashes = {"sha256": hashlib.sha256()}
+    if md5:
+        hashes["md5"] = hashlib.md5(usedforsecurity=False)
     hash_file(path, *hashes.values())  # one read of a ~1 GB archive for both
     actual = {name: h.hexdigest() for name, h in hashes.items()}
     recorded = path.with_name(path.name.removesuffix(".part") + ".sha256")

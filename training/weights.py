@@ -205,7 +205,7 @@ def _paragraph(missing: Mapping[str, str], cfg: WeightsConfig, who: str) -> str:
         )
     return (
         f"{who} starts from pretrained weights that are not on this machine and could not be "
-        f"downloaded ({reasons}). Download each file once, on a machine with network access, "
+        f"downloaded: {reasons}. Download each file once, on a machine with network access, "
         f"and put it where it is looked for, or point params.yaml at it: {'; '.join(files)}. "
         "Every copy is checked against its sha256. Or go without them, deliberately: "
         "model.pretrained: false trains from random weights; model.preset: offline uses "
