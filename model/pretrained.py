@@ -23,9 +23,6 @@ from .tokenizer import packaged_vocab_dir
 
 log = logging.getLogger(__name__)
 
-# the files that must be passed in: torchvision's resnet50-0676ba61.pth, the hub's model.safetensors
-DOWNLOADED = ("resnet50", "bert-base-uncased")
-
 
 def encoder_state(name: str, file: str | Path | None = None) -> dict[str, torch.Tensor] | None:
     """ImageNet weights for an encoder backbone: resnet50's from `file` (torchvision's state
@@ -77,8 +74,8 @@ def load_pretrained(
     """Load the encoder's and decoder's pretrained weights into `model`.
 
     `encoder_weights` overrides the encoder's source (training reuses exactly the weights the
-    features were computed with); `files` holds the downloaded ones (DOWNLOADED). Returns the
-    names of the parameters that start random.
+    features were computed with); `files` holds the downloaded ones by name ("resnet50",
+    "bert-base-uncased"). Returns the names of the parameters that start random.
     """
     config, files = model.config, files or {}
     backbone = encoder_weights

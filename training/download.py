@@ -124,10 +124,8 @@ def _unreachable(exc: BaseException) -> str | None:
             return "the name does not resolve: no network?"
         if isinstance(exc, ConnectionRefusedError):
             return "connection refused"
-        inner = [a for a in getattr(exc, "args", ()) if isinstance(a, BaseException)]
-        exc = (
-            getattr(exc, "reason", None) or exc.__cause__ or exc.__context__ or (inner or [None])[0]
-        )
+        causes = [getattr(exc, "reason", None), exc.__cause__, exc.__context__, *exc.args]
+        exc = next((c for c in causes if isinstance(c, BaseException)), None)
     return None
 
 

@@ -58,8 +58,9 @@ def build_encoder(
 ) -> ImageEncoder:
     """The frozen encoder with its pretrained weights (`file`: resnet50's), or seeded random
     ones when not `pretrained` (and always for `tiny`)."""
-    torch.manual_seed(0)  # a random encoder is the same one on every run
-    encoder = ImageEncoder(name)
+    with torch.random.fork_rng(devices=[]):  # a random encoder: the same one on every run
+        torch.manual_seed(0)
+        encoder = ImageEncoder(name)
     state = encoder_state(name, file) if pretrained else None
     if state is not None:
         encoder.backbone.load_state_dict(state)
