@@ -18,7 +18,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 # The pipeline's own files each stage reads and writes (its code deps aside).
 FILES = {
-    "ingest": (set(), {paths.RAW_DIR}),
+    "source": (set(), {paths.SOURCE_PATH}),
+    "ingest": ({paths.SOURCE_PATH}, {paths.RAW_DIR}),
     "validate": ({paths.RAW_DIR}, {paths.REPORT_PATH}),
     "preprocess": ({paths.RAW_DIR, paths.REPORT_PATH}, {paths.PROCESSED_DIR}),
     "transform": ({paths.RAW_DIR, paths.PROCESSED_DIR}, {paths.FEATURES_DIR}),
@@ -39,7 +40,7 @@ FILES = {
     ),
     "package": ({paths.MODEL_PATH}, {paths.ARCHIVE_PATH}),
 }
-TORCH_FREE = ("training.ingest", "training.validate")
+TORCH_FREE = ("training.source", "training.ingest", "training.validate")
 
 
 def declared(entries: list | None) -> set[Path]:

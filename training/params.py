@@ -6,10 +6,10 @@ stage imports another:
 
 | section | dataclass | read by |
 |---|---|---|
-| `data` | `DataConfig` (here) | ingest, validate (`on_invalid`) |
+| `data` | `DataConfig` (here) | source, ingest, validate (`on_invalid`) |
 | `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
 | `transform` | `training.transform.TransformConfig` | transform |
-| `model` | `ModelParams` (here) | preprocess (tokenizer), transform (encoder), define |
+| `model` | `ModelParams` (here), `model.weights`: `training.weights.WeightsConfig` | preprocess (tokenizer), transform (encoder, weights), define, train (weights) |
 | `train` | `training.train.TrainConfig` | train |
 | `evaluate` | `training.evaluate.EvalParams` | evaluate |
 | `serve` | `training.package.ServeParams` | package |
@@ -31,6 +31,7 @@ import yaml
 
 from model.config import CaptionerConfig, preset
 from training.synthetic import SyntheticConfig
+from training.weights import WeightsConfig
 
 if TYPE_CHECKING:
     import torch
@@ -160,18 +161,31 @@ class FolderConfig:
 
 
 @dataclass(frozen=True)
+class KarpathyConfig:
+    """`data.karpathy`: a Karpathy-split caption file (dataset_flickr8k.json,
+    dataset_flickr30k.json, dataset_coco.json) and the folder (or zip) of the images it names."""
+
+    json: str | None = None
+    images: str | None = None
+
+
+SOURCES = ("synthetic", "flickr8k", "folder", "karpathy")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The `data` section of params.yaml."""
 
-    source: str = "synthetic"  # synthetic | flickr8k | folder
+    source: str = "synthetic"  # synthetic | flickr8k | folder | karpathy
     on_invalid: str = "drop"  # drop: train on the rest | fail: stop on any problem
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     flickr8k: Flickr8kConfig = field(default_factory=Flickr8kConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    karpathy: KarpathyConfig = field(default_factory=KarpathyConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "flickr8k", "folder"):
-            raise ValueError(f"data.source is {self.source!r}; use synthetic, flickr8k or folder")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source is {self.source!r}; use {', '.join(SOURCES)}")
         if self.on_invalid not in ("drop", "fail"):
             raise ValueError(f"data.on_invalid is {self.on_invalid!r}; use drop or fail")
 
@@ -197,6 +211,9 @@ class ModelParams:
     overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
     # dataset: the model emits only WordPieces of the train/val captions (define fills them)
     output_vocab: str = "dataset"  # dataset | full
+    # false: encoder and decoder start from random weights, a deliberate choice (tests, speed)
+    pretrained: bool = True
+    weights: WeightsConfig = field(default_factory=WeightsConfig)  # ResNet-50, bert-base-uncased
 
     def __post_init__(self) -> None:
         if self.output_vocab not in ("dataset", "full"):
@@ -214,11 +231,14 @@ class ModelParams:
         return from_section(cls, values, "model")
 
     def captioner_config(self) -> CaptionerConfig:
-        """The preset with encoder, fusion and overrides applied (output_vocab: all ids)."""
+        """The preset with encoder, fusion and overrides applied (output_vocab: all ids);
+        `pretrained: false` makes the decoder's weights "random" (the encoder's: transform)."""
         overrides = dict(self.overrides or {})
         for key in ("encoder", "fusion"):
             if getattr(self, key) is not None:
                 overrides[key] = getattr(self, key)
+        if not self.pretrained:
+            overrides["decoder_weights"] = "random"
         try:
             return preset(self.preset, **overrides)
         except ValueError as exc:  # name the section: the message alone names a dataclass

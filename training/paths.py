@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# ingest -> validate -> preprocess
+# source -> ingest -> validate -> preprocess
+SOURCE_PATH = Path("data/source.json")  # fingerprint of the dataset outside the repository
 RAW_DIR = Path("data/raw")
 REPORT_PATH = Path("reports/validation.json")
 PROCESSED_DIR = Path("data/processed")

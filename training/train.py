@@ -34,7 +34,8 @@ from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.pretrained import load_pretrained
 from training import tracking
 from training.checksums import hash_file
-from training.params import from_section, load_params, pick_device
+from training.datachecks import check_learnable
+from training.params import ModelParams, from_section, load_params, pick_device
 from training.paths import (
     CHECKPOINT_DIR,
     CONFIG_PATH,
@@ -46,6 +47,7 @@ from training.paths import (
     PROCESSED_PATH,
     TRAIN_METRICS_PATH,
 )
+from training.weights import WeightsConfig, needed, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +210,12 @@ def train(
     metrics_path: Path = TRAIN_METRICS_PATH,
     history_path: Path = HISTORY_PATH,
     params: dict[str, Any] | None = None,
+    weights: WeightsConfig | None = None,
 ) -> dict[str, Any]:
     """Train (or resume), write the best model, metrics and history; returns the metrics.
 
     `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
+    `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -226,13 +230,14 @@ def train(
     processed = json.loads(processed_path.read_text())
     train_data = CaptionData(processed, features_dir, "train", config.pad_id)
     val_data = CaptionData(processed, features_dir, "val", config.pad_id)
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise ValueError("train and val splits must both hold captions: check preprocess fractions")
+    for split, data in (("train", train_data), ("val", val_data)):
+        check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
     encoder_weights = torch.load(features_dir / ENCODER_WEIGHTS, weights_only=True)
-    new = set(load_pretrained(model, encoder_weights=encoder_weights))
+    files = weight_files(needed(config, encoder=False), weights or WeightsConfig(), "the decoder")
+    new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
     steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
@@ -390,7 +395,8 @@ def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    train(TrainConfig.from_dict(params.get("train")), params=params)
+    weights = ModelParams.from_dict(params.get("model")).weights
+    train(TrainConfig.from_dict(params.get("train")), params=params, weights=weights)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ cheap. DVC re-runs this stage only when the images, the splits or the encoder ch
 Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["splits"][split][i],
 `data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
 the encoder weights used, which training starts from so the model matches its features.
-Which encoder: params.yaml `model:` (preset, encoder); how: `transform:` (device, batch size).
+Which encoder: params.yaml `model:` (preset, encoder, pretrained; ResNet-50's file from
+`model.weights`, training.weights); how: `transform:` (device, batch size).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from model.pretrained import encoder_state
 from training.captions import IMAGES_DIR
 from training.params import ModelParams, from_section, load_params, pick_device
 from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
+from training.weights import needed, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,15 @@ class TransformConfig:
         return from_section(cls, values, "transform")
 
 
-def build_encoder(name: str, device: torch.device) -> ImageEncoder:
-    """The frozen encoder with its pretrained weights (random for `tiny`)."""
-    encoder = ImageEncoder(name)
-    state = encoder_state(name)
+def build_encoder(
+    name: str, device: torch.device, pretrained: bool = True, file: Path | None = None
+) -> ImageEncoder:
+    """The frozen encoder with its pretrained weights (`file`: resnet50's), or seeded random
+    ones when not `pretrained` (and always for `tiny`)."""
+    with torch.random.fork_rng(devices=[]):  # a random encoder: the same one on every run
+        torch.manual_seed(0)
+        encoder = ImageEncoder(name)
+    state = encoder_state(name, file) if pretrained else None
     if state is not None:
         encoder.backbone.load_state_dict(state)
     return encoder.to(device)
@@ -62,15 +69,22 @@ def build_encoder(name: str, device: torch.device) -> ImageEncoder:
 
 @torch.inference_mode()
 def transform(
-    cfg: TransformConfig, encoder_name: str, raw_dir: Path, processed_path: Path, out_dir: Path
+    cfg: TransformConfig,
+    encoder_name: str,
+    raw_dir: Path,
+    processed_path: Path,
+    out_dir: Path,
+    pretrained: bool = True,
+    weights: Path | None = None,
 ) -> dict:
-    """Encode every image of every split with `encoder_name` into `out_dir`; returns the index."""
+    """Encode every image of every split with `encoder_name` (from `weights` for resnet50, at
+    random unless `pretrained`) into `out_dir`; returns the index."""
     device = pick_device(cfg.device)
     splits = {
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
     }
-    encoder = build_encoder(encoder_name, device)
+    encoder = build_encoder(encoder_name, device, pretrained, weights)
     spec = encoder.spec
     # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
     # features differ from eager ones by ~1e-5, far below their fp16 storage precision.
@@ -112,8 +126,22 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     cfg = TransformConfig.from_dict(params.get("transform"))
-    encoder = ModelParams.from_dict(params.get("model")).captioner_config().encoder
-    transform(cfg, encoder, RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
+    model = ModelParams.from_dict(params.get("model"))
+    config = model.captioner_config()
+    # every file the model starts from, the decoder's too: a run that could not train stops
+    # here, before encoding for minutes, with one message naming all of them
+    files = {}
+    if model.pretrained:
+        files = weight_files(needed(config), model.weights, f"model.preset {model.preset}")
+    transform(
+        cfg,
+        config.encoder,
+        RAW_DIR,
+        PROCESSED_PATH,
+        FEATURES_DIR,
+        model.pretrained,
+        files.get(config.encoder),
+    )
 
 
 if __name__ == "__main__":
