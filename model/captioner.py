@@ -146,12 +146,13 @@ class Captioner(nn.Module):
         """Teacher forcing's attention over the image: grid (B, N, C), tokens (B, T) = [CLS] ...
         -> (B, T-1, N), row t the attention of the step that predicts tokens[:, t+1] (as
         `generate(return_attention=True)` gives it for the tokens it chose)."""
-        self._require_attention()
+        self.require_attention()
         cross = self._cross_keys_values(self.image_context(grid))
         _, _, weights = self.decoder(tokens[:, :-1], cross=cross, need_weights=True)
         return attention_map(weights)
 
-    def _require_attention(self) -> None:
+    def require_attention(self) -> None:
+        """Raise ValueError, saying what to do, if this model has no attention over the grid."""
         if self.config.fusion != "cross_attention":
             raise ValueError(
                 f"this model's fusion is {self.config.fusion!r}: it reads one pooled image "
@@ -192,7 +193,7 @@ class Captioner(nn.Module):
                 f"max_length must be in [1, {self.config.max_position - 1}], got {max_length}"
             )
         if return_attention:
-            self._require_attention()
+            self.require_attention()
         if grid is None:
             grid = self.encode_image(pixels)
         state = CaptionerState(self, self.image_context(grid), use_cache, return_attention)
