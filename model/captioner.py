@@ -265,11 +265,15 @@ class CaptionerState:
 
 def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
     """Every layer's cross-attention (B, nh, T, N) -> the map shown per word (B, T, N): the
-    LAST layer's weights averaged over its heads. A distribution over the N grid cells.
+    mean over all layers and all their heads. A distribution over the N grid cells.
 
-    Why the last layer: PLACEHOLDER.
+    Every layer reads the image, so what a word drew on is spread over all of them; the mean
+    needs no choice of layer or head that would fit one trained model and not the next.
+    Measured on the default trained model (bench/attention.py, README "Attention"): the
+    mean puts a colour or shape word's highest cell on its own object 37% of the time (on the
+    other object 11%), the last layer alone only 26%.
     """
-    return weights[-1].mean(dim=1)  # (B, T, N)
+    return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
 
 
 def _sincos_2d(grid: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from model import Captioner, decode_caption, open_image  # noqa: E402
 from training.captions import IMAGES_DIR, SCENES_FILE  # noqa: E402
+from training.samples import save_png  # noqa: E402
 from training.synthetic import load_scenes  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,11 @@ PANEL = 1.25  # inches per panel (square)
 LINE = PANEL + 0.18  # a line of panels with their titles
 COLUMNS = 8  # panels per line: the image, then its words
 HEADER = 0.4  # inches: the file name and caption above each image's panels
-TITLE_H = 0.5
+TITLE_H = 0.7
+MARGIN = 0.1  # inches left of the panels
 THUMB = 224  # px: panels are shown at ~120 px
 CMAP = "jet"
-ALPHA = 0.5
+ALPHA = 0.75  # opacity of the heat-map where the weight is highest
 EVAL_IMAGES = 4  # test images in reports/attention.png
 
 
@@ -59,7 +61,7 @@ def figure_size(token_counts: Sequence[int]) -> tuple[int, int]:
     """Pixel (width, height) of the figure for images captioned with these many tokens."""
     columns, lines = _layout(token_counts)
     height = TITLE_H + sum(HEADER + n * LINE for n in lines)
-    return round(max(columns * PANEL, 4.0) * DPI), round(height * DPI)
+    return round((2 * MARGIN + max(columns * PANEL, 4.0)) * DPI), round(height * DPI)
 
 
 def render_attention(examples: Sequence[Attended], out: Path, title: str) -> Path:
@@ -69,11 +71,12 @@ def render_attention(examples: Sequence[Attended], out: Path, title: str) -> Pat
     columns, lines = _layout([len(e.tokens) for e in examples])
     width, height = (px / DPI for px in figure_size([len(e.tokens) for e in examples]))
     fig = plt.figure(figsize=(width, height), dpi=DPI, facecolor="white")
-    fig.text(0.5, 1 - 0.25 / height, title, ha="center", va="center", fontsize=10, weight="bold")
+    fig.text(0.5, 1 - 0.32 / height, title, ha="center", va="center", fontsize=9.5,
+             weight="bold", linespacing=1.4)  # fmt: skip
     top = TITLE_H
     for example, n in zip(examples, lines, strict=True):
         header = textwrap.shorten(f"{example.name}: {example.caption}", 30 + 14 * columns)
-        fig.text(0.1 / width, 1 - (top + HEADER / 2) / height, header, va="center", fontsize=8)
+        fig.text(MARGIN / width, 1 - (top + HEADER / 2) / height, header, va="center", fontsize=8)
         top += HEADER
         thumb = example.image.copy()
         thumb.thumbnail((THUMB, THUMB))
@@ -82,17 +85,13 @@ def render_attention(examples: Sequence[Attended], out: Path, title: str) -> Pat
             row, col = divmod(k, COLUMNS)
             y = top + row * LINE
             side = PANEL - 0.06
-            ax = fig.add_axes(
-                (col * PANEL / width, 1 - (y + side) / height, side / width, side / height)
-            )
+            left = MARGIN + col * PANEL
+            ax = fig.add_axes((left / width, 1 - (y + side) / height, side / width, side / height))
             label = token if weights is None else f"{token} ({weights.max():.2f})"
             _panel(ax, thumb, None if weights is None else weights.reshape(example.grid, -1))
             ax.set_title(label, fontsize=7.5, pad=2)
         top += n * LINE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, facecolor="white")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def _layout(token_counts: Sequence[int]) -> tuple[int, list[int]]:
@@ -104,12 +103,16 @@ def _layout(token_counts: Sequence[int]) -> tuple[int, list[int]]:
 def _panel(ax: plt.Axes, image: Image.Image, heat: np.ndarray | None) -> None:
     """The image; with `heat` (grid, grid) its map stretched over the whole image (the encoder
     sees the whole image resized to a square: cell (r, c) covers the same part of any image),
-    bilinear between cell centres, scaled to its own maximum (the title gives that maximum)."""
+    bilinear between cell centres, scaled to its own maximum (the title gives that maximum).
+    Opacity follows the weight too, so the image shows through where the model did not look."""
     width, height = image.size
     ax.imshow(image, extent=(0, width, height, 0))
     if heat is not None:
-        ax.imshow(heat, cmap=CMAP, alpha=ALPHA, extent=(0, width, height, 0),
-                  interpolation="bilinear", vmin=0, vmax=max(float(heat.max()), 1e-9))  # fmt: skip
+        scaled = np.asarray(Image.fromarray((heat / max(float(heat.max()), 1e-9)).astype(np.float32))
+                            .resize((width, height), Image.Resampling.BILINEAR))  # fmt: skip
+        rgba = plt.get_cmap(CMAP)(scaled)  # (H, W, 4)
+        rgba[..., 3] = ALPHA * np.clip(scaled, 0, 1)
+        ax.imshow(rgba, extent=(0, width, height, 0))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_xticks([])
@@ -133,7 +136,11 @@ def evaluate_attention(
     has no attention over the grid: the file then says so instead (it is a declared output).
     """
     grid = model.encoder.spec.grid
-    title = f"Where the model looks for each word (last layer, mean of heads; beam {decoding['num_beams']})"
+    title = (
+        "Where the model looks for each word (beam "
+        f"{decoding['num_beams']})\ncross-attention over the {grid}x{grid} grid, mean of all "
+        "layers and heads; in brackets: the word's highest cell weight"
+    )
     if model.config.fusion != "cross_attention":
         return _notice(out, f"fusion {model.config.fusion!r}: no attention over the image grid")
     picks = _pick(images, raw_dir, EVAL_IMAGES)
@@ -166,8 +173,5 @@ def _pick(images: list[str], raw_dir: Path, count: int) -> list[int]:
 def _notice(out: Path, message: str) -> Path:
     fig = plt.figure(figsize=(6, 1), dpi=DPI, facecolor="white")
     fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, facecolor="white")
-    plt.close(fig)
     log.info("%s: %s", out, message)
-    return out
+    return save_png(fig, out)
