@@ -114,7 +114,11 @@ def test_one_file_to_stdout_with_the_default_options(folder, checkpoint, tokeniz
     }
 
 
-def test_a_missing_checkpoint_says_what_to_pass(folder, tmp_path, monkeypatch):
+def test_a_missing_checkpoint_says_what_to_pass(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no artifacts/model/model.pth here
-    with pytest.raises(SystemExit, match="no checkpoint at artifacts/model/model.pth: pass --che"):
+    with pytest.raises(SystemExit) as exit:
         main(["caption", str(folder)])
+    assert exit.value.code == 2
+    assert (
+        "no checkpoint at artifacts/model/model.pth: pass --checkpoint" in capsys.readouterr().err
+    )

@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from tqdm import tqdm
 
@@ -92,9 +92,9 @@ def caption(args: argparse.Namespace) -> int:
     for name in ("num_beams", "max_length", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            sys.exit(f"imgtocap: --{name.replace('_', '-')} must be >= 1, got {value}")
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.token and not args.url:
-        sys.exit("imgtocap: --token is for --url (a server); a local checkpoint needs none")
+        _fail("--token is for --url (a server); a local checkpoint needs none")
     captioner = _Server(args) if args.url else _Local(args)
     jobs, missing = find_images(args.paths)
     failed = 0
@@ -153,6 +153,12 @@ def _emit(out: TextIO, result: dict[str, Any]) -> int:
     return 0
 
 
+def _fail(message: str) -> NoReturn:
+    """Stop with status 2 (as argparse does for a usage error): nothing can be captioned."""
+    print(f"imgtocap: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _score(score: float) -> float | None:
     return round(score, 4) if math.isfinite(score) else None  # JSON has no -inf
 
@@ -163,8 +169,8 @@ class _Local:
     def __init__(self, args: argparse.Namespace):
         path = args.checkpoint or MODEL_PATH
         if not path.is_file():
-            sys.exit(
-                f"imgtocap: no checkpoint at {path}: pass --checkpoint FILE (e.g. "
+            _fail(
+                f"no checkpoint at {path}: pass --checkpoint FILE (e.g. "
                 f"{MODEL_PATH} after `dvc repro`), or --url URL of a running server"
             )
         from model import load_checkpoint, load_tokenizer  # torch: only once there is work
@@ -182,7 +188,7 @@ class _Local:
             try:
                 self.model.require_attention()  # a concat model: say so before any work
             except ValueError as exc:
-                sys.exit(f"imgtocap: --attention: {exc}")
+                _fail(f"--attention: {exc}")
 
     def caption(self, batch: list[Job]) -> list[dict[str, Any]]:
         import torch
@@ -260,7 +266,7 @@ class _Server:
                 headers = {**self.headers, "Content-Type": "application/octet-stream"}
                 response = self.requests.post(self.url, data=data, headers=headers, timeout=300)
         except self.requests.ConnectionError as exc:
-            sys.exit(f"imgtocap: cannot reach {self.url} ({exc}): is the server running?")
+            _fail(f"cannot reach {self.url} ({exc}): is the server running?")
         try:
             body = response.json()
         except ValueError:
