@@ -82,7 +82,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    modes = {"off": dict(batch_size=1, max_batch_delay_ms=0)}
+    modes = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0 would mean 100)
     for delay in args.delay_ms:
         modes[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
     with tempfile.TemporaryDirectory(prefix="imgtocap-bench-") as tmp, ExitStack() as servers:

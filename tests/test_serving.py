@@ -161,6 +161,12 @@ def send_together(server: Server, bodies: list[bytes]) -> list[requests.Response
 # --- the tests --------------------------------------------------------------------------------
 
 
+def test_the_archives_batching_settings_reach_torchserve(server):
+    described = server.describe()  # (a maxBatchDelay of 0 would show up here as 100)
+    assert described["batchSize"] == SERVE_PARAMS["batch_size"]
+    assert described["maxBatchDelay"] == SERVE_PARAMS["max_batch_delay_ms"]
+
+
 def test_a_jpeg_and_a_png_get_their_captions(server, caption_of):
     for data in (encoded(picture(0), "JPEG"), encoded(picture(1), "PNG")):
         response = server.caption(data)
