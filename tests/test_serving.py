@@ -263,6 +263,19 @@ def test_metrics_count_the_models_requests(server):
     assert requests_total() >= before + 3
 
 
+def test_health_checks_as_the_readme_gives_them(server):
+    # With token auth on (`make serve`, the Docker image) /ping is an inference call like any
+    # other and needs the inference key; the keyless liveness check is the metrics endpoint,
+    # which listens on loopback only (the Dockerfile's HEALTHCHECK uses it). Behind the proxy
+    # (`make demo`, EKS) token auth is off and /ping answers anyone (tests/test_proxy.py).
+    ping = f"{server.inference}/ping"
+    refused = requests.get(ping, timeout=10)
+    assert refused.status_code == 400 and "InvalidKeyException" in refused.text
+    answered = requests.get(ping, headers=server.headers("inference"), timeout=10)
+    assert (answered.status_code, answered.json()["status"]) == (200, "Healthy")
+    assert requests.get(f"{server.metrics}/metrics", timeout=10).status_code == 200
+
+
 def test_scaling_to_two_workers(server, caption_of):
     response = requests.put(
         f"{server.management}/models/imgtocap?min_worker=2&synchronous=true",
