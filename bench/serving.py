@@ -101,7 +101,7 @@ def main() -> None:
             server = servers.enter_context(
                 TorchServe.private(
                     Path(tmp) / f"server-{n}", store, disable_token_authorization="true"
-                )  # fmt: skip
+                )
             )
             urls[mode] = f"{server.inference}/predictions/imgtocap"
             load(urls[mode], photos, 1, 2)  # the first requests pay for lazy set-up
