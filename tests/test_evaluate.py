@@ -30,8 +30,8 @@ from model import (
     preset,
     save_checkpoint,
 )
+from training import attention_plot, samples, tracking
 from training import evaluate as evaluate_module
-from training import samples, tracking
 from training.captions import read_captions
 from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
@@ -211,6 +211,40 @@ def test_sample_grid_is_a_png_of_the_expected_size(ws):
     assert (np.abs(text - red).sum(-1) < 40).sum() > 50  # and wrong ones red
 
 
+def test_attention_figure_shows_two_object_scenes_first_as_evaluation_captions_them(
+    ws, tokenizer, monkeypatch
+):
+    drawn = []
+    draw = attention_plot.render_attention
+    monkeypatch.setattr(
+        attention_plot, "render_attention", lambda ex, *a: drawn.extend(ex) or draw(ex, *a)
+    )
+    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    features = np.load(ws["root"] / "features" / "test.npy")
+    out = ws["root"] / "attention-again.png"
+    decoding = EvalParams.from_dict(PARAMS).decoding()
+    attention_plot.evaluate_attention(
+        model, tokenizer, ws["test"], features, ws["raw"], out, decoding, torch.device("cpu")
+    )
+    two = [i for i in ws["test"] if len(ws["scenes"][i].objects) == 2]
+    rest = [i for i in ws["test"] if i not in two]
+    shown = [e.name for e in drawn]
+    assert shown == (two + rest)[: attention_plot.EVAL_IMAGES]
+    assert shown != ws["test"][: attention_plot.EVAL_IMAGES]  # a one-object image was skipped
+    captions = {line["image"]: line["caption"] for line in read_predictions(ws)}
+    for example in drawn:
+        assert example.caption == captions[example.name]
+        assert example.grid == model.encoder.spec.grid
+        assert example.weights.shape == (len(example.tokens), example.grid**2)
+        np.testing.assert_allclose(example.weights.sum(1), 1.0, atol=1e-5)
+    with Image.open(ws["out"] / "attention.png") as stage, Image.open(out) as again:
+        assert stage.format == "PNG"
+        assert (
+            stage.size == again.size == attention_plot.figure_size([len(e.tokens) for e in drawn])
+        )
+        assert np.array_equal(np.asarray(stage), np.asarray(again))  # the stage drew the same
+
+
 def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
     client = mlflow.MlflowClient()
     run = client.get_run(ws["run_id"])
@@ -221,6 +255,7 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
         "evaluation/eval.json",
         "evaluation/predictions.jsonl",
         "evaluation/samples.png",
+        "evaluation/attention.png",
     }
 
     (version,) = client.search_model_versions("name='imgtocap'")

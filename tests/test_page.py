@@ -13,7 +13,6 @@ import io
 import json
 import math
 import shutil
-from pathlib import Path
 
 import fixtures_model
 import pytest
@@ -37,7 +36,6 @@ pytestmark = [
     ),
 ]
 
-HANDLER = Path(__file__).resolve().parents[1] / "handler" / "imgtocap_handler.py"
 CAPTIONS = ["a red circle", "two blue squares"]
 SERVE = {"num_beams": {"default": 1, "max": 3}, "max_length": {"default": 12, "max": 20}}
 
@@ -116,8 +114,6 @@ def test_a_chosen_and_a_dropped_image_get_their_captions(page, site):
 
 
 def test_pointing_at_a_word_shows_its_heat_map_over_the_image(page, site, tmp_path):
-    if '"attention"' not in HANDLER.read_text():  # TODO: drop once the handler's field is merged
-        pytest.xfail("the handler has no `attention` field yet (issue #14, item 1)")
     answer = api(site, png(0))
     attention = answer["attention"]
     rows, cols = attention["grid"]

@@ -71,6 +71,11 @@ def test_an_unknown_key_is_an_error_naming_it_and_the_known_ones(section):
             r"model\.output_vocab is 'all'; use dataset or full",
         ),
         (EvalParams, {"num_beams": 0}, r"evaluate\.num_beams must be an integer >= 1"),
+        (
+            ServeParams,
+            {"max_batch_delay_ms": 0},
+            r"_ms must be >= 1, got 0 \(TorchServe 0\.12 reads",
+        ),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_key(cls, values, message):

@@ -2,9 +2,10 @@
 
 Reads artifacts/model/model.pth, data/processed/captions.json, data/features/ (the test
 split's precomputed encoder features) and data/raw/ (images for the grid; scenes.json for the
-synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl and
-reports/samples.png. When training recorded an MLflow run (artifacts/model/mlflow.json), the
-results are added to that run and the model is registered as `imgtocap`.
+synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl,
+reports/samples.png and reports/attention.png (where the model looks for each word). When
+training recorded an MLflow run (artifacts/model/mlflow.json), the results are added to that
+run and the model is registered as `imgtocap`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tqdm import tqdm
 
 from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
 from training import tracking
+from training.attention_plot import evaluate_attention
 from training.captions import IMAGES_DIR, SCENES_FILE
 from training.metrics import caption_metrics, content_metrics
 from training.params import from_section, load_params, pick_device
 from training.paths import (
+    ATTENTION_PATH,
     EVAL_METRICS_PATH,
     FEATURES_DIR,
     FEATURES_INDEX,
@@ -85,8 +88,10 @@ def evaluate(
     out_metrics: str | Path,
     out_predictions: str | Path,
     out_grid: str | Path,
+    out_attention: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Caption the test split; write metrics, predictions and the sample grid; return metrics."""
+    """Caption the test split; write metrics, predictions, the sample grid and the attention
+    figure (`out_attention`, default attention.png beside the grid); return the metrics."""
     model_path, raw_dir = Path(model_path), Path(raw_dir)
     device = pick_device(cfg.device)
     model = load_checkpoint(model_path, device)
@@ -122,9 +127,13 @@ def evaluate(
         for image in images[: cfg.grid_images]
     ]
     render_grid(samples, raw_dir / IMAGES_DIR, Path(out_grid), _grid_title(metrics))
+    out_attention = Path(out_attention or Path(out_grid).with_name(ATTENTION_PATH.name))
+    evaluate_attention(
+        model, tokenizer, images, grid, raw_dir, out_attention, cfg.decoding(), device
+    )
     log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
-    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid)]
+    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid), out_attention]
     track(model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg)
     return metrics
 
@@ -309,6 +318,7 @@ def main() -> None:
         EVAL_METRICS_PATH,
         PREDICTIONS_PATH,
         SAMPLES_PATH,
+        ATTENTION_PATH,
     )
 
 

@@ -36,6 +36,7 @@ HISTORY_PATH = Path("metrics/train_history.csv")
 EVAL_METRICS_PATH = Path("metrics/eval.json")
 PREDICTIONS_PATH = Path("reports/predictions.jsonl")
 SAMPLES_PATH = Path("reports/samples.png")
+ATTENTION_PATH = Path("reports/attention.png")
 
 # package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
 ARCHIVE_PATH = Path("model-store/imgtocap.mar")
