@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from dockerfile import Dockerfile
@@ -217,7 +216,7 @@ def test_make_repackages_after_a_handler_edit_and_only_then(pipeline):
     assert archive.read_bytes() == built
 
 
-def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
+def test_killed_dvc_stops_its_trainer_which_resumes_and_matches_a_straight_run(tmp_path):
     straight = project_copy(tmp_path / "straight")
     set_params(
         straight,
@@ -228,12 +227,14 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     shutil.copytree(straight, resumed, symlinks=True)
     dvc(straight, "repro", "train")
 
-    # start training, kill everything (dvc and its python) after the 3rd epoch is saved
+    # Start training and SIGKILL dvc alone after the 3rd epoch is saved, as an OOM kill or a
+    # CI timeout would: the trainer must not run on as an orphan. /bin/sh runs the stage's cmd
+    # (DVC's default without $SHELL): dash stays between dvc and python, bash would exec.
     state = resumed / "artifacts/resume"
     proc = subprocess.Popen(
         ["dvc", "repro", "train"],
         cwd=resumed,
-        env=environment(resumed),
+        env={**environment(resumed), "SHELL": "/bin/sh"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -245,8 +246,14 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
             break
         time.sleep(0.1)
     assert proc.poll() is None, "training finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
+    stage = psutil.Process(proc.pid).children(recursive=True)
+    assert any("training.train" in " ".join(p.cmdline()) for p in stage)
+    proc.kill()
     proc.wait()
+    _, orphans = psutil.wait_procs(stage, timeout=30)
+    for orphan in orphans:
+        orphan.kill()
+    assert not orphans, f"outlived dvc: pids {[p.pid for p in orphans]}"
     (saved,) = state.glob("*/last.pth")
     killed_at = torch.load(saved, weights_only=True)["epoch"]
     assert 3 <= killed_at < 12 and not (resumed / "metrics/train.json").exists()

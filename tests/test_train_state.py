@@ -1,26 +1,35 @@
-"""The train stage's resumable state under faults: a damaged state, changed inputs or code.
+"""The train stage's resumable state under faults: a damaged state, changed inputs or code, a
+second trainer in the same workspace, and a `dvc` killed under its trainer (real processes).
 
 The workspace is the pipeline's layout up to `define` (12 synthetic images, the tiny preset),
-built once by calling the real stage functions.
+built once by calling the real stage functions; the trainers run as `python -m training.train`
+in it, as DVC runs them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
-from fixtures_pipeline import ROOT, set_params
+from fixtures_pipeline import ROOT, environment, set_params
 
 from training import resume, tracking
 from training import train as train_module
 from training.define import define
 from training.params import ModelParams
-from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH
+from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH, TRAIN_LOCK
 from training.preprocess import PreprocessConfig, preprocess
+from training.process import exclusive
 from training.synthetic import write_synthetic
 from training.train import TrainConfig, train
 from training.transform import TransformConfig, transform
@@ -153,3 +162,95 @@ def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplo
     resumed = any("resuming after epoch 1 of 3" in r.getMessage() for r in caplog.records)
     assert resumed == (change is None)
     assert epochs_run() == [1, 2, 3]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_env(root: Path, **extra: str) -> dict[str, str]:
+    """`python -m training.train` as DVC starts it, tracking pointed at a closed port (off)."""
+    env = environment(root)
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}")
+    return {**env, **extra}
+
+
+def start_trainer(root: Path, log: Path, **env: str) -> subprocess.Popen:
+    """A trainer that runs until stopped (10,000 tiny epochs), logging to `log`."""
+    set_params(root, {"train.epochs": 10_000, "train.patience": 10_000})
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "training.train"],
+            cwd=root,
+            env=trainer_env(root, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_an_epoch(root: Path, *procs: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((root / STATE).glob("*/last.pth")):
+        assert all(p.poll() is None for p in procs), "the trainer ended before its first epoch"
+        assert time.monotonic() < deadline, "no epoch saved in time"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow  # two trainers start: each imports torch and MLflow
+def test_a_second_trainer_in_the_workspace_refuses_and_names_the_first(ws, tmp_path):
+    first = start_trainer(ws, tmp_path / "first.log")
+    try:
+        wait_for_an_epoch(ws, first)
+        assert json.loads((ws / TRAIN_LOCK).read_text())["pid"] == first.pid
+        second = subprocess.run(
+            [sys.executable, "-m", "training.train"],
+            cwd=ws,
+            env=trainer_env(ws),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1
+        message = second.stderr.strip().splitlines()[-1]
+        assert f"pid {first.pid}" in message and f"`kill {first.pid}`" in message, message
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait()
+    with exclusive(ws / TRAIN_LOCK):  # a killed holder leaves no stale lock behind
+        pass
+
+
+# A stand-in for dvc: runs a stage's cmd as DVC does (`$SHELL -c cmd`, DVC_STAGE set) and waits.
+DVC_STANDIN = "import subprocess, sys; subprocess.run([sys.argv[1], '-c', sys.argv[2]])"
+# A stage that would run for two minutes; what the trainer's main() does first, then sleep.
+STAGE = (
+    "import logging, time; from training.process import die_with_dvc; logging.basicConfig(); "
+    "print(die_with_dvc(poll_s=0.2).pid, flush=True); time.sleep(120)"
+)
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "bash"])  # dash stays in between, bash execs
+def test_a_stage_stops_when_the_dvc_that_started_it_is_killed(tmp_path, shell):
+    dvc = subprocess.Popen(
+        [sys.executable, "-c", DVC_STANDIN, shutil.which(shell), f"{sys.executable} -c '{STAGE}'"],
+        env=trainer_env(tmp_path, DVC_STAGE="train"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        watched = int(dvc.stdout.readline())
+        stage = psutil.Process(dvc.pid).children(recursive=True)
+    finally:
+        dvc.kill()  # SIGKILL: dvc gets no chance to stop its children
+        dvc.wait()
+    assert watched == dvc.pid  # not the shell in between
+    _, orphans = psutil.wait_procs(stage, timeout=30)
+    for orphan in orphans:
+        orphan.kill()
+    assert not orphans, f"outlived dvc: pids {[p.pid for p in orphans]}"
+    assert "is gone: stopping" in dvc.stderr.read()

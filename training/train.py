@@ -8,7 +8,8 @@ Interrupted runs resume: after every epoch the full state (model, optimizer, sch
 history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/resume.py), outside
 DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
 config, params, data and code are unchanged (the fingerprint); the batch order of an epoch
-depends only on (seed, epoch), so a resumed run trains exactly like a straight one.
+depends only on (seed, epoch), so a resumed run trains exactly like a straight one. One trainer
+runs per workspace, and it stops when the `dvc` that started it is gone (training/process.py).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from training.paths import (
     MODEL_PATH,
     PROCESSED_PATH,
     RESUME_DIR,
+    TRAIN_LOCK,
     TRAIN_METRICS_PATH,
 )
+from training.process import die_with_dvc, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -358,8 +361,10 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params()
-    train(TrainConfig.from_dict(params.get("train")), params=params)
+    die_with_dvc()
+    with exclusive(TRAIN_LOCK):
+        params = load_params()
+        train(TrainConfig.from_dict(params.get("train")), params=params)
 
 
 if __name__ == "__main__":
