@@ -43,7 +43,7 @@ def exclusive(lock: Path, what: str = "training run") -> Iterator[None]:
         holder = {
             "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join([Path(sys.executable).name, *sys.orig_argv[1:]]),
             "cwd": os.getcwd(),
         }
         f.write(json.dumps(holder) + "\n")
