@@ -102,7 +102,7 @@ class ResumeState:
             "the resume state in %s cannot be used (%s): moved it to %s and training starts "
             "over from epoch 1 (delete that folder once you no longer need it)",
             self.dir,
-            problem.splitlines()[0][:300],
+            problem.splitlines()[0].split(". ")[0][:300],  # torch's messages run on
             aside,
         )
         return None
