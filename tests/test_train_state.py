@@ -177,14 +177,14 @@ def trainer_env(root: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def start_trainer(root: Path, log: Path, **env: str) -> subprocess.Popen:
+def start_trainer(root: Path, log: Path) -> subprocess.Popen:
     """A trainer that runs until stopped (10,000 tiny epochs), logging to `log`."""
     set_params(root, {"train.epochs": 10_000, "train.patience": 10_000})
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "training.train"],
             cwd=root,
-            env=trainer_env(root, **env),
+            env=trainer_env(root),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
