@@ -1,8 +1,10 @@
-"""A copy of the repository in a fresh git repo, and `dvc` run in it: the real pipeline for the
-tests that run `dvc repro` (shrunk through params.yaml)."""
+"""Test helpers for the real DVC pipeline, shrunk: a repository copy in a fresh git repo,
+params edits, and `dvc` run with the venv's python first on PATH."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +14,21 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
+# `source` runs on every `dvc repro` (it lists the data outside the repository): not a change
+ALWAYS = "source"
+GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+
+# Tiny preset, a few dozen synthetic images, two epochs: every stage runs for real, in seconds.
+SHRUNK = {
+    "data.synthetic.num_images": 40,
+    "model.preset": "tiny",
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "evaluate.num_beams": 2,
+    "evaluate.max_length": 12,
+    "evaluate.grid_images": 4,
+}
 
 
 def project_copy(dest: Path) -> Path:
@@ -27,11 +44,15 @@ def project_copy(dest: Path) -> Path:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    subprocess.run([*GIT, "init", "-q"], cwd=dest, check=True)
+    git_commit(dest, "copy")
     return dest
+
+
+def git_commit(repo: Path, message: str, *paths: str) -> None:
+    """Commit `paths` (everything git does not ignore, when none are given)."""
+    subprocess.run([*GIT, "add", *(paths or ["-A"])], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
 
 
 def set_params(repo: Path, changes: dict[str, object]) -> None:
@@ -47,6 +68,7 @@ def set_params(repo: Path, changes: dict[str, object]) -> None:
 
 
 def environment(repo: Path) -> dict[str, str]:
+    """The stages' environment: the venv's python first, offline, no telemetry, repo's MLflow."""
     return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -71,9 +93,30 @@ def dvc_run(repo: Path, *args: str, timeout: int = 600, **env: str) -> subproces
 
 
 def dvc(repo: Path, *args: str, timeout: int = 600, **env: str) -> str:
-    """`dvc <args>` in `repo`, which must succeed; returns its output."""
+    """Run `dvc <args>` in `repo`; fails the test unless it succeeds; returns its output."""
+    p = _dvc(repo, args, timeout, **env)
+    return p.stdout + p.stderr
+
+
+def dvc_json(repo: Path, *args: str, timeout: int = 600):
+    """`dvc <args> --json`, parsed (stdout only: warnings go to stderr)."""
+    return json.loads(_dvc(repo, (*args, "--json"), timeout).stdout)
+
+
+def _dvc(repo: Path, args: tuple[str, ...], timeout: int, **env: str) -> subprocess.CompletedProcess:
     p = dvc_run(repo, *args, timeout=timeout, **env)
     assert p.returncode == 0, (
         f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     )
-    return p.stdout + p.stderr
+    return p
+
+
+def ran(log: str) -> list[str]:
+    """The stages a dvc log shows running (in order), but the always-changed `source`."""
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+def history(repo: Path) -> list[dict[str, str]]:
+    """metrics/train_history.csv: one row per epoch."""
+    with (repo / "metrics/train_history.csv").open() as f:
+        return list(csv.DictReader(f))

@@ -9,53 +9,46 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from dockerfile import Dockerfile
-from fixtures_pipeline import dvc, environment, project_copy, set_params
+from fixtures_pipeline import (
+    ALWAYS,
+    SHRUNK,
+    STAGES,
+    dvc,
+    dvc_json,
+    environment,
+    git_commit,
+    history,
+    project_copy,
+    ran,
+    set_params,
+)
 from PIL import Image
 
 from training.samples import grid_size
 
-STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
-# `source` runs on every `dvc repro` (it lists the data outside the repository): not a change
-ALWAYS = "source"
-
-
-def ran(log: str) -> list[str]:
-    """The stages a `dvc repro` log says it ran, but the always-changed `source`."""
-    return [s for s in STAGES if f"Running stage '{s}'" in log]
-
-
 pytestmark = pytest.mark.slow
-
-
-SHRUNK = {
-    "data.synthetic.num_images": 40,
-    "model.preset": "tiny",
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "evaluate.num_beams": 2,
-    "evaluate.max_length": 12,
-    "evaluate.grid_images": 4,
-}
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One shrunk `dvc repro` from scratch, shared by the checks below."""
+    """One shrunk `dvc repro` from scratch, its baseline committed as the README says; shared
+    by the checks below (each leaves the workspace at that baseline)."""
     repo = project_copy(tmp_path_factory.mktemp("repo"))
     set_params(repo, SHRUNK)
-    return repo, dvc(repo, "repro")
+    log = dvc(repo, "repro")
+    git_commit(repo, "Baseline model", "params.yaml", "dvc.lock", "metrics")
+    return repo, log
 
 
 def test_every_stage_runs_and_writes_what_it_declares(pipeline):
@@ -117,6 +110,70 @@ def test_the_docker_image_finds_every_file_it_copies(pipeline):
         assert (repo / source).exists(), f"COPY {source}: missing after dvc repro"
 
 
+def model_bytes(repo: Path) -> bytes:
+    return (repo / "artifacts/model/model.pth").read_bytes()
+
+
+def back_to_the_commit(repo: Path) -> None:
+    """The README's way back to the committed baseline."""
+    git = ["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"]
+    subprocess.run(git, cwd=repo, check=True)
+    dvc(repo, "checkout")
+
+
+def exp_show(repo: Path) -> dict[str, dict[str, float]]:
+    """`dvc exp show`'s rows, by experiment name ("baseline": the commit the others came from),
+    each {"eval.json:bleu4": 0.1, ...}: the metrics it shows."""
+    (workspace, baseline) = dvc_json(repo, "exp", "show", "--no-fetch")
+    rows = {"workspace": workspace, "baseline": baseline}
+    for experiment in baseline["experiments"] or []:
+        rows[experiment["name"]] = experiment["revs"][0]
+    return {
+        name: {
+            f"{Path(f).name}:{k}": v
+            for f, m in (row["data"]["metrics"] or {}).items()
+            for k, v in (m.get("data") or {}).items()
+        }
+        for name, row in rows.items()
+    }
+
+
+def test_earlier_models_come_back_from_the_cache_without_training(pipeline):
+    repo, _ = pipeline
+    baseline = model_bytes(repo)
+    assert isinstance(exp_show(repo)["baseline"].get("eval.json:bleu4"), float), (
+        "the baseline row of `dvc exp show` has no metrics: commit them"
+    )
+
+    log = dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "train.epochs=3")
+    assert ran(log) == ["train", "evaluate", "package"]
+    experiment = model_bytes(repo)
+    assert experiment != baseline
+
+    # back to the baseline: git has its params and dvc.lock, DVC's cache its model
+    back_to_the_commit(repo)
+    assert model_bytes(repo) == baseline
+    assert not ran(dvc(repo, "repro")), "the baseline retrained"
+
+    # an evaluate-only change, in a temporary copy as queued experiments run: no training
+    log = dvc(repo, "exp", "run", "--temp", "-n", "one-beam", "-S", "evaluate.num_beams=1")
+    assert "train" not in ran(log) and "evaluate" in ran(log), log
+
+    dvc(repo, "exp", "apply", "more-epochs")
+    assert model_bytes(repo) == experiment
+    set_params(repo, {"train.epochs": SHRUNK["train.epochs"]})  # by hand: the run cache
+    log = dvc(repo, "repro")
+    assert "Stage 'train' is cached - skipping run" in log and not ran(log), log
+    assert model_bytes(repo) == baseline
+
+    shown = exp_show(repo)
+    assert shown["more-epochs"]["train.json:epochs_run"] == 3
+    assert shown["one-beam"]["train.json:epochs_run"] == SHRUNK["train.epochs"]  # not retrained
+    for name in ("baseline", "more-epochs", "one-beam"):
+        assert isinstance(shown[name].get("eval.json:bleu4"), float), name
+    back_to_the_commit(repo)
+
+
 def test_dvc_reruns_only_what_changed(pipeline):
     repo, _ = pipeline
     assert json.loads(dvc(repo, "status", "--json")) == {ALWAYS: ["always changed"]}
@@ -160,12 +217,7 @@ def test_make_repackages_after_a_handler_edit_and_only_then(pipeline):
     assert archive.read_bytes() == built
 
 
-def history(repo: Path) -> list[dict[str, str]]:
-    with (repo / "metrics/train_history.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
+def test_killed_dvc_stops_its_trainer_which_resumes_and_matches_a_straight_run(tmp_path):
     straight = project_copy(tmp_path / "straight")
     set_params(
         straight,
@@ -176,25 +228,35 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     shutil.copytree(straight, resumed, symlinks=True)
     dvc(straight, "repro", "train")
 
-    # start training, kill everything (dvc and its python) after the 3rd epoch is saved
-    last = resumed / "artifacts/checkpoints/last.pth"
+    # Start training and SIGKILL dvc alone after the 3rd epoch is saved, as an OOM kill or a
+    # CI timeout would: the trainer must not run on as an orphan. /bin/sh runs the stage's cmd
+    # (DVC's default without $SHELL): dash stays between dvc and python, bash would exec.
+    state = resumed / "artifacts/resume"
     proc = subprocess.Popen(
         ["dvc", "repro", "train"],
         cwd=resumed,
-        env=environment(resumed),
+        env={**environment(resumed), "SHELL": "/bin/sh"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 3:
+        saved = list(state.glob("*/last.pth"))
+        if saved and torch.load(saved[0], weights_only=True)["epoch"] >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "training finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
+    stage = psutil.Process(proc.pid).children(recursive=True)
+    assert any("training.train" in " ".join(p.cmdline()) for p in stage)
+    proc.kill()
     proc.wait()
-    killed_at = torch.load(last, weights_only=True)["epoch"]
+    _, orphans = psutil.wait_procs(stage, timeout=30)
+    for orphan in orphans:
+        orphan.kill()
+    assert not orphans, f"outlived dvc: pids {[p.pid for p in orphans]}"
+    (saved,) = state.glob("*/last.pth")
+    killed_at = torch.load(saved, weights_only=True)["epoch"]
     assert 3 <= killed_at < 12 and not (resumed / "metrics/train.json").exists()
 
     log = dvc(resumed, "repro", "train")
@@ -209,3 +271,4 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     ] == pytest.approx(
         json.loads((resumed / "metrics/train.json").read_text())["best_val_loss"], abs=1e-4
     )
+    assert not [p for p in state.iterdir() if p.is_dir()], "the finished run's state is left"
