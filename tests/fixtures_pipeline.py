@@ -103,7 +103,9 @@ def dvc_json(repo: Path, *args: str, timeout: int = 600):
     return json.loads(_dvc(repo, (*args, "--json"), timeout).stdout)
 
 
-def _dvc(repo: Path, args: tuple[str, ...], timeout: int, **env: str) -> subprocess.CompletedProcess:
+def _dvc(
+    repo: Path, args: tuple[str, ...], timeout: int, **env: str
+) -> subprocess.CompletedProcess:
     p = dvc_run(repo, *args, timeout=timeout, **env)
     assert p.returncode == 0, (
         f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
