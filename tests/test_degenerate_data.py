@@ -96,7 +96,7 @@ def workspace(root: Path, tokens: list[list[int]], features: np.ndarray | None =
         config_path=root / "config.json",
         processed_path=root / "captions.json",
         features_dir=features_dir,
-        checkpoint_dir=root / "checkpoints",
+        resume_dir=root / "resume",
         model_path=root / "model.pth",
         metrics_path=root / "train.json",
         history_path=root / "history.csv",
@@ -117,7 +117,7 @@ def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, featur
     paths = workspace(tmp_path, tokens, features)
     with pytest.raises(ValueError, match=rf"the train split \(.*captions\.json.*\): .*{message}"):
         train(TrainConfig(epochs=1, device="cpu"), **paths)
-    assert not paths["model_path"].exists() and not paths["checkpoint_dir"].exists()
+    assert not paths["model_path"].exists() and not paths["resume_dir"].exists()
 
 
 def test_data_that_is_fine_passes():
