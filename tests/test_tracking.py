@@ -48,6 +48,8 @@ def test_runs_are_named_after_the_experiment_or_the_git_revision(workspace, monk
     subprocess.run([*GIT, "init", "-q"], cwd=workspace, check=True)
     (workspace / "params.yaml").write_text("a: 1\n")
     (workspace / "dvc.lock").write_text("schema: '2.0'\n")
+    (workspace / "metrics").mkdir()
+    (workspace / "metrics" / "eval.json").write_text("{}")
     head = commit(workspace, "baseline")
 
     plain = tracking.Execution.current()
@@ -58,6 +60,7 @@ def test_runs_are_named_after_the_experiment_or_the_git_revision(workspace, monk
         False,
     )
     (workspace / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # the pipeline's own
+    (workspace / "metrics" / "eval.json").write_text('{"cider": 1.0}')
     assert tracking.Execution.current().name == head[:7]
     (workspace / "params.yaml").write_text("a: 2\n")  # an edit nobody committed
     assert tracking.Execution.current().name == f"{head[:7]}-dirty"

@@ -158,9 +158,8 @@ class Execution:
         """From DVC's environment (`dvc exp run`) or the repository's git state."""
         experiment = os.environ.get("DVC_EXP_NAME") or None
         commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
-        # dvc.lock and metrics/ are rewritten by the pipeline itself as it runs
         dirty = experiment is None and bool(
-            _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
+            _git("status", "--porcelain", "--untracked-files=no", "--", ".", *_OUTPUTS)
         )
         if experiment:
             name = experiment
@@ -175,6 +174,10 @@ class Execution:
         if self.experiment:
             tags["dvc.experiment"] = self.experiment
         return tags
+
+
+# tracked files the pipeline itself rewrites: not a change to what runs
+_OUTPUTS = (":!dvc.lock", ":!metrics")
 
 
 def _git(*args: str) -> str | None:
