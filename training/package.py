@@ -11,7 +11,7 @@ torchvision, transformers and pillow, not imgtocap:
       handler.json          per-request defaults and limits (params.yaml serve:)
       model-config.yaml     TorchServe: batchSize, maxBatchDelay, responseTimeout, workers
       MODEL_CARD.md         reports/model_card.md: data, metrics, architecture, known limits
-      registered.json       the MLflow registered model, version and run this archive is
+      registered.json       which registered model and version this is, and the MLflow run
       MAR-INF/MANIFEST.json modelVersion: the registered version (describe and responses say it)
 
 The archive's version is the registered version `evaluate` wrote to
