@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import re
 import shutil
 
+import browser
 import pytest
 from fixtures_repo import ROOT, dvc, git, project_copy
 
-# FACTS.md, "Browser": what Debian's chromium needs headless, and no name resolution but loopback
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1",
-]
 HISTORY = [  # metrics/train_history.csv as train writes it
     {
         "epoch": epoch,
@@ -37,14 +26,6 @@ HISTORY = [  # metrics/train_history.csv as train writes it
     }
     for epoch in range(1, 7)
 ]
-
-
-def chromium() -> str:
-    """Debian's chromium (FACTS.md), or another Chromium-based browser on PATH; else skip."""
-    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    pytest.skip("needs a Chromium browser: apt-get install chromium (.ci/run does)")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +67,7 @@ def test_the_template_carries_the_vendored_libraries_unchanged():
     assert "cdn.jsdelivr" not in template
 
 
+@pytest.mark.skipif(shutil.which(browser.CHROMIUM) is None, reason="no chromium (.ci/run)")
 def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     html = page_file.read_text(encoding="utf-8")
@@ -101,16 +83,16 @@ def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, tmp_path
             route.abort()
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=FLAGS)
+        chromium = browser.launch(playwright)  # Debian's, no name resolution but loopback
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 450})
+            page = chromium.new_page(viewport={"width": 1000, "height": 450})
             page.route("**/*", only_the_page)
             page.goto(page_file.as_uri())
             page.wait_for_function("window.plots && window.plots.length === 2", timeout=30_000)
             charts = page.evaluate(CHARTS)
             page.screenshot(path=str(tmp_path / "plots.png"))
         finally:
-            browser.close()
+            chromium.close()
 
     assert requests == [page_file.as_uri()]  # nothing else was even asked for
     assert [c["id"] for c in charts] == ["Loss_per_epoch", "Learning_rate_per_epoch"]
