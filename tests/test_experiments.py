@@ -154,14 +154,15 @@ def test_champion_is_the_first_version_with_the_best_cider(experiments):
 def test_every_archive_is_stamped_with_its_registered_version(experiments, tmp_path):
     client = experiments.client
     for version in client.search_model_versions(f"name='{NAME}'"):
+        number = str(version.version)  # the store answers an int here
         assert version.tags["archive"] == f"runs:/{version.run_id}/archive/imgtocap.mar"
         mar = Path(client.download_artifacts(version.run_id, "archive/imgtocap.mar", tmp_path))
-        assert _archive_version(mar) == version.version
+        assert _archive_version(mar) == number
         with zipfile.ZipFile(mar) as archive:
             card = archive.read("MODEL_CARD.md").decode()
             registered = json.loads(archive.read("registered.json"))
         assert card == version.description
-        assert registered == {"name": NAME, "version": version.version, "run_id": version.run_id}
+        assert registered == {"name": NAME, "version": number, "run_id": version.run_id}
         mar.unlink()
     # the workspace holds the last experiment run in it (the temp one left it alone)
     registered = json.loads((experiments.repo / "artifacts/model/registered.json").read_text())
