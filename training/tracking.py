@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "imgtocap")
 STORE = "mlflow.db"  # the repository's store, artifacts in mlruns/ beside it
 ARTIFACTS = "mlruns"
+_defaulted: str | None = None  # the default store this process chose (and MLflow exported)
 EVALUATED = "imgtocap.evaluated"  # tag on a run once test metrics are in it
 TRAIN_RUN = "imgtocap.train_run"  # tag on an evaluation run: the training run it evaluated
 
@@ -59,7 +60,9 @@ def repository() -> Path:
 
 def tracking_uri() -> str:
     """The configured store; a local sqlite path is resolved against the repository."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STORE}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or uri == _defaulted:  # mlflow.set_tracking_uri exports what it is given
+        uri = f"sqlite:///{STORE}"
     db = _sqlite_path(uri)
     if db is not None and not db.is_absolute():
         return f"sqlite:///{repository() / db}"
@@ -68,13 +71,17 @@ def tracking_uri() -> str:
 
 def configure() -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI."""
+    global _defaulted
     owner, name = os.environ.get("DAGSHUB_REPO_OWNER"), os.environ.get("DAGSHUB_REPO_NAME")
     if owner and name and not os.environ.get("MLFLOW_TRACKING_URI"):
         import dagshub  # opt-in: pip install dagshub
 
         dagshub.init(repo_owner=owner, repo_name=name, mlflow=True)
     else:  # set explicitly: a URI set earlier in this process must not win
-        mlflow.set_tracking_uri(tracking_uri())
+        uri = tracking_uri()
+        if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", _defaulted):
+            _defaulted = uri  # ours, not the user's, when MLflow exports it
+        mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
     db = _sqlite_path(mlflow.get_tracking_uri())
     if db is not None and db == repository() / STORE:
