@@ -176,7 +176,7 @@ def _card_facts(
         config=model.config.to_dict(),
         parameters=sum(p.numel() for p in model.parameters()),
         images={split: len(entries) for split, entries in splits.items()},
-        test_split=registry.test_split_id(test, raw_dir / IMAGES_DIR),
+        test_split=registry.split_fingerprint(test, raw_dir / IMAGES_DIR),
         metrics=metrics,
         decoding=cfg.decoding(),
         preset=str((params.get("model") or {}).get("preset", "")),

@@ -53,7 +53,7 @@ class CardFacts:
     config: Mapping[str, Any]  # the checkpoint's CaptionerConfig as a dict
     parameters: int  # all of them, the frozen encoder included
     images: Mapping[str, int]  # images per split
-    test_split: str  # registry.test_split_id
+    test_split: str  # registry.split_fingerprint
     metrics: Mapping[str, Any]  # metrics/eval.json
     decoding: Mapping[str, Any]
     preset: str = ""
