@@ -7,9 +7,10 @@ only to a version that beats it on the same test split.
   tagged with dataset, preset, test split id, its test metrics, decoding, commit and runs; its
   description is the model card.
 - `champion` (`models:/imgtocap-synthetic@champion`): the first version, then a new version
-  whose CIDEr is strictly higher than the champion's on the same test split (`split_fingerprint`:
-  a hash of the test images' bytes and reference captions). A version scored on another split
-  is not compared and leaves the alias where it is (tag `champion.decision` says why).
+  whose CIDEr is strictly higher than the champion's on the same test split
+  (`split_fingerprint`: a hash of the test images' bytes and reference captions). A version
+  scored on another split is not compared and leaves the alias where it is (tag
+  `champion.decision` says why).
 - `package` stamps the archive with the version (`registered.json`, written by `evaluate`) and
   logs the `.mar` to the run that holds it.
 
