@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_repo import SHRUNK, commit, dvc, git, project_copy, set_params
+from fixtures_pipeline import SHRUNK, dvc, git, git_commit, project_copy, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +54,10 @@ def experiments(tmp_path_factory) -> Experiments:
 
     repo = project_copy(tmp_path_factory.mktemp("experiments"))
     set_params(repo, SHRUNK)
-    start = commit(repo, "shrunk pipeline")
+    start = git_commit(repo, "shrunk pipeline")
     logs = {"baseline": dvc(repo, "repro")}
     # the README's workflow: commit the baseline so experiments compare against it
-    baseline = commit(repo, "baseline: dvc.lock and metrics")
+    baseline = git_commit(repo, "baseline: dvc.lock and metrics")
     metrics = {"baseline": json.loads((repo / "metrics/eval.json").read_text())}
     for name, (setting, _) in EXPERIMENTS.items():
         temp = ["--temp"] if name.startswith("temp") else []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_repo import STAGES
+from fixtures_pipeline import ALWAYS, STAGES
 
 from model import preset
 from training.evaluate import EvalParams
@@ -139,7 +139,7 @@ def test_a_stage_reports_a_params_mistake_in_one_line(stage, text, message, tmp_
     assert done.stderr.startswith("error")
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", (ALWAYS, *STAGES))
 def test_every_stage_reports_params_mistakes_so(stage):
     # the torch stages take ~20 s to start here: that they are wrapped is checked, not run
     main = importlib.import_module(f"training.{stage}").main

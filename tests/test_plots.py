@@ -14,7 +14,7 @@ import shutil
 
 import browser
 import pytest
-from fixtures_repo import ROOT, dvc, git, project_copy
+from fixtures_pipeline import ROOT, dvc, git, project_copy
 
 HISTORY = [  # metrics/train_history.csv as train writes it
     {

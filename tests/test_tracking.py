@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from fixtures_repo import GIT, commit
+from fixtures_pipeline import GIT, git_commit
 
 from training import registry, tracking
 
@@ -50,7 +50,7 @@ def test_runs_are_named_after_the_experiment_or_the_git_revision(workspace, monk
     (workspace / "dvc.lock").write_text("schema: '2.0'\n")
     (workspace / "metrics").mkdir()
     (workspace / "metrics" / "eval.json").write_text("{}")
-    head = commit(workspace, "baseline")
+    head = git_commit(workspace, "baseline")
 
     plain = tracking.Execution.current()
     assert (plain.name, plain.commit, plain.experiment, plain.dirty) == (
