@@ -35,7 +35,7 @@ from model.io import atomic_write
 from model.pretrained import load_pretrained
 from training import resume, tracking
 from training.datachecks import check_learnable
-from training.params import ModelParams, from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
     CONFIG_PATH,
     ENCODER_WEIGHTS,
@@ -255,11 +255,8 @@ def train(
     else:
         state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
         state.update(history=[], run_id=None, seconds=0.0)
-    run_id = tracking.start(state["run_id"], name="train")
-    if run_id and not state["run_id"]:
-        logged = config.to_dict()  # the id list would overflow MLflow's param size limit
-        logged["output_vocab"] = len(config.output_vocab) if config.output_vocab else "full"
-        tracking.log_params({**(params or {}), "config": logged})
+    # this execution's MLflow run (a resumed training continues its own)
+    run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
     state["run_id"] = run_id
 
     log.info(
@@ -364,6 +361,7 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
         writer.writerows(history)
 
 
+@stage_main
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -29,7 +29,7 @@ from model.encoders import ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
 from training.captions import IMAGES_DIR
-from training.params import ModelParams, from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
 from training.weights import needed, weight_files
 
@@ -121,6 +121,7 @@ def transform(
     return index
 
 
+@stage_main
 def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
