@@ -51,6 +51,8 @@ class ImgtocapHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         self.lib = _import_archive_model(model_dir)
         self.settings = json.loads((model_dir / "handler.json").read_text())
+        # the registered version the package stage stamped: every answer says which model gave it
+        self.version = context.manifest["model"].get("modelVersion")
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
         self.device = _device(properties.get("gpu_id"), self.settings["cpu_threads"], workers)
         checkpoint = model_dir / context.manifest["model"]["serializedFile"]
@@ -110,6 +112,7 @@ class ImgtocapHandler(BaseHandler):
                     "max_length": max_length,
                     "inference_ms": elapsed_ms,
                     "batch_size": len(items),  # requests TorchServe handed over together
+                    "model_version": self.version,
                 }
                 if items[i]["attention"]:
                     results[i]["attention"] = self._attention(tokens, out.attention[k])

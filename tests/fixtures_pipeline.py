@@ -51,10 +51,18 @@ def project_copy(dest: Path) -> Path:
     return dest
 
 
-def git_commit(repo: Path, message: str, *paths: str) -> None:
-    """Commit `paths` (everything git does not ignore, when none are given)."""
+def git_commit(repo: Path, message: str, *paths: str) -> str:
+    """Commit `paths` (everything git does not ignore, when none are given); the new commit."""
     subprocess.run([*GIT, "add", *(paths or ["-A"])], cwd=repo, check=True)
     subprocess.run([*GIT, "commit", "-qm", message], cwd=repo, check=True)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def git(repo: Path, *args: str) -> str:
+    """`git <args>` in `repo`, which must succeed; its output."""
+    return subprocess.run(
+        [*GIT, *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def set_params(repo: Path, changes: dict[str, object]) -> None:
@@ -70,16 +78,19 @@ def set_params(repo: Path, changes: dict[str, object]) -> None:
 
 
 def environment(repo: Path) -> dict[str, str]:
-    """The stages' environment: the venv's python first, offline, no telemetry, repo's MLflow."""
-    return {
+    """The venv first on PATH, no telemetry, offline; MLflow left to its default: the
+    repository's own store (mlflow.db), as for a user who configured nothing."""
+    env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
+        env.pop(name, None)
+    return env
 
 
 def dvc_run(repo: Path, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ from ts.context import Context, RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
 from training.package import build_archive
+from training.registry import Registered
 
 SERVE = {
     "num_beams": {"default": 1, "max": 3},
@@ -46,7 +47,9 @@ def served(tmp_path_factory):
     """(handler, context, the same model loaded here), the handler loaded from the archive."""
     tmp = tmp_path_factory.mktemp("handler")
     save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
-    with zipfile.ZipFile(build_archive(tmp / "model.pth", tmp / "store", SERVE)) as mar:
+    registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
+    archive = build_archive(tmp / "model.pth", tmp / "store", SERVE, registered)
+    with zipfile.ZipFile(archive) as mar:
         mar.extractall(tmp / "unpacked")
     model_dir = tmp / "unpacked"
     spec = importlib.util.spec_from_file_location(
@@ -113,6 +116,7 @@ def test_every_request_format_gets_its_own_options(served):
     assert bodies[3]["caption"] == expected(served, images[3], num_beams=3)
     assert [(b["num_beams"], b["max_length"]) for b in bodies] == [(1, 8), (2, 5), (1, 3), (3, 8)]
     assert {b["batch_size"] for b in bodies} == {4}
+    assert {b["model_version"] for b in bodies} == {"7"}  # the registered version answers
 
 
 def test_bad_requests_fail_alone_with_a_reason(served):

@@ -40,9 +40,14 @@ FILES = {
             paths.PREDICTIONS_PATH,
             paths.SAMPLES_PATH,
             paths.ATTENTION_PATH,
+            paths.CARD_PATH,
+            paths.REGISTERED_PATH,
         },
     ),
-    "package": ({paths.MODEL_PATH}, {paths.ARCHIVE_PATH}),
+    "package": (
+        {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
+        {paths.ARCHIVE_PATH},
+    ),
 }
 TORCH_FREE = ("training.source", "training.ingest", "training.validate")
 

@@ -100,7 +100,7 @@ def test_runs_are_tracked_and_the_model_registered(pipeline):
     assert run.data.params["train.epochs"] == "2"
     assert len(client.get_metric_history(run_id, "val_loss")) == 2  # one point per epoch
     assert "bleu4" in run.data.metrics and "content_accuracy" in run.data.metrics
-    versions = client.search_model_versions("name='imgtocap'")
+    versions = client.search_model_versions("name='imgtocap-synthetic'")
     assert versions and versions[0].run_id == run_id
 
 

@@ -111,7 +111,7 @@ def test_fail_mode_stops_with_a_summary_after_writing_the_report(tmp_path):
     assert json.loads(report_path.read_text())["counts"]["dropped"] == 15
 
 
-def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch):
+def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch, capsys):
     broken_dataset(tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("data:\n  source: synthetic\n  on_invalid: fail\n")
     monkeypatch.chdir(tmp_path)
@@ -123,8 +123,9 @@ def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "reports" / "validation.json").read_text())["counts"]["dropped"]
 
     (tmp_path / "params.yaml").write_text("data:\n  on_invalid: maybe\n")
-    with pytest.raises(ValueError, match="drop or fail"):
+    with pytest.raises(SystemExit) as stop:  # a params.yaml mistake: one line, status 2
         main()
+    assert stop.value.code == 2 and "drop or fail" in capsys.readouterr().err
 
 
 def test_clean_data_passes_fail_mode_and_pool_matches_serial(tmp_path):

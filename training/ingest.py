@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from training.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
 from training.download import download, url_file_name
-from training.params import DataConfig, Flickr8kConfig, KarpathyConfig, load_params
+from training.params import DataConfig, Flickr8kConfig, KarpathyConfig, load_params, stage_main
 from training.paths import RAW_DIR
 from training.synthetic import write_synthetic
 
@@ -87,6 +87,7 @@ def _write_source(cfg: DataConfig, work: Path) -> None:
         _copy_dataset([_existing(cfg.folder.path, "data.folder.path")], work, original_ok=False)
 
 
+@stage_main
 def main() -> None:
     """`python -m training.ingest`: read params.yaml and write data/raw."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

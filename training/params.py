@@ -16,13 +16,16 @@ stage imports another:
 
 A stage's `main()` loads params.yaml and builds its dataclasses with `from_section`, which
 refuses unknown keys and scalars of the wrong type; the stage function takes the dataclass.
+Every such mistake is a `ParamsError`, and `@stage_main` turns it into one line on stderr.
 Nothing here imports torch: `pick_device` imports it when called.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
@@ -37,6 +40,27 @@ if TYPE_CHECKING:
     import torch
 
 
+class ParamsError(ValueError):
+    """A mistake in params.yaml (unknown key, wrong type or value); the message names the key."""
+
+
+def stage_main(main: Callable[[], None]) -> Callable[[], None]:
+    """Decorate a stage's `main()`: a params.yaml mistake ends the stage with one actionable
+    line on stderr and exit status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def run() -> None:
+        try:
+            main()
+        except ParamsError as exc:
+            message = str(exc)
+            where = "" if "params.yaml" in message else " in params.yaml"
+            print(f"error{where}: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Load params.yaml as a dict; a missing or non-mapping file is a clear error."""
     path = Path(path)
@@ -45,9 +69,15 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             f"{path.resolve()} not found: run the stage from the repository root "
             "(where params.yaml lives), e.g. `python -m training.ingest` or `dvc repro`"
         )
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:  # one line: where, and what the parser expected
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ParamsError(f"{path}{at} is not valid YAML: {problem}") from None
     if not isinstance(params, dict):
-        raise ValueError(
+        raise ParamsError(
             f"{path} must hold a YAML mapping (key: value), got {type(params).__name__}"
         )
     return params
@@ -62,12 +92,12 @@ def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any
     """
     values = {} if values is None else values
     if not isinstance(values, Mapping):
-        raise ValueError(f"{where} in params.yaml must be a mapping, got {values!r}")
+        raise ParamsError(f"{where} in params.yaml must be a mapping, got {values!r}")
     hints = get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
+        raise ParamsError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
     built = {}
     for key, value in values.items():
         if is_dataclass(hints[key]):
@@ -75,7 +105,12 @@ def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any
         else:
             _check_scalar(value, hints[key], f"{where}.{key}")
             built[key] = value
-    return cls(**built)
+    try:
+        return cls(**built)
+    except ParamsError:
+        raise
+    except ValueError as exc:  # the dataclass's own checks (ranges, choices)
+        raise ParamsError(str(exc)) from exc
 
 
 _SCALARS = {
@@ -96,7 +131,7 @@ def _check_scalar(value: Any, hint: Any, where: str) -> None:
     note = ""
     if float in allowed and isinstance(value, str) and _parses_as_float(value):
         note = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
-    raise ValueError(f"{where} must be {expected}, got {value!r}{note}")
+    raise ParamsError(f"{where} must be {expected}, got {value!r}{note}")
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -123,7 +158,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
+        raise ParamsError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
     return device
 
 

@@ -41,6 +41,8 @@ EVAL_METRICS_PATH = Path("metrics/eval.json")
 PREDICTIONS_PATH = Path("reports/predictions.jsonl")
 SAMPLES_PATH = Path("reports/samples.png")
 ATTENTION_PATH = Path("reports/attention.png")
+CARD_PATH = Path("reports/model_card.md")
+REGISTERED_PATH = Path("artifacts/model/registered.json")  # the version package stamps
 
 # package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
 ARCHIVE_PATH = Path("model-store/imgtocap.mar")

@@ -25,7 +25,7 @@ import numpy as np
 from model import encode_caption, load_tokenizer, normalize_caption
 from training.captions import SPLITS_FILE, valid_rows
 from training.datachecks import check_unknown_pieces
-from training.params import ModelParams, from_section, load_params
+from training.params import ModelParams, from_section, load_params, stage_main
 from training.paths import PROCESSED_PATH, RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def preprocess(
     return out
 
 
+@stage_main
 def main() -> None:
     """`python -m training.preprocess`: data/raw + validation report -> data/processed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

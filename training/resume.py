@@ -1,7 +1,7 @@
 """The resumable state of a training run, kept outside DVC's outputs.
 
 After every epoch the trainer writes everything a resumed run needs (model, optimizer,
-schedule, history, MLflow run) to `artifacts/resume/<fingerprint>/last.pth`, and the best
+schedule, RNG, history, MLflow run) to `artifacts/resume/<fingerprint>/last.pth`, and the best
 epoch's model to `best.pth` beside it, each through `model.io.atomic_write`. The fingerprint
 hashes what the run depends on: its input files (model config, captions, the train and val
 features, the encoder weights), its code (`model/` and the train stage) and the train params;
@@ -45,7 +45,7 @@ UNREADABLE += (pickle.UnpicklingError, zipfile.BadZipFile)
 KEY_CHARS = 16  # of the fingerprint, in the folder name
 # What a saved state holds besides the tensors (train.py writes it).
 FIELDS = {"epoch", "best_val", "best_epoch", "bad_epochs", "history", "run_id", "seconds"}
-TENSORS = {"model", "optimizer", "scheduler"}
+TENSORS = {"model", "optimizer", "scheduler", "rng"}
 
 
 def fingerprint(files: Iterable[Path], code: Iterable[Path] = CODE, **settings: Any) -> str:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.params import DataConfig, load_params
+from training.params import DataConfig, load_params, stage_main
 from training.paths import SOURCE_PATH
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def _listing(root: Path):
             yield path.relative_to(root).as_posix(), path.stat()
 
 
+@stage_main
 def main() -> None:
     """`python -m training.source`: params.yaml `data` -> data/source.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

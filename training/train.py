@@ -4,7 +4,7 @@ AdamW (pretrained weights at `lr`, freshly initialised layers at `new_layer_lr`)
 warmup then cosine decay, gradient clipping, optional label smoothing; validation loss every
 epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
 
-Interrupted runs resume: after every epoch the full state (model, optimizer, schedule,
+Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
 history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/resume.py), outside
 DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
 config, params, data and code are unchanged (the fingerprint); the batch order of an epoch
@@ -14,10 +14,12 @@ runs per workspace, and it stops when the `dvc` that started it is gone (trainin
 Past one process (`nproc_per_node`, `nnodes`): the stage re-launches itself under torchrun
 (training/distributed.py) and trains with DistributedDataParallel. The global batch stays
 `batch_size` captions in the same (seed, epoch) order; each rank takes a contiguous part of its
-images, and its summed token loss is weighted so that DDP's gradient average is the gradient of
+images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the gradient of
 the whole batch's mean loss, as one process computes it: the loss curve is the one-process
 curve up to float rounding (and dropout masks, which each rank draws for its own captions).
-Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow.
+Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow; every rank
+gets the same validation loss bits, so all take the same early-stopping decision. One process
+computes exactly what it computed before DDP existed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from model.pretrained import load_pretrained
 from training import distributed, resume, tracking
 from training.datachecks import check_learnable
 from training.distributed import ONE_PROCESS, World
-from training.params import ModelParams, from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
     CONFIG_PATH,
     ENCODER_WEIGHTS,
@@ -124,7 +126,6 @@ class CaptionData:
 
     A batch holds whole images with all their captions: the image's projected memory is
     computed once and shared by its captions (`rows`), which saves a third of the compute.
-    Under DDP every rank draws the same batches and keeps its part of their images (`shard`).
     """
 
     def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
@@ -143,13 +144,12 @@ class CaptionData:
         counts = torch.tensor([len(e["tokens"]) for e in entries])
         self.first = torch.cumsum(counts, 0) - counts  # image i's captions: first[i] + 0..count-1
         self.counts = counts
-        self.lengths = (self.tokens != pad_id).sum(1)  # (captions,) on the CPU, whatever device
         self.pad_id = pad_id
 
     def to(self, device: torch.device) -> CaptionData:
-        """Hold the features and tokens on `device` (a GPU: no copy per step); the index
-        tensors stay on the CPU, where batches are put together without waiting for it."""
-        self.grid, self.tokens = self.grid.to(device), self.tokens.to(device)
+        """Hold the features on `device` (a GPU: no copy per step); the captions stay on the
+        CPU, where batches are put together without waiting for the GPU."""
+        self.grid = self.grid.to(device)
         return self
 
     def __len__(self) -> int:
@@ -160,16 +160,12 @@ class CaptionData:
         batch_size: int,
         generator: torch.Generator | None = None,
         captions_per_image: int | None = None,
-        shard: tuple[int, int] = (0, 1),
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-        """(grid (I, N, C) fp16, tokens (B, T), rows (B,), targets): B ~ batch_size captions of
-        I images, and the batch's number of non-pad targets (the mean loss's denominator).
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(grid (I, N, C) fp16, tokens (B, T), rows (B,)): B ~ batch_size captions of I images.
 
         Each image comes with all its captions, or with `captions_per_image` of them drawn at
         random (a new draw each epoch: over epochs every caption is used). Images are shuffled
-        when given a generator. `shard` (rank, world size): every rank draws the same batches
-        and gets its contiguous part of each one's images (possibly none); `targets` still
-        counts the whole batch's.
+        when given a generator.
         """
         n = len(self.counts)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -177,7 +173,8 @@ class CaptionData:
         for start in range(0, n, self._images_per_batch(batch_size, used)):
             images = order[start : start + self._images_per_batch(batch_size, used)]  # (I,)
             counts = used[images]
-            if captions_per_image:  # drawn for the whole batch on every rank: the same draws
+            rows = torch.repeat_interleave(torch.arange(len(images)), counts)  # (B,)
+            if captions_per_image:
                 offsets = torch.cat(
                     [
                         torch.randperm(int(self.counts[i]), generator=generator)[: int(c)]
@@ -185,18 +182,12 @@ class CaptionData:
                     ]
                 )
             else:
-                offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+                offsets = torch.arange(len(rows)) - torch.repeat_interleave(
                     torch.cumsum(counts, 0) - counts, counts
                 )
-            picked = torch.repeat_interleave(self.first[images], counts) + offsets  # (B,)
-            targets = int(self.lengths[picked].sum()) - len(picked)  # all but each [CLS]
-            lo, hi = shard_range(len(images), *shard)
-            ends = torch.cumsum(counts, 0).tolist()
-            picked = picked[(ends[lo - 1] if lo else 0) : (ends[hi - 1] if hi else 0)]
-            images, counts = images[lo:hi], counts[lo:hi]
-            rows = torch.repeat_interleave(torch.arange(len(images)), counts)  # (B,)
-            width = int(self.lengths[picked].max()) if len(picked) else 2  # trim padding
-            yield self.grid[images], self.tokens[picked, :width], rows, targets
+            tokens = self.tokens[self.first[images][rows] + offsets]  # (B, T)
+            width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
+            yield self.grid[images.to(self.grid.device, non_blocking=True)], tokens[:, :width], rows
 
     def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
         """Batches per pass over the split."""
@@ -208,9 +199,22 @@ class CaptionData:
         return max(1, round(batch_size / max(1.0, used.float().mean().item())))
 
 
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[lo, hi) of n items that are rank's: contiguous, sizes within one of each other."""
-    return n * rank // world, n * (rank + 1) // world
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # grid (I, N, C), tokens (B, T), rows (B,)
+
+
+def shard(batch: Batch, world: World, pad_id: int) -> tuple[Batch, int]:
+    """This rank's part of a batch every rank drew alike: a contiguous run of its images with
+    their captions (possibly none), and the whole batch's number of targets (non-pad tokens
+    after [CLS]: the mean loss's denominator). One process: the batch itself."""
+    grid, tokens, rows = batch
+    targets = int((tokens[:, 1:] != pad_id).sum())  # on the CPU: no wait for the GPU
+    if world.size == 1:
+        return batch, targets
+    lo, hi = len(grid) * world.rank // world.size, len(grid) * (world.rank + 1) // world.size
+    mine = (rows >= lo) & (rows < hi)  # rows are sorted: a contiguous run of captions
+    tokens, rows = tokens[mine], rows[mine] - lo
+    width = int((tokens != pad_id).sum(1).max()) if len(tokens) else 2  # trim padding columns
+    return (grid[lo:hi], tokens[:, :width], rows), targets
 
 
 def param_groups(model: Captioner, new: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -249,17 +253,17 @@ def validation_loss(
     model: Captioner, data: CaptionData, batch_size: int, device, world: World = ONE_PROCESS
 ) -> float:
     """Token-weighted mean cross-entropy (no label smoothing) over a split, the ranks sharing
-    its batches; every rank gets the same value."""
+    each batch; every rank gets the same value."""
     model.eval()
-    summed = torch.zeros((), dtype=torch.float64, device=device)
+    summed = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait
     count = 0
-    for grid, tokens, rows, targets in data.batches(batch_size, shard=world.shard):
+    for batch in data.batches(batch_size):
+        (grid, tokens, rows), targets = shard(batch, world, data.pad_id)
         count += targets
-        if len(rows):
-            _, loss = model(
-                grid.to(device), tokens.to(device), rows=rows.to(device), reduction="sum"
-            )
-            summed += loss
+        n = int((tokens[:, 1:] != data.pad_id).sum())  # this rank's targets
+        if n:
+            _, loss = model(grid.to(device), tokens.to(device), rows=rows.to(device))
+            summed += loss.double() * n  # as one process always summed it: float64
     return distributed.total(summed, world).item() / max(count, 1)
 
 
@@ -267,28 +271,29 @@ def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+    batch: Batch,
     cfg: TrainConfig,
     device: torch.device,
     world: World = ONE_PROCESS,
+    pad_id: int = 0,
 ) -> torch.Tensor:
-    """One optimizer step on this rank's part of a batch; returns (detached, on `device`) its
+    """One optimizer step on this rank's part of `batch`; returns (detached, on `device`) its
     share of the batch's mean loss: the shares of all ranks add up to it.
 
-    One process minimises the sum of the batch's token losses over its target count. A rank
-    holds part of the tokens; DDP averages the ranks' gradients, so backpropagating world size
-    times its share makes that average the gradient of the whole batch's mean loss.
+    One process minimises the batch's mean token loss. A rank holds part of the tokens: its
+    share is its summed token loss over the whole batch's target count, and since DDP averages
+    the ranks' gradients, backpropagating world size times it makes that average the gradient
+    of the whole batch's mean loss, as one process computes it (up to float rounding).
     """
-    grid, tokens, rows, targets = batch
+    (grid, tokens, rows), targets = shard(batch, world, pad_id)
+    grid = grid.to(device, non_blocking=True)
+    tokens, rows = tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        _, summed = net(
-            grid.to(device),
-            tokens.to(device),
-            cfg.label_smoothing,
-            rows.to(device),
-            reduction="sum",
-        )
-    share = summed / targets
+        if world.size == 1:  # the mean loss itself: one process trains as it always did
+            _, share = net(grid, tokens, cfg.label_smoothing, rows)
+        else:  # a rank with no captions in this batch adds 0 (and takes part in the all-reduce)
+            _, summed = net(grid, tokens, cfg.label_smoothing, rows, reduction="sum")
+            share = summed / targets
     optimizer.zero_grad(set_to_none=True)
     (share * world.size).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -342,7 +347,7 @@ def train(
     files = distributed.local_first(world, weight_files, *wanted)
     new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, new, cfg), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
     steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
@@ -361,15 +366,17 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(_rank_rng(state, world.rank, cfg.seed))
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, saved.last)
     else:
         state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
         state.update(history=[], run_id=None, seconds=0.0)
-    run_id = tracking.start(state["run_id"], name="train") if world.main else None
-    if run_id and not state["run_id"]:
-        logged = config.to_dict()  # the id list would overflow MLflow's param size limit
-        logged["output_vocab"] = len(config.output_vocab) if config.output_vocab else "full"
-        tracking.log_params({**(params or {}), "config": logged})
+        if world.rank:  # dropout: rank 0 draws as one process does, the others their own
+            torch.manual_seed(_rank_seed(cfg.seed, world.rank))
+    # this execution's MLflow run (a resumed training continues its own); rank 0's alone
+    run_id = None
+    if world.main:
+        run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
     state["run_id"] = run_id
     # gradients averaged over the ranks after each backward; the module itself is `model`
     net = model
@@ -390,19 +397,21 @@ def train(
             break
         started = time.perf_counter()
         model.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the data order
-        torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * (world.rank + 1))  # dropout
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # on every rank
         batches = tqdm(
-            train_data.batches(cfg.batch_size, generator, cfg.captions_per_image, world.shard),
+            train_data.batches(cfg.batch_size, generator, cfg.captions_per_image),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
             disable=not world.main,
         )
-        running = torch.zeros((), device=device)  # summed on the device: no wait per step
+        # summed on the device (no wait per step), in float64 as one process always summed it
+        running = torch.zeros((), dtype=torch.float64, device=device)
         for step, batch in enumerate(batches, 1):
-            running += train_step(net, optimizer, scheduler, batch, cfg, device, world)
+            share = train_step(net, optimizer, scheduler, batch, cfg, device, world, config.pad_id)
+            running += share.double()
             if world.main and (step % SHOW_LOSS_EVERY == 0 or step == steps_per_epoch):
+                # rank 0's share scaled up: the loss shown, roughly; the history has the exact one
                 batches.set_postfix(loss=f"{running.item() * world.size / step:.3f}")
         train_loss = distributed.total(running, world).item() / steps_per_epoch
         val_loss = validation_loss(model, val_data, cfg.batch_size, device, world)
@@ -422,10 +431,11 @@ def train(
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
+        rngs = distributed.gather(torch.get_rng_state(), world)  # each rank's dropout stream
         if world.main:
             if improved:
                 save_checkpoint(model, saved.best, epoch=epoch + 1, val_loss=val_loss)
-            saved.save(_full_state(state, model, optimizer, scheduler))
+            saved.save(_full_state(state, model, optimizer, scheduler, rngs))
             tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log.info(
             "epoch %d: train %.4f, val %.4f (%.0f s)",
@@ -460,15 +470,30 @@ def train(
     return metrics
 
 
-def _full_state(state: dict[str, Any], model, optimizer, scheduler) -> dict[str, Any]:
-    """Everything a resumed run needs: the bookkeeping, the weights, optimizer and schedule.
-    (No RNG: each epoch seeds its own from (seed, epoch, rank).)"""
+def _full_state(state: dict[str, Any], model, optimizer, scheduler, rngs) -> dict[str, Any]:
+    """Everything a resumed run needs: the bookkeeping, the weights, optimizer, schedule, and
+    the RNG (rank 0's, as one process saves it, and the other ranks' beside it)."""
     return {
         **state,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "rng": rngs[0],
+        "rank_rngs": rngs[1:],
     }
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed + 1_000_003 * rank
+
+
+def _rank_rng(state: dict[str, Any], rank: int, seed: int) -> torch.Tensor:
+    """The RNG state `rank` saved; a rank the saving run did not have starts a stream of its own."""
+    if rank == 0:
+        return state["rng"]
+    if rank <= len(state.get("rank_rngs", [])):
+        return state["rank_rngs"][rank - 1]
+    return torch.Generator().manual_seed(_rank_seed(seed, rank)).get_state()
 
 
 def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> None:
@@ -481,6 +506,7 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
 
 
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
+@stage_main
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth.
 

@@ -38,7 +38,7 @@ from model.pretrained import encoder_state
 from training import distributed
 from training.captions import IMAGES_DIR
 from training.distributed import World
-from training.params import ModelParams, from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
 from training.process import die_with_dvc, die_with_launcher
 from training.weights import needed, weight_files
@@ -148,6 +148,7 @@ def transform(
 
 
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
+@stage_main
 def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
     world = World.from_env()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from model.image import ImageError, open_image
 from training.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
 from training.checksums import file_sha256
-from training.params import DataConfig, load_params
+from training.params import DataConfig, load_params, stage_main
 from training.paths import RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def validate(
     return report
 
 
+@stage_main
 def main() -> None:
     """`python -m training.validate`: validate data/raw into reports/validation.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
