@@ -70,9 +70,12 @@ def under_torchrun() -> bool:
 
 
 def holds_lock(world: World) -> bool:
-    """Whether this process must take the workspace's lock: the stage's own process, or under a
-    torchrun started by hand each machine's local rank 0 (`launch()`'s workers never: it does)."""
-    return LAUNCHER_ENV not in os.environ and world.local_rank == 0
+    """Whether this process takes the workspace's lock: the one that will write. That is the
+    stage's own process on node 0 (NODE_RANK unset or 0; a shared workspace is not locked
+    against the other nodes, which write nothing), or global rank 0 under a torchrun started
+    by hand; never `launch()`'s workers, whose launcher holds it."""
+    first_node = os.environ.get(NODE_RANK_ENV, "0") == "0"
+    return LAUNCHER_ENV not in os.environ and world.rank == 0 and first_node
 
 
 def torchrun_args(

@@ -267,6 +267,16 @@ def validation_loss(
     return distributed.total(summed, world).item() / max(count, 1)
 
 
+# Mixed precision per device type: bf16 on CUDA (no loss scaling needed); elsewhere fp32.
+AUTOCAST = {"cuda": torch.bfloat16}
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The autocast context a training step runs in on `device` (disabled where fp32)."""
+    dtype = AUTOCAST.get(device.type)
+    return torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -288,7 +298,7 @@ def train_step(
     (grid, tokens, rows), targets = shard(batch, world, pad_id)
     grid = grid.to(device, non_blocking=True)
     tokens, rows = tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         if world.size == 1:  # the mean loss itself: one process trains as it always did
             _, share = net(grid, tokens, cfg.label_smoothing, rows)
         else:  # a rank with no captions in this batch adds 0 (and takes part in the all-reduce)
