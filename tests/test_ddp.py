@@ -77,6 +77,23 @@ def test_ranks_split_each_batch_into_contiguous_runs_of_images():
     assert shard((grid, tokens, rows), World(), pad)[0][1] is tokens  # one process: untouched
 
 
+def test_a_rank_without_captions_in_a_batch_adds_nothing_but_takes_its_step():
+    from fixtures_model import tiny
+
+    model = tiny().train()
+    spec = model.encoder.spec
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    grid = torch.randn(2, spec.grid**2, spec.channels).half()
+    batch = grid, torch.randint(5, 50, (2, 6)), torch.arange(2)  # 2 images for 3 ranks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu = torch.device("cpu")
+    share = train_step(model, optimizer, scheduler, batch, TrainConfig(), cpu, World(0, 0, 3))
+    assert share == 0  # rank 0 of 3 holds none of the 2 images
+    assert all(p.grad is not None and not p.grad.any() for p in optimizer.param_groups[0]["params"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_torchrun_command_lines(monkeypatch):
     one = distributed.torchrun_args("training.train", 2)
     assert one == ["--nproc-per-node=2", "--max-restarts=0", "--standalone", "-m", "training.train"]

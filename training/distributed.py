@@ -55,11 +55,6 @@ class World:
         """Rank 0: the one process that writes files, logs and tracks."""
         return self.rank == 0
 
-    @property
-    def shard(self) -> tuple[int, int]:
-        """(rank, world size): which part of every batch is this process's."""
-        return self.rank, self.size
-
 
 ONE_PROCESS = World()
 

@@ -348,7 +348,8 @@ def train(
     for split, data in (("train", train_data), ("val", val_data)):
         check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
     if device.type == "cuda":  # features read where the model runs: no copy per step
-        train_data.to(device), val_data.to(device)
+        train_data.to(device)
+        val_data.to(device)
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
@@ -515,8 +516,8 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
         writer.writerows(history)
 
 
-@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 @stage_main
+@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth.
 

@@ -147,8 +147,8 @@ def transform(
     return index
 
 
-@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 @stage_main
+@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
     world = World.from_env()
