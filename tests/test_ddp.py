@@ -59,21 +59,15 @@ def test_ranks_split_each_batch_into_contiguous_runs_of_images():
     for size in (1, 2, 3, 7):
         parts = [shard((grid, tokens, rows), World(r, r, size), pad) for r in range(size)]
         assert {t for _, t in parts} == {targets}  # every rank divides by the whole batch's
-        got_images = torch.cat([g[:, 0, 0] for (g, _, _), _ in parts])
-        assert got_images.tolist() == [0, 1, 2, 3, 4]
-        got_rows = torch.cat(
-            [
-                r + len(torch.cat([p[0][0] for p in parts[:i]])) if i else r
-                for i, ((_, _, r), _) in enumerate(parts)
-            ]
-        )
-        assert got_rows.tolist() == rows.tolist()
-        got_lengths = torch.cat([(t != pad).sum(1) for (_, t, _), _ in parts])
-        assert got_lengths.tolist() == lengths.tolist()
+        images, captions = [], []  # what the ranks hold together, in rank order
         for (g, t, r), _ in parts:
             assert len(t) == len(r) and (not len(r) or r.max() < len(g))
             if len(t):  # padding trimmed to this rank's longest caption
                 assert t.shape[1] == int((t != pad).sum(1).max())
+            captions += [(int(g[i, 0, 0]), int((c != pad).sum())) for i, c in zip(r, t)]
+            images += g[:, 0, 0].tolist()
+        assert images == [0, 1, 2, 3, 4]  # each image once, in order
+        assert captions == list(zip(rows.tolist(), lengths.tolist()))  # each caption with it
     assert shard((grid, tokens, rows), World(), pad)[0][1] is tokens  # one process: untouched
 
 
