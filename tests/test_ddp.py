@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +111,34 @@ def test_train_params_for_several_processes_are_checked():
     assert TrainConfig(nnodes=2, rdzv_endpoint="10.0.0.1:29500").distributed
 
 
-def test_each_process_gets_its_own_gpu_and_bf16_autocast():
+def test_each_process_gets_its_own_gpu_and_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     two = World(rank=3, local_rank=1, size=4)
     assert distributed.device_for(torch.device("cuda"), two) == torch.device("cuda", 1)
     assert distributed.device_for(torch.device("cuda", 2), World()) == torch.device("cuda", 2)
     assert distributed.device_for(torch.device("cpu"), two) == torch.device("cpu")
+    with pytest.raises(ValueError, match="local rank 2 has no GPU of its own: this machine has 2"):
+        distributed.device_for(torch.device("cuda"), World(rank=2, local_rank=2, size=3))
     assert {"cuda": torch.bfloat16} == AUTOCAST
     with autocast(torch.device("cpu")):  # fp32 on a CPU: what the tests compare is exact
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_ranks_join_gloo_on_cpus_and_nccl_on_gpus_with_a_timeout(monkeypatch):
+    joined = []
+    monkeypatch.setattr(
+        distributed.dist, "init_process_group", lambda *a, **kw: joined.append((a, kw))
+    )
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    distributed.join(World(), torch.device("cpu"), 7)  # one process: no group at all
+    assert joined == []
+    two = World(rank=1, local_rank=1, size=2)
+    distributed.join(two, torch.device("cpu"), 7)
+    distributed.join(two, torch.device("cuda", 1), 7)
+    (cpu_args, cpu), (gpu_args, gpu) = joined
+    assert cpu_args == ("gloo",) and gpu_args == ("nccl",)
+    assert cpu["timeout"] == gpu["timeout"] == timedelta(seconds=7)  # a stalled peer fails all
+    assert cpu["device_id"] is None and gpu["device_id"] == torch.device("cuda", 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

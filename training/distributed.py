@@ -127,6 +127,12 @@ def launch(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str
 def device_for(device: torch.device, world: World) -> torch.device:
     """On CUDA every process of a machine has its own GPU: local rank i gets cuda:i."""
     if world.size > 1 and device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if world.local_rank >= gpus:
+            raise ValueError(
+                f"local rank {world.local_rank} has no GPU of its own: this machine has {gpus}. "
+                f"Set nproc_per_node (params.yaml train: or transform:) to at most {gpus}."
+            )
         return torch.device("cuda", world.local_rank)
     return device
 
