@@ -187,7 +187,8 @@ class CaptionData:
                 )
             tokens = self.tokens[self.first[images][rows] + offsets]  # (B, T)
             width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
-            yield self.grid[images.to(self.grid.device, non_blocking=True)], tokens[:, :width], rows
+            grid = self.grid[images.to(self.grid.device, non_blocking=True)]  # (I, N, C)
+            yield grid, tokens[:, :width], rows
 
     def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
         """Batches per pass over the split."""
@@ -521,9 +522,9 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth.
 
-    With train.nproc_per_node or nnodes > 1 this process holds the lock and becomes torchrun,
-    whose workers run this again, as ranks (one lock per machine: torchrun started by hand
-    lets each machine's local rank 0 take it)."""
+    With train.nproc_per_node or nnodes > 1 this process becomes torchrun, whose workers run
+    this again, as ranks. The workspace's lock is taken by the process that writes: this one
+    on node 0 (under a torchrun started by hand, global rank 0), never by the other nodes."""
     world = World.from_env()
     rank = f" [rank {world.rank}]" if world.size > 1 else ""
     logging.basicConfig(
