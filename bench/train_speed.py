@@ -9,15 +9,28 @@ of `--batch-size` captions of `--tokens` tokens over a `--output-vocab`-word out
 the evaluate stage's beam search. Then multiplies by Flickr8k's sizes: 8,091 images to
 encode, 6,000 training images x 5 captions per epoch, 1,000 test images. Prints a table with
 each phase's peak memory (allocated on a GPU; on a CPU, the process's peak RSS so far).
+
+    .venv/bin/python bench/train_speed.py --scaling 2 [--preset offline] [--threads 1]
+
+Instead: DDP's scaling. The train stage's step (`training.train.train_step`, DDP, the batch
+sharded as the stage shards it) under real torchrun with 1 process and with N, each process
+limited to `--threads` threads (gloo on a CPU, NCCL with `--device cuda`, one GPU each), the
+same global batch; the two take turns for `--rounds` rounds so that a shared machine's load
+weighs on both alike. Prints ms per global step and the efficiency: speedup over N.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -25,7 +38,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
+from training import distributed  # noqa: E402
+from training.distributed import World  # noqa: E402
 from training.params import pick_device  # noqa: E402
+from training.train import TrainConfig, train_step  # noqa: E402
 
 FLICKR8K = {"images": 8091, "train_captions": 6000 * 5, "test_images": 1000}
 
@@ -57,6 +73,80 @@ def peak_memory(device: torch.device, reset: bool = True) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
+def random_batch(config, spec, batch_size: int, tokens: int, output_vocab: int, device):
+    """(grid (B, N, C) fp16 on `device`, tokens (B, T), rows (B,)): one caption per image."""
+    grid = torch.randn(batch_size, spec.grid**2, spec.channels, device=device).half()
+    ids = torch.randint(1000, 1000 + output_vocab - 10, (batch_size, tokens))
+    ids[:, 0], ids[:, -1] = config.bos_id, config.eos_id
+    return grid, ids, torch.arange(batch_size)
+
+
+def scaling_worker(args, out: Path) -> None:
+    """One rank under torchrun: time the train stage's DDP step; rank 0 writes ms per step."""
+    torch.set_num_threads(args.threads)
+    world = World.from_env()
+    device = distributed.device_for(pick_device(args.device), world)
+    distributed.join(world, device, 300)
+    torch.manual_seed(0)  # every rank: the same model and the same global batch
+    config = preset(args.preset, output_vocab=list(range(args.output_vocab)))
+    model = build_captioner(config, pretrained=False).to(device).train()
+    batch = random_batch(
+        config, model.encoder.spec, args.batch_size, args.tokens, args.output_vocab, device
+    )
+    net = model
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cfg = TrainConfig(batch_size=args.batch_size)
+
+    def step() -> None:
+        train_step(net, optimizer, scheduler, batch, cfg, device, world, config.pad_id)
+
+    step()  # warm-up
+    distributed.barrier(world)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    distributed.barrier(world)  # a global step ends when the slowest rank's ends
+    seconds = (time.perf_counter() - start) / args.steps
+    if world.main:
+        out.write_text(json.dumps({"ms_per_step": 1000 * seconds}))
+    distributed.leave(world)
+
+
+def scaling(args) -> None:
+    """1 process vs `args.scaling`, taking turns: the table of ms per step and efficiency."""
+    forwarded = ["--preset", args.preset, "--device", args.device, "--threads", str(args.threads)]
+    forwarded += ["--batch-size", str(args.batch_size), "--tokens", str(args.tokens)]
+    forwarded += ["--output-vocab", str(args.output_vocab), "--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    times: dict[int, list[float]] = {1: [], args.scaling: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        for _ in range(args.rounds):
+            for n in times:
+                torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+                cmd = [sys.executable, *torchrun, __file__, *forwarded, "--worker", str(out)]
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                times[n].append(json.loads(out.read_text())["ms_per_step"])
+    one = statistics.median(times[1])
+    where = "GPU each" if args.device == "cuda" else f"{args.threads} thread(s) each, CPU"
+    print(
+        f"\n`{args.preset}` preset, DDP under torchrun, global batch {args.batch_size} captions "
+        f"of {args.tokens} tokens, {where}; median of {args.rounds} rounds of {args.steps} steps"
+        "\n"
+    )
+    print("| processes | ms / step | steps / s | speedup | efficiency |")
+    print("|---:|---:|---:|---:|---:|")
+    for n, measured in times.items():
+        ms = statistics.median(measured)
+        print(f"| {n} | {ms:.0f} | {1000 / ms:.2f} | {one / ms:.2f}x | {one / ms / n:.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="base")
@@ -69,7 +159,16 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scaling", type=int, default=0, help="processes to compare with 1")
+    parser.add_argument("--threads", type=int, default=1, help="--scaling: per process")
+    parser.add_argument("--steps", type=int, default=5, help="--scaling: timed per round")
+    parser.add_argument("--rounds", type=int, default=3, help="--scaling: turns of each")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a rank of --scaling
     args = parser.parse_args()
+    if args.worker:
+        return scaling_worker(args, args.worker)
+    if args.scaling:
+        return scaling(args)
     device = pick_device(args.device)
     torch.manual_seed(0)
 
@@ -94,20 +193,15 @@ def main() -> None:
 
     # train: one optimizer step, as training/train.py takes it
     B = args.batch_size
-    grid = torch.randn(B, spec.grid**2, spec.channels, device=device).half()
-    tokens = torch.randint(1000, 1000 + args.output_vocab - 10, (B, args.tokens), device=device)
-    tokens[:, 0], tokens[:, -1] = config.bos_id, config.eos_id
-    rows = torch.arange(B, device=device)
+    batch = random_batch(config, spec, B, args.tokens, args.output_vocab, device)
+    grid = batch[0]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cfg = TrainConfig(batch_size=B)
     model.train()
 
-    def step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=on_cuda):
-            _, loss = model(grid, tokens, 0.1, rows)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    def step() -> None:  # the train stage's step: features on the device, captions on the CPU
+        train_step(model, optimizer, scheduler, batch, cfg, device, pad_id=config.pad_id)
 
     step_s = timed(step, device, args.repeats)
     train_peak = peak_memory(device)

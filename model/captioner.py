@@ -113,13 +113,14 @@ class Captioner(nn.Module):
         tokens: torch.Tensor,
         label_smoothing: float = 0.0,
         rows: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. grid (I, N, C), tokens (B, T) = [CLS] ... [SEP] [PAD]...
 
         `rows` (B,) says which image each caption describes (default: caption i, image i):
         several captions of one image share its projected memory, computed once.
         Returns logits (B, T-1, V') predicting tokens[:, 1:] (V' = the output vocabulary) and
-        the mean loss over non-pad targets.
+        the mean loss over non-pad targets (`reduction="sum"`: their sum, 0 for no captions).
         """
         context = self.image_context(grid)  # (I, N, H) or (I, H)
         cross = self._cross_keys_values(context)
@@ -138,6 +139,7 @@ class Captioner(nn.Module):
             targets.flatten(),
             ignore_index=-100,
             label_smoothing=label_smoothing,
+            reduction=reduction,
         )
         return logits, loss
 

@@ -1,5 +1,6 @@
 """Test helpers for the real DVC pipeline, shrunk: a repository copy in a fresh git repo,
-params edits, and `dvc` run with the venv's python first on PATH."""
+params edits, and `dvc` run with the venv's python first on PATH; a workspace built up to the
+train stage by the stage functions, and trainers run in it as DVC runs them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +135,49 @@ def history(repo: Path) -> list[dict[str, str]]:
     """metrics/train_history.csv: one row per epoch."""
     with (repo / "metrics/train_history.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def workspace_after_define(root: Path, num_images: int = 12) -> Path:
+    """The pipeline's layout up to `define` in `root` (synthetic 64 px images, the tiny preset),
+    built by calling the real stage functions, and params.yaml for the tiny preset on the CPU."""
+    from training.define import define
+    from training.params import ModelParams
+    from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH
+    from training.preprocess import PreprocessConfig, preprocess
+    from training.synthetic import write_synthetic
+    from training.transform import TransformConfig, transform
+    from training.validate import validate
+
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        write_synthetic(RAW_DIR, num_images=num_images, image_size=64, seed=1)
+        validate(RAW_DIR, REPORT_PATH, workers=1)
+        split = PreprocessConfig(val_fraction=0.25, test_fraction=0.1)
+        preprocess(split, "packaged", RAW_DIR, REPORT_PATH, PROCESSED_PATH)
+        transform(TransformConfig(device="cpu"), "tiny", RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
+        define(
+            ModelParams(preset="tiny"),
+            PROCESSED_PATH,
+            Path("artifacts/model/config.json"),
+            Path("metrics/model.json"),
+        )
+    finally:
+        os.chdir(cwd)
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    set_params(root, {"model.preset": "tiny", "train.batch_size": 8, "train.device": "cpu"})
+    return root
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (as good as free: for servers the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_env(root: Path, **extra: str) -> dict[str, str]:
+    """`python -m training.train` as DVC starts it, tracking pointed at a closed port (off)."""
+    env = environment(root)
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}")
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1", **extra}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import ROOT, environment, set_params
+from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
 from training import resume, tracking
 from training import train as train_module
-from training.define import define
-from training.params import ModelParams
-from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH, TRAIN_LOCK
-from training.preprocess import PreprocessConfig, preprocess
+from training.paths import FEATURES_DIR, TRAIN_LOCK
 from training.process import exclusive
-from training.synthetic import write_synthetic
 from training.train import TrainConfig, train
-from training.transform import TransformConfig, transform
-from training.validate import validate
 
 STATE = Path("artifacts/resume")
 
@@ -41,23 +34,7 @@ STATE = Path("artifacts/resume")
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A workspace after `define`: data/raw, processed captions, features, the model config."""
-    root = tmp_path_factory.mktemp("workspace")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        write_synthetic(RAW_DIR, num_images=12, image_size=64, seed=1)
-        validate(RAW_DIR, REPORT_PATH, workers=1)
-        split = PreprocessConfig(val_fraction=0.25, test_fraction=0.1)
-        preprocess(split, "packaged", RAW_DIR, REPORT_PATH, PROCESSED_PATH)
-        transform(TransformConfig(device="cpu"), "tiny", RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
-        define(
-            ModelParams(preset="tiny"),
-            PROCESSED_PATH,
-            Path("artifacts/model/config.json"),
-            Path("metrics/model.json"),
-        )
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    set_params(root, {"model.preset": "tiny", "train.batch_size": 8, "train.device": "cpu"})
-    return root
+    return workspace_after_define(tmp_path_factory.mktemp("workspace"))
 
 
 @pytest.fixture
@@ -162,19 +139,6 @@ def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplo
     resumed = any("resuming after epoch 1 of 3" in r.getMessage() for r in caplog.records)
     assert resumed == (change is None)
     assert epochs_run() == [1, 2, 3]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def trainer_env(root: Path, **extra: str) -> dict[str, str]:
-    """`python -m training.train` as DVC starts it, tracking pointed at a closed port (off)."""
-    env = environment(root)
-    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}")
-    return {**env, **extra}
 
 
 def start_trainer(root: Path, log: Path) -> subprocess.Popen:

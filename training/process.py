@@ -5,6 +5,8 @@
   kernel releases when its holder dies, however it dies: no stale lock to clean up).
 - `die_with_dvc()`: a stage whose `dvc` was killed (SIGKILL, an OOM kill, a CI timeout) stops
   instead of training on as an orphan that the next `dvc repro` would race.
+- `die_with_launcher()`: likewise a torchrun worker whose launcher is gone (torchrun starts its
+  workers in sessions of their own, so a SIGKILLed launcher would leave them running).
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ def die_with_dvc(poll_s: float = 1.0) -> psutil.Process | None:
         return None
     threading.Thread(
         target=_watch, args=(launcher, poll_s), name="die-with-dvc", daemon=True
+    ).start()
+    return launcher
+
+
+def die_with_launcher(poll_s: float = 1.0) -> psutil.Process:
+    """Stop this process (SIGTERM) once its parent, the torchrun agent that started it, is gone;
+    returns the process watched."""
+    launcher = psutil.Process().parent()
+    threading.Thread(
+        target=_watch, args=(launcher, poll_s), name="die-with-launcher", daemon=True
     ).start()
     return launcher
 

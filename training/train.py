@@ -10,10 +10,21 @@ DVC's outputs. `dvc repro` after a kill continues from the last completed epoch,
 config, params, data and code are unchanged (the fingerprint); the batch order of an epoch
 depends only on (seed, epoch), so a resumed run trains exactly like a straight one. One trainer
 runs per workspace, and it stops when the `dvc` that started it is gone (training/process.py).
+
+Past one process (`nproc_per_node`, `nnodes`): the stage re-launches itself under torchrun
+(training/distributed.py) and trains with DistributedDataParallel. The global batch stays
+`batch_size` captions in the same (seed, epoch) order; each rank takes a contiguous part of its
+images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the gradient of
+the whole batch's mean loss, as one process computes it: the loss curve is the one-process
+curve up to float rounding (and dropout masks, which each rank draws for its own captions).
+Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow; every rank
+gets the same validation loss bits, so all take the same early-stopping decision. One process
+computes exactly what it computed before DDP existed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,13 +39,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.io import atomic_write
 from model.pretrained import load_pretrained
-from training import resume, tracking
+from training import distributed, resume, tracking
 from training.datachecks import check_learnable
+from training.distributed import ONE_PROCESS, World
 from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
     CONFIG_PATH,
@@ -48,7 +62,7 @@ from training.paths import (
     TRAIN_LOCK,
     TRAIN_METRICS_PATH,
 )
-from training.process import die_with_dvc, exclusive
+from training.process import die_with_dvc, die_with_launcher, exclusive
 from training.weights import WeightsConfig, needed, weight_files
 
 log = logging.getLogger(__name__)
@@ -71,11 +85,40 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0
+    nproc_per_node: int = 1  # processes on this machine, one per GPU; > 1: DDP under torchrun
+    nnodes: int = 1  # machines; > 1: node 0 runs `dvc repro`, the others the stage (README)
+    rdzv_endpoint: str | None = None  # host:port on node 0 that every node reaches (nnodes > 1)
+    ddp_timeout_s: int = 300  # a rank waiting this long for the others fails the whole job
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError(
+                f"train.nproc_per_node ({self.nproc_per_node}) and train.nnodes ({self.nnodes}) "
+                "must be >= 1"
+            )
+        host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+        if self.nnodes > 1 and not (host and port.isdigit()):
+            raise ValueError(
+                f"train.nnodes is {self.nnodes}: train.rdzv_endpoint must be host:port of node 0, "
+                f"reachable from every node (e.g. 10.0.0.1:29500), got {self.rdzv_endpoint!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TrainConfig:
         """Build from params.yaml's `train:` mapping; an unknown key is an error."""
         return from_section(cls, values, "train")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the stage launches itself under torchrun."""
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
+# How the run is spread over processes, not what it computes: the data order and the
+# gradient do not depend on it, so a state saved by 2 processes resumes with 1 or 4.
+LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "ddp_timeout_s")
+# Steps between updates of the progress bar's loss: reading it waits for the GPU.
+SHOW_LOSS_EVERY = 25
 
 
 class CaptionData:
@@ -102,6 +145,12 @@ class CaptionData:
         self.first = torch.cumsum(counts, 0) - counts  # image i's captions: first[i] + 0..count-1
         self.counts = counts
         self.pad_id = pad_id
+
+    def to(self, device: torch.device) -> CaptionData:
+        """Hold the features on `device` (a GPU: no copy per step); the captions stay on the
+        CPU, where batches are put together without waiting for the GPU."""
+        self.grid = self.grid.to(device)
+        return self
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -138,7 +187,8 @@ class CaptionData:
                 )
             tokens = self.tokens[self.first[images][rows] + offsets]  # (B, T)
             width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
-            yield self.grid[images], tokens[:, :width], rows
+            grid = self.grid[images.to(self.grid.device, non_blocking=True)]  # (I, N, C)
+            yield grid, tokens[:, :width], rows
 
     def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
         """Batches per pass over the split."""
@@ -148,6 +198,24 @@ class CaptionData:
     @staticmethod
     def _images_per_batch(batch_size: int, used: torch.Tensor) -> int:
         return max(1, round(batch_size / max(1.0, used.float().mean().item())))
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # grid (I, N, C), tokens (B, T), rows (B,)
+
+
+def shard(batch: Batch, world: World, pad_id: int) -> tuple[Batch, int]:
+    """This rank's part of a batch every rank drew alike: a contiguous run of its images with
+    their captions (possibly none), and the whole batch's number of targets (non-pad tokens
+    after [CLS]: the mean loss's denominator). One process: the batch itself."""
+    grid, tokens, rows = batch
+    targets = int((tokens[:, 1:] != pad_id).sum())  # on the CPU: no wait for the GPU
+    if world.size == 1:
+        return batch, targets
+    lo, hi = len(grid) * world.rank // world.size, len(grid) * (world.rank + 1) // world.size
+    mine = (rows >= lo) & (rows < hi)  # rows are sorted: a contiguous run of captions
+    tokens, rows = tokens[mine], rows[mine] - lo
+    width = int((tokens != pad_id).sum(1).max()) if len(tokens) else 2  # trim padding columns
+    return (grid[lo:hi], tokens[:, :width], rows), targets
 
 
 def param_groups(model: Captioner, new: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -182,16 +250,67 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
 
 
 @torch.no_grad()
-def validation_loss(model: Captioner, data: CaptionData, batch_size: int, device) -> float:
-    """Token-weighted mean cross-entropy (no label smoothing) over a split."""
+def validation_loss(
+    model: Captioner, data: CaptionData, batch_size: int, device, world: World = ONE_PROCESS
+) -> float:
+    """Token-weighted mean cross-entropy (no label smoothing) over a split, the ranks sharing
+    each batch; every rank gets the same value."""
     model.eval()
-    total, count = 0.0, 0
-    for grid, tokens, rows in data.batches(batch_size):
-        tokens = tokens.to(device)
-        _, loss = model(grid.to(device), tokens, rows=rows.to(device))
-        n = int((tokens[:, 1:] != data.pad_id).sum())
-        total, count = total + loss.item() * n, count + n
-    return total / max(count, 1)
+    summed = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait
+    count = 0
+    for batch in data.batches(batch_size):
+        (grid, tokens, rows), targets = shard(batch, world, data.pad_id)
+        count += targets
+        n = int((tokens[:, 1:] != data.pad_id).sum())  # this rank's targets
+        if n:
+            _, loss = model(grid.to(device), tokens.to(device), rows=rows.to(device))
+            summed += loss.double() * n  # as one process always summed it: float64
+    return distributed.total(summed, world).item() / max(count, 1)
+
+
+# Mixed precision per device type: bf16 on CUDA (no loss scaling needed); elsewhere fp32.
+AUTOCAST = {"cuda": torch.bfloat16}
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The autocast context a training step runs in on `device` (disabled where fp32)."""
+    dtype = AUTOCAST.get(device.type)
+    return torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batch: Batch,
+    cfg: TrainConfig,
+    device: torch.device,
+    world: World = ONE_PROCESS,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """One optimizer step on this rank's part of `batch`; returns (detached, on `device`) its
+    share of the batch's mean loss: the shares of all ranks add up to it.
+
+    One process minimises the batch's mean token loss. A rank holds part of the tokens: its
+    share is its summed token loss over the whole batch's target count, and since DDP averages
+    the ranks' gradients, backpropagating world size times it makes that average the gradient
+    of the whole batch's mean loss, as one process computes it (up to float rounding).
+    """
+    (grid, tokens, rows), targets = shard(batch, world, pad_id)
+    grid = grid.to(device, non_blocking=True)
+    tokens, rows = tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True)
+    with autocast(device):
+        if world.size == 1:  # the mean loss itself: one process trains as it always did
+            _, share = net(grid, tokens, cfg.label_smoothing, rows)
+        else:  # a rank with no captions in this batch adds 0 (and takes part in the all-reduce)
+            _, summed = net(grid, tokens, cfg.label_smoothing, rows, reduction="sum")
+            share = summed / targets
+    optimizer.zero_grad(set_to_none=True)
+    (share * world.size).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return share.detach()
 
 
 def train(
@@ -210,10 +329,13 @@ def train(
 
     `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
     `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
+    Under torchrun this is one rank of a DDP run (training/distributed.py); rank 0 writes.
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    world = World.from_env()
+    device = distributed.device_for(pick_device(cfg.device), world)
+    distributed.join(world, device, cfg.ddp_timeout_s)
     config = CaptionerConfig.load(config_path)
     index = json.loads((features_dir / FEATURES_INDEX).read_text())
     if index["encoder"] != config.encoder:
@@ -226,11 +348,15 @@ def train(
     val_data = CaptionData(processed, features_dir, "val", config.pad_id)
     for split, data in (("train", train_data), ("val", val_data)):
         check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
+    if device.type == "cuda":  # features read where the model runs: no copy per step
+        train_data.to(device)
+        val_data.to(device)
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
     encoder_weights = torch.load(features_dir / ENCODER_WEIGHTS, weights_only=True)
-    files = weight_files(needed(config, encoder=False), weights or WeightsConfig(), "the decoder")
+    wanted = needed(config, encoder=False), weights or WeightsConfig(), "the decoder"
+    files = distributed.local_first(world, weight_files, *wanted)
     new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
@@ -242,74 +368,87 @@ def train(
     inputs = [config_path, processed_path, features_dir / FEATURES_INDEX]
     inputs += [features_dir / name for name in ("train.npy", "val.npy", ENCODER_WEIGHTS)]
     inputs += sorted(files.values())  # the decoder's pretrained file, when it has one
-    saved = resume.ResumeState(
-        resume_dir, resume.fingerprint(inputs, resume.CODE, train=dataclasses.asdict(cfg))
-    )
-    state = saved.load()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_PARAMS}
+    key = resume.fingerprint(inputs, resume.CODE, train=settings)
+    distributed.check_same_inputs(key, world)
+    saved = resume.ResumeState(resume_dir, key)
+    # rank 0 alone looks at the state (loading may set a damaged one aside), the rest get it
+    state = distributed.broadcast(saved.load() if world.main else None, world)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(_rank_rng(state, world.rank, cfg.seed))
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, saved.last)
     else:
         state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
         state.update(history=[], run_id=None, seconds=0.0)
-    # this execution's MLflow run (a resumed training continues its own)
-    run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
+        if world.rank:  # dropout: rank 0 draws as one process does, the others their own
+            torch.manual_seed(_rank_seed(cfg.seed, world.rank))
+    # this execution's MLflow run (a resumed training continues its own); rank 0's alone
+    run_id = None
+    if world.main:
+        run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
     state["run_id"] = run_id
+    # gradients averaged over the ranks after each backward; the module itself is `model`
+    net = model
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     log.info(
-        "%d train / %d val captions, %d steps per epoch, device %s",
+        "%d train / %d val captions, %d steps per epoch, device %s%s",
         len(train_data),
         len(val_data),
         steps_per_epoch,
         device,
+        f", {world.size} processes (DDP)" if world.size > 1 else "",
     )
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break
         started = time.perf_counter()
         model.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # on every rank
         batches = tqdm(
             train_data.batches(cfg.batch_size, generator, cfg.captions_per_image),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
+            disable=not world.main,
         )
-        running = 0.0
-        for step, (grid, tokens, rows) in enumerate(batches, 1):
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                _, loss = model(
-                    grid.to(device), tokens.to(device), cfg.label_smoothing, rows.to(device)
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            running += loss.item()
-            batches.set_postfix(loss=f"{running / step:.3f}")
-        val_loss = validation_loss(model, val_data, cfg.batch_size, device)
+        # summed on the device (no wait per step), in float64 as one process always summed it
+        running = torch.zeros((), dtype=torch.float64, device=device)
+        for step, batch in enumerate(batches, 1):
+            share = train_step(net, optimizer, scheduler, batch, cfg, device, world, config.pad_id)
+            running += share.double()
+            if world.main and (step % SHOW_LOSS_EVERY == 0 or step == steps_per_epoch):
+                # rank 0's share scaled up: the loss shown, roughly; the history has the exact one
+                batches.set_postfix(loss=f"{running.item() * world.size / step:.3f}")
+        train_loss = distributed.total(running, world).item() / steps_per_epoch
+        val_loss = validation_loss(model, val_data, cfg.batch_size, device, world)
         seconds = time.perf_counter() - started
         row = {
             "epoch": epoch + 1,
-            "train_loss": round(running / steps_per_epoch, 5),
+            "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(seconds, 1),
         }
         state["history"].append(row)
         state["seconds"] += seconds
-        if val_loss < state["best_val"] - 1e-4:
+        improved = val_loss < state["best_val"] - 1e-4  # the same on every rank: the same bits
+        if improved:
             state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-            save_checkpoint(model, saved.best, epoch=epoch + 1, val_loss=val_loss)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        saved.save(_full_state(state, model, optimizer, scheduler))
-        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        rngs = distributed.gather(torch.get_rng_state(), world)  # each rank's dropout stream
+        if world.main:
+            if improved:
+                save_checkpoint(model, saved.best, epoch=epoch + 1, val_loss=val_loss)
+            saved.save(_full_state(state, model, optimizer, scheduler, rngs))
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log.info(
             "epoch %d: train %.4f, val %.4f (%.0f s)",
             epoch + 1,
@@ -318,10 +457,6 @@ def train(
             seconds,
         )
 
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(model_path) as f, saved.best.open("rb") as best:
-        shutil.copyfileobj(best, f)
-    load_checkpoint(model_path)  # the artifact must load on its own, weights-only
     metrics = {
         "best_epoch": state["best_epoch"],
         "best_val_loss": round(state["best_val"], 5),
@@ -331,25 +466,46 @@ def train(
         "train_seconds": round(state["seconds"], 1),
         "train_captions": len(train_data),
     }
-    _write_outputs(metrics, state["history"], metrics_path, history_path)
-    tracking.log_metrics(
-        {"best_val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"]}
-    )
-    tracking.end()
-    tracking.save_run_id(run_id)
-    saved.remove()  # every output is written: nothing is left to resume
+    if world.main:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(model_path) as f, saved.best.open("rb") as best:
+            shutil.copyfileobj(best, f)
+        load_checkpoint(model_path)  # the artifact must load on its own, weights-only
+        _write_outputs(metrics, state["history"], metrics_path, history_path)
+        tracking.log_metrics(
+            {"best_val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"]}
+        )
+        tracking.end()
+        tracking.save_run_id(run_id)
+        saved.remove()  # every output is written: nothing is left to resume
+    distributed.leave(world)
     return metrics
 
 
-def _full_state(state: dict[str, Any], model, optimizer, scheduler) -> dict[str, Any]:
-    """Everything a resumed run needs: the bookkeeping, the weights, optimizer, schedule, RNG."""
+def _full_state(state: dict[str, Any], model, optimizer, scheduler, rngs) -> dict[str, Any]:
+    """Everything a resumed run needs: the bookkeeping, the weights, optimizer, schedule, and
+    the RNG (rank 0's, as one process saves it, and the other ranks' beside it)."""
     return {
         **state,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rngs[0],
+        "rank_rngs": rngs[1:],
     }
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed + 1_000_003 * rank
+
+
+def _rank_rng(state: dict[str, Any], rank: int, seed: int) -> torch.Tensor:
+    """The RNG state `rank` saved; a rank the saving run did not have starts a stream of its own."""
+    if rank == 0:
+        return state["rng"]
+    if rank <= len(state.get("rank_rngs", [])):
+        return state["rank_rngs"][rank - 1]
+    return torch.Generator().manual_seed(_rank_seed(seed, rank)).get_state()
 
 
 def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> None:
@@ -362,14 +518,30 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
 
 
 @stage_main
+@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
-    """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    die_with_dvc()
-    with exclusive(TRAIN_LOCK):
+    """`python -m training.train`: data/features + config -> artifacts/model/model.pth.
+
+    With train.nproc_per_node or nnodes > 1 this process becomes torchrun, whose workers run
+    this again, as ranks. The workspace's lock is taken by the process that writes: this one
+    on node 0 (under a torchrun started by hand, global rank 0), never by the other nodes."""
+    world = World.from_env()
+    rank = f" [rank {world.rank}]" if world.size > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if world.main else logging.WARNING,
+        format=f"%(levelname)s %(name)s{rank}: %(message)s",
+    )
+    worker = distributed.under_torchrun()
+    die_with_launcher() if worker else die_with_dvc()
+    lock = exclusive(TRAIN_LOCK) if distributed.holds_lock(world) else contextlib.nullcontext()
+    with lock:
         params = load_params()
+        cfg = TrainConfig.from_dict(params.get("train"))
+        if cfg.distributed and not worker:
+            distributed.launch("training.train", cfg.nproc_per_node, cfg.nnodes, cfg.rdzv_endpoint)
+            return
         weights = ModelParams.from_dict(params.get("model")).weights
-        train(TrainConfig.from_dict(params.get("train")), params=params, weights=weights)
+        train(cfg, params=params, weights=weights)
 
 
 if __name__ == "__main__":

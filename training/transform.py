@@ -8,7 +8,13 @@ Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["spl
 `data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
 the encoder weights used, which training starts from so the model matches its features.
 Which encoder: params.yaml `model:` (preset, encoder, pretrained; ResNet-50's file from
-`model.weights`, training.weights); how: `transform:` (device, batch size).
+`model.weights`, training.weights); how: `transform:` (device, batch size, processes).
+
+`nproc_per_node` > 1: the stage re-launches itself under torchrun (training/distributed.py) and
+the ranks share the batches (batch k is rank k mod world size's), each encoding on its own GPU
+and decoding its own images, every rank writing its rows into the one memory-mapped store rank 0
+created: each batch holds the same images as in one process, so on a CPU the store is the
+same, byte for byte. One machine: the ranks share its filesystem.
 """
 
 from __future__ import annotations
@@ -23,17 +29,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from model.encoders import ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
+from training import distributed
 from training.captions import IMAGES_DIR
+from training.distributed import World
 from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
+from training.process import die_with_dvc, die_with_launcher
 from training.weights import needed, weight_files
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits at a barrier for the others to finish their share of a split.
+RANKS_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,13 @@ class TransformConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 32  # images per forward pass
+    nproc_per_node: int = 1  # processes sharing the images (one per GPU), under torchrun
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"transform.batch_size must be >= 1, got {self.batch_size}")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"transform.nproc_per_node must be >= 1, got {self.nproc_per_node}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TransformConfig:
@@ -78,8 +94,11 @@ def transform(
     weights: Path | None = None,
 ) -> dict:
     """Encode every image of every split with `encoder_name` (from `weights` for resnet50, at
-    random unless `pretrained`) into `out_dir`; returns the index."""
-    device = pick_device(cfg.device)
+    random unless `pretrained`) into `out_dir`; returns the index. Under torchrun: this rank's
+    share of the batches, into the store rank 0 creates."""
+    world = World.from_env()
+    device = distributed.device_for(pick_device(cfg.device), world)
+    distributed.join(world, torch.device("cpu"), RANKS_TIMEOUT_S)  # barriers only: gloo
     splits = {
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
@@ -93,12 +112,16 @@ def transform(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
         frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for split, images in splits.items():
         shape = (len(images), spec.grid**2, spec.channels)
-        features = np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape)
-        batches = range(0, len(images), cfg.batch_size)
-        for start in tqdm(batches, desc=f"encode {split}", unit="batch"):
+        if world.main:
+            np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape).flush()
+        distributed.barrier(world)  # the file exists at its full size: each rank fills its rows
+        features = np.load(out_dir / f"{split}.npy", mmap_mode="r+")
+        batches = range(0, len(images), cfg.batch_size)[world.rank :: world.size]
+        for start in tqdm(batches, desc=f"encode {split}", unit="batch", disable=not world.main):
             names = images[start : start + cfg.batch_size]
             pixels = torch.stack(
                 [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
@@ -107,6 +130,8 @@ def transform(
             features[start : start + len(names)] = grid.half().cpu().numpy()
         features.flush()
         del features
+    distributed.barrier(world)  # every rank's rows are written
+    distributed.leave(world)
     index = {
         "encoder": encoder_name,
         "grid": spec.grid,
@@ -114,26 +139,39 @@ def transform(
         "dtype": "float16",
         "splits": splits,
     }
-    (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
-    # training starts from exactly these weights (a random `tiny` encoder included)
-    torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
-    log.info("features: %s", {s: len(v) for s, v in splits.items()})
+    if world.main:
+        (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
+        # training starts from exactly these weights (a random `tiny` encoder included)
+        torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
+        log.info("features: %s", {s: len(v) for s, v in splits.items()})
     return index
 
 
 @stage_main
+@record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    world = World.from_env()
+    logging.basicConfig(
+        level=logging.INFO if world.main else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     params = load_params()
     cfg = TransformConfig.from_dict(params.get("transform"))
     model = ModelParams.from_dict(params.get("model"))
     config = model.captioner_config()
     # every file the model starts from, the decoder's too: a run that could not train stops
-    # here, before encoding for minutes, with one message naming all of them
+    # here, before encoding for minutes, with one message naming all of them (and before any
+    # worker starts: they find them cached)
     files = {}
     if model.pretrained:
         files = weight_files(needed(config), model.weights, f"model.preset {model.preset}")
+    if cfg.nproc_per_node > 1 and not distributed.under_torchrun():
+        die_with_dvc()
+        distributed.launch("training.transform", cfg.nproc_per_node)
+        return
+    if distributed.under_torchrun():
+        die_with_launcher()
     transform(
         cfg,
         config.encoder,
