@@ -32,6 +32,7 @@ from model import (
 )
 from training import evaluate as evaluate_module
 from training import samples, tracking
+from training.augment import PERTURBATIONS
 from training.captions import read_captions
 from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
@@ -190,6 +191,31 @@ def test_content_accuracy_is_the_fraction_of_correct_predictions(ws):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["bleu1"] > 0.3  # most captions are (nearly) references
     assert saved["decode_seconds"] > 0 and saved["captions_per_second"] > 0
+
+
+def test_robustness_report_scores_the_captions_of_every_perturbed_copy(ws, tokenizer):
+    lines = [json.loads(x) for x in (ws["out"] / "robustness.jsonl").read_text().splitlines()]
+    assert [line["perturbation"] for line in lines] == [
+        p for p in PERTURBATIONS for _ in ws["test"]
+    ]
+    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    for name, mirrored in PERTURBATIONS.items():
+        mine = [line for line in lines if line["perturbation"] == name]
+        assert [line["image"] for line in mine] == ws["test"]
+        copies = torch.from_numpy(np.load(ws["root"] / "features" / "robust" / f"{name}.npy"))
+        out = model.generate(grid=copies.float(), num_beams=2, max_length=20, length_penalty=1.0)
+        assert [line["caption"] for line in mine] == [
+            decode_caption(tokenizer, t) for t in out.tokens
+        ]
+        for line in mine:  # a mirrored copy is checked against the mirrored scene
+            scene = ws["scenes"][line["image"]]
+            expected = scene.mirrored() if mirrored else scene
+            assert line["relation"] == expected.relation
+            assert line["correct"] == content_correct(line["caption"], expected)
+        rate = sum(line["correct"] for line in mine) / len(mine)
+        assert ws["metrics"][f"robust_{name}"] == pytest.approx(rate, abs=1e-4)
+    rates = [ws["metrics"][f"robust_{name}"] for name in PERTURBATIONS]
+    assert ws["metrics"]["robust_min"] == min(rates)
 
 
 def test_sample_grid_is_a_png_of_the_expected_size(ws):

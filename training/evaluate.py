@@ -35,10 +35,12 @@ from training.paths import (
     PREDICTIONS_PATH,
     PROCESSED_PATH,
     RAW_DIR,
+    ROBUSTNESS_PATH,
     RUN_FILE,
     SAMPLES_PATH,
 )
 from training.registry import register_model
+from training.robustness import robustness_report
 from training.samples import Sample, render_grid
 from training.synthetic import load_scenes
 
@@ -85,8 +87,13 @@ def evaluate(
     out_metrics: str | Path,
     out_predictions: str | Path,
     out_grid: str | Path,
+    out_robustness: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Caption the test split; write metrics, predictions and the sample grid; return metrics."""
+    """Caption the test split; write metrics, predictions and the sample grid; return metrics.
+
+    Synthetic data also gets the robustness report (training.robustness), its captions in
+    `out_robustness` (default: robustness.jsonl beside the predictions).
+    """
     model_path, raw_dir = Path(model_path), Path(raw_dir)
     device = pick_device(cfg.device)
     model = load_checkpoint(model_path, device)
@@ -105,8 +112,18 @@ def evaluate(
     metrics: dict[str, Any] = caption_metrics(predictions, references)
     flags: dict[str, dict[str, bool | None]] = {}
     if (raw_dir / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
-        rates, flags = content_metrics(predictions, load_scenes(raw_dir))
+        scenes = load_scenes(raw_dir)
+        rates, flags = content_metrics(predictions, scenes)
         metrics.update(rates)
+        metrics.update(
+            robustness_report(
+                Path(features_dir),
+                images,
+                scenes,
+                lambda copies: _caption(model, tokenizer, copies, cfg, device)[0],
+                Path(out_robustness or Path(out_predictions).with_name(ROBUSTNESS_PATH.name)),
+            )
+        )
     metrics = {key: round(value, 4) for key, value in metrics.items()}
     metrics.update(
         num_images=len(images),
@@ -309,6 +326,7 @@ def main() -> None:
         EVAL_METRICS_PATH,
         PREDICTIONS_PATH,
         SAMPLES_PATH,
+        ROBUSTNESS_PATH,
     )
 
 

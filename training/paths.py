@@ -15,10 +15,13 @@ REPORT_PATH = Path("reports/validation.json")
 PROCESSED_DIR = Path("data/processed")
 PROCESSED_PATH = PROCESSED_DIR / "captions.json"
 
-# transform: `<split>.npy` features (n, N, C) fp16, their index, and the encoder weights used
+# transform: `<split>.npy` features (n, N, C) fp16, their index, and the encoder weights used;
+# the training views (n, views, N, C) and one (n, N, C) file per perturbed copy of the test split
 FEATURES_DIR = Path("data/features")
 FEATURES_INDEX = "index.json"
 ENCODER_WEIGHTS = "encoder.pth"
+TRAIN_VIEWS = "train_views.npy"
+ROBUST_DIR = "robust"
 
 # define
 CONFIG_PATH = Path("artifacts/model/config.json")
@@ -35,6 +38,7 @@ HISTORY_PATH = Path("metrics/train_history.csv")
 EVAL_METRICS_PATH = Path("metrics/eval.json")
 PREDICTIONS_PATH = Path("reports/predictions.jsonl")
 SAMPLES_PATH = Path("reports/samples.png")
+ROBUSTNESS_PATH = Path("reports/robustness.jsonl")  # every perturbed test caption
 
 # package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
 ARCHIVE_PATH = Path("model-store/imgtocap.mar")

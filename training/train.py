@@ -33,6 +33,7 @@ from tqdm import tqdm
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.pretrained import load_pretrained
 from training import tracking
+from training.augment import mirror_ids, mirror_tokens
 from training.checksums import hash_file
 from training.params import from_section, load_params, pick_device
 from training.paths import (
@@ -45,6 +46,7 @@ from training.paths import (
     MODEL_PATH,
     PROCESSED_PATH,
     TRAIN_METRICS_PATH,
+    TRAIN_VIEWS,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ class CaptionData:
 
     A batch holds whole images with all their captions: the image's projected memory is
     computed once and shared by its captions (`rows`), which saves a third of the compute.
+    Where transform encoded augmented views (the train split), each shuffled pass draws one
+    per image, the image itself included; a mirrored view comes with its captions mirrored
+    ("left" and "right" swapped in the token ids).
     """
 
     def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
@@ -98,6 +103,19 @@ class CaptionData:
         self.first = torch.cumsum(counts, 0) - counts  # image i's captions: first[i] + 0..count-1
         self.counts = counts
         self.pad_id = pad_id
+        self.views: np.ndarray | None = None  # (n, K, N, C) fp16, memory-mapped
+        if split == "train" and "views" in index:
+            self.views = np.load(features_dir / TRAIN_VIEWS, mmap_mode="r")
+            self.flipped = torch.tensor(index["views"]["flipped"], dtype=torch.bool)  # (n, K)
+            if self.views.shape[:2] != tuple(self.flipped.shape) or len(self.grid) != len(
+                self.views
+            ):
+                raise ValueError(
+                    f"{features_dir / TRAIN_VIEWS} does not match its index: run `dvc repro -f "
+                    "transform`"
+                )
+            if self.flipped.any():
+                self.mirrored = mirror_tokens(self.tokens, *mirror_ids(processed["tokenizer"]))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -112,10 +130,13 @@ class CaptionData:
 
         Each image comes with all its captions, or with `captions_per_image` of them drawn at
         random (a new draw each epoch: over epochs every caption is used). Images are shuffled
-        when given a generator.
+        when given a generator, and then each image is one of its views, drawn at random.
         """
         n = len(self.counts)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        view = torch.zeros(n, dtype=torch.long)  # 0: the image itself; v: views[:, v - 1]
+        if generator is not None and self.views is not None:
+            view = torch.randint(self.views.shape[1] + 1, (n,), generator=generator)
         used = self.counts.clamp(max=captions_per_image) if captions_per_image else self.counts
         for start in range(0, n, self._images_per_batch(batch_size, used)):
             images = order[start : start + self._images_per_batch(batch_size, used)]  # (I,)
@@ -132,9 +153,19 @@ class CaptionData:
                 offsets = torch.arange(len(rows)) - torch.repeat_interleave(
                     torch.cumsum(counts, 0) - counts, counts
                 )
-            tokens = self.tokens[self.first[images][rows] + offsets]  # (B, T)
+            picked = self.first[images][rows] + offsets  # (B,) caption rows
+            tokens = self.tokens[picked]  # (B, T)
+            grid = self.grid[images]  # (I, N, C)
+            augmented = view[images] > 0  # (I,)
+            if augmented.any():
+                which = images[augmented], view[images][augmented] - 1  # (A,), (A,)
+                grid[augmented] = torch.from_numpy(self.views[which[0].numpy(), which[1].numpy()])
+                flip = torch.zeros(len(images), dtype=torch.bool)
+                flip[augmented] = self.flipped[which]
+                if flip.any():
+                    tokens = torch.where(flip[rows, None], self.mirrored[picked], tokens)
             width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
-            yield self.grid[images], tokens[:, :width], rows
+            yield grid, tokens[:, :width], rows
 
     def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
         """Batches per pass over the split."""

@@ -4,46 +4,82 @@ The encoder never trains, so its output is a pure function of the image: computi
 (fp16, ~125-200 KB per image) makes every training epoch and every change of training params
 cheap. DVC re-runs this stage only when the images, the splits or the encoder change.
 
-Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["splits"][split][i],
-`data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
-the encoder weights used, which training starts from so the model matches its features.
-Which encoder: params.yaml `model:` (preset, encoder); how: `transform:` (device, batch size).
+Augmentation keeps that property: `views` augmented copies of every training image
+(training.augment: zoom, shift, flip, JPEG, blur, noise, brightness, contrast, tint) are
+encoded here once, and each epoch the trainer draws one of them (or the image itself) per
+image. For the synthetic data, the test split's perturbed copies (training.augment.PERTURBATIONS:
+JPEG, down/up-scaled, padded, cropped, brightness, another canvas, flipped) are encoded here
+too, for the evaluate stage's robustness report. Validation and test features are never
+augmented.
+
+Output (float16 grids (N, C) per image; row i of a split = index["splits"][split][i]):
+`data/features/<split>.npy` (n_images, N, C); `train_views.npy` (n_train, views, N, C) with
+`index["views"]["flipped"]` (n_train, views) saying which are mirrored; `robust/<name>.npy`
+(n_test, N, C) per perturbation; `index.json` (encoder, grid, channels, splits, views,
+robustness) and `encoder.pth`, the encoder weights used, which training starts from so the
+model matches its features. Which encoder: params.yaml `model:` (preset, encoder); how:
+`transform:` (device, batch size, views, seed, robustness, augment).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from model.encoders import ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
-from training.captions import IMAGES_DIR
+from training.augment import (
+    PERTURBATIONS,
+    AugmentConfig,
+    augmented_view,
+    objects_box,
+    perturb,
+    rng_for,
+)
+from training.captions import IMAGES_DIR, SCENES_FILE
 from training.params import ModelParams, from_section, load_params, pick_device
-from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
+from training.paths import (
+    ENCODER_WEIGHTS,
+    FEATURES_DIR,
+    FEATURES_INDEX,
+    PROCESSED_PATH,
+    RAW_DIR,
+    ROBUST_DIR,
+    TRAIN_VIEWS,
+)
+from training.synthetic import load_scenes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TransformConfig:
-    """The `transform` section of params.yaml: where and how many images are encoded at once."""
+    """The `transform` section of params.yaml: where and how images are encoded, which copies."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 32  # images per forward pass
+    views: int = 2  # augmented views of every training image, encoded besides it; 0: none
+    seed: int = 0  # of the views' and the perturbed test copies' random draws
+    robustness: bool = True  # encode the perturbed test copies (synthetic data only)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"transform.batch_size must be >= 1, got {self.batch_size}")
+        if self.views < 0:
+            raise ValueError(f"transform.views must be >= 0, got {self.views}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TransformConfig:
@@ -64,12 +100,14 @@ def build_encoder(name: str, device: torch.device) -> ImageEncoder:
 def transform(
     cfg: TransformConfig, encoder_name: str, raw_dir: Path, processed_path: Path, out_dir: Path
 ) -> dict:
-    """Encode every image of every split with `encoder_name` into `out_dir`; returns the index."""
+    """Encode every image of every split, the training views and the perturbed test copies
+    with `encoder_name` into `out_dir`; returns the index."""
     device = pick_device(cfg.device)
     splits = {
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
     }
+    scenes = load_scenes(raw_dir) if (raw_dir / SCENES_FILE).is_file() else None
     encoder = build_encoder(encoder_name, device)
     spec = encoder.spec
     # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
@@ -80,30 +118,76 @@ def transform(
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
         frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, images in splits.items():
-        shape = (len(images), spec.grid**2, spec.channels)
-        features = np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape)
-        batches = range(0, len(images), cfg.batch_size)
-        for start in tqdm(batches, desc=f"encode {split}", unit="batch"):
-            names = images[start : start + cfg.batch_size]
-            pixels = torch.stack(
-                [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
-            )  # (b, 3, S, S)
-            grid = frozen(pixels.to(device))  # (b, N, C)
-            features[start : start + len(names)] = grid.half().cpu().numpy()
+    cell = (spec.grid**2, spec.channels)
+
+    def encode(path: Path, shape: tuple[int, ...], images: Iterable[Image.Image], desc: str):
+        features = np.lib.format.open_memmap(path, "w+", np.float16, (*shape, *cell))
+        rows = features.reshape(-1, *cell)  # (n, N, C): a view of the file
+        batch: list[torch.Tensor] = []
+        done = 0
+        for image in tqdm(images, total=len(rows), desc=desc, unit="img"):
+            batch.append(preprocess(image, encoder_name))
+            if len(batch) == cfg.batch_size or done + len(batch) == len(rows):
+                grid = frozen(torch.stack(batch).to(device))  # (b, N, C)
+                rows[done : done + len(batch)] = grid.half().cpu().numpy()
+                done, batch = done + len(batch), []
+        if done != len(rows):
+            raise RuntimeError(f"{path}: {done} images encoded, {len(rows)} expected")
         features.flush()
-        del features
-    index = {
+        del features, rows
+
+    def originals(names: list[str]) -> Iterator[Image.Image]:
+        return (open_image(raw_dir / IMAGES_DIR / name) for name in names)
+
+    for split, images in splits.items():
+        encode(out_dir / f"{split}.npy", (len(images),), originals(images), f"encode {split}")
+    index: dict[str, Any] = {
         "encoder": encoder_name,
         "grid": spec.grid,
         "channels": spec.channels,
         "dtype": "float16",
         "splits": splits,
     }
+    train = splits.get("train", [])
+    if cfg.views and train:
+        flipped = np.zeros((len(train), cfg.views), bool)
+
+        def views() -> Iterator[Image.Image]:
+            for i, (name, image) in enumerate(zip(train, originals(train))):
+                keep = objects_box(scenes.get(name)) if scenes else None
+                for v in range(cfg.views):
+                    rng = rng_for(cfg.seed, name, v)
+                    view, flipped[i, v] = augmented_view(image, cfg.augment, rng, keep)
+                    yield view
+
+        encode(out_dir / TRAIN_VIEWS, (len(train), cfg.views), views(), "encode train views")
+        index["views"] = {
+            "count": cfg.views,
+            "seed": cfg.seed,
+            "augment": dataclasses.asdict(cfg.augment),
+            "flipped": flipped.astype(int).tolist(),
+        }
+    test = splits.get("test", [])
+    if cfg.robustness and scenes and test:
+        (out_dir / ROBUST_DIR).mkdir(exist_ok=True)
+        for k, name in enumerate(PERTURBATIONS):
+            copies = (
+                perturb(name, image, scenes[image_name], rng_for(cfg.seed, image_name, 1000 + k))[0]
+                for image_name, image in zip(test, originals(test))
+            )
+            encode(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copies, f"encode {name}")
+        index["robustness"] = {"seed": cfg.seed, "perturbations": list(PERTURBATIONS)}
+    elif cfg.robustness and test:
+        log.info("no scenes.json in %s: no perturbed test copies (synthetic data only)", raw_dir)
     (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
     # training starts from exactly these weights (a random `tiny` encoder included)
     torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
-    log.info("features: %s", {s: len(v) for s, v in splits.items()})
+    log.info(
+        "features: %s, %d views per training image, %d perturbed test copies",
+        {s: len(v) for s, v in splits.items()},
+        cfg.views if train else 0,
+        len(index.get("robustness", {}).get("perturbations", [])),
+    )
     return index
 
 
