@@ -129,6 +129,7 @@ def test_perturbed_copies(tokenizer):
         ({"jpeg_quality": [10, 99]}, r"jpeg_quality must be \[lo, hi\] within 1\.\.95"),
         ({"flip": 1.5}, r"flip is a fraction in \[0, 1\]"),
         ({"blur": -1.0}, r"blur must be >= 0"),
+        ({"resolution": 0.0}, r"resolution must be in \(0, 1\]"),
         ({"brightness": 1.0}, r"brightness must be < 1"),
         ({"rotate": 10}, r"unknown transform\.augment key\(s\) \['rotate'\]"),
     ],

@@ -52,6 +52,7 @@ class AugmentConfig:
     jpeg: float = 0.5  # fraction of views re-encoded as JPEG ...
     jpeg_quality: list[int] = field(default_factory=lambda: [25, 90])  # ... at a quality in here
     blur: float = 1.0  # Gaussian blur radius up to this (pixels at 224), on half of the views
+    resolution: float = 0.4  # half of the views resampled down to [this, 1] of their side and back
     noise: float = 5.0  # pixel noise std up to this (of 255), on half of the views
     brightness: float = 0.25  # pixels x [1 - b, 1 + b]
     contrast: float = 0.25  # around the mean, x [1 - c, 1 + c]
@@ -74,6 +75,10 @@ class AugmentConfig:
                 raise ValueError(
                     f"transform.augment.{name} is a fraction in [0, 1], got {getattr(self, name)}"
                 )
+        if not 0 < self.resolution <= 1:
+            raise ValueError(
+                f"transform.augment.resolution must be in (0, 1], got {self.resolution}"
+            )
         for name in ("shift", "blur", "noise", "brightness", "contrast", "tint"):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -127,6 +132,7 @@ def augmented_view(
     )
     contrast = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
     blur = rng.uniform(0, cfg.blur) if rng.random() < 0.5 else 0.0
+    resolution = rng.uniform(cfg.resolution, 1.0) if rng.random() < 0.5 else 1.0
     noise = rng.uniform(0, cfg.noise) if rng.random() < 0.5 else 0.0
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
     jpeg = rng.random() < cfg.jpeg
@@ -136,6 +142,11 @@ def augmented_view(
     view = _to_image(pixels)
     if blur > 0:
         view = view.filter(ImageFilter.GaussianBlur(blur * max(view.size) / _REFERENCE_SIDE))
+    if resolution < 1:  # a small image enlarged: what a low-resolution upload looks like
+        small = (max(8, round(view.width * resolution)), max(8, round(view.height * resolution)))
+        view = view.resize(small, Image.Resampling.BICUBIC).resize(
+            view.size, Image.Resampling.BICUBIC
+        )
     if noise > 0:
         view = _to_image(np.asarray(view, dtype=np.float32) + rng.normal(0, noise, pixels.shape))
     if jpeg:
