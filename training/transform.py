@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.encoders import ImageEncoder, preprocess
+from model.encoders import SPECS, ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
 from training.augment import (
@@ -59,7 +59,7 @@ from training.paths import (
     ROBUST_DIR,
     TRAIN_VIEWS,
 )
-from training.synthetic import load_scenes
+from training.synthetic import Scene, load_scenes
 
 log = logging.getLogger(__name__)
 
@@ -109,65 +109,32 @@ def transform(
     }
     scenes = load_scenes(raw_dir) if (raw_dir / SCENES_FILE).is_file() else None
     encoder = build_encoder(encoder_name, device)
-    spec = encoder.spec
-    # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
-    # features differ from eager ones by ~1e-5, far below their fp16 storage precision.
-    example = torch.zeros(2, 3, spec.image_size, spec.image_size, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
-        frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
+    writer = _FeatureWriter(_frozen(encoder, device), encoder_name, cfg.batch_size, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cell = (spec.grid**2, spec.channels)
-
-    def encode(path: Path, shape: tuple[int, ...], images: Iterable[Image.Image], desc: str):
-        features = np.lib.format.open_memmap(path, "w+", np.float16, (*shape, *cell))
-        rows = features.reshape(-1, *cell)  # (n, N, C): a view of the file
-        batch: list[torch.Tensor] = []
-        done = 0
-        for image in tqdm(images, total=len(rows), desc=desc, unit="img"):
-            batch.append(preprocess(image, encoder_name))
-            if len(batch) == cfg.batch_size or done + len(batch) == len(rows):
-                grid = frozen(torch.stack(batch).to(device))  # (b, N, C)
-                rows[done : done + len(batch)] = grid.half().cpu().numpy()
-                done, batch = done + len(batch), []
-        if done != len(rows):
-            raise RuntimeError(f"{path}: {done} images encoded, {len(rows)} expected")
-        features.flush()
-        del features, rows
 
     def originals(names: list[str]) -> Iterator[Image.Image]:
         return (open_image(raw_dir / IMAGES_DIR / name) for name in names)
 
     for split, images in splits.items():
-        encode(out_dir / f"{split}.npy", (len(images),), originals(images), f"encode {split}")
+        writer.write(out_dir / f"{split}.npy", (len(images),), originals(images), split)
     index: dict[str, Any] = {
         "encoder": encoder_name,
-        "grid": spec.grid,
-        "channels": spec.channels,
+        "grid": encoder.spec.grid,
+        "channels": encoder.spec.channels,
         "dtype": "float16",
         "splits": splits,
     }
-    train = splits.get("train", [])
+    train, test = splits.get("train", []), splits.get("test", [])
     if cfg.views and train:
-        flipped = np.zeros((len(train), cfg.views), bool)
-
-        def views() -> Iterator[Image.Image]:
-            for i, (name, image) in enumerate(zip(train, originals(train))):
-                keep = objects_box(scenes.get(name)) if scenes else None
-                for v in range(cfg.views):
-                    rng = rng_for(cfg.seed, name, v)
-                    view, flipped[i, v] = augmented_view(image, cfg.augment, rng, keep)
-                    yield view
-
-        encode(out_dir / TRAIN_VIEWS, (len(train), cfg.views), views(), "encode train views")
+        flipped = np.zeros((len(train), cfg.views), bool)  # filled as the views are drawn
+        views = _views(cfg, train, originals(train), scenes or {}, flipped)
+        writer.write(out_dir / TRAIN_VIEWS, flipped.shape, views, "train views")
         index["views"] = {
             "count": cfg.views,
             "seed": cfg.seed,
             "augment": dataclasses.asdict(cfg.augment),
             "flipped": flipped.astype(int).tolist(),
         }
-    test = splits.get("test", [])
     if cfg.robustness and scenes and test:
         (out_dir / ROBUST_DIR).mkdir(exist_ok=True)
         for k, name in enumerate(PERTURBATIONS):
@@ -175,7 +142,7 @@ def transform(
                 perturb(name, image, scenes[image_name], rng_for(cfg.seed, image_name, 1000 + k))[0]
                 for image_name, image in zip(test, originals(test))
             )
-            encode(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copies, f"encode {name}")
+            writer.write(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copies, name)
         index["robustness"] = {"seed": cfg.seed, "perturbations": list(PERTURBATIONS)}
     elif cfg.robustness and test:
         log.info("no scenes.json in %s: no perturbed test copies (synthetic data only)", raw_dir)
@@ -185,10 +152,68 @@ def transform(
     log.info(
         "features: %s, %d views per training image, %d perturbed test copies",
         {s: len(v) for s, v in splits.items()},
-        cfg.views if train else 0,
+        index.get("views", {}).get("count", 0),
         len(index.get("robustness", {}).get("perturbations", [])),
     )
     return index
+
+
+def _frozen(encoder: ImageEncoder, device: torch.device) -> torch.jit.ScriptModule:
+    """The encoder traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster
+    on a CPU; its features differ from eager ones by ~1e-5, far below fp16 precision."""
+    size = encoder.spec.image_size
+    example = torch.zeros(2, 3, size, size, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
+        return torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
+
+
+@dataclass(frozen=True)
+class _FeatureWriter:
+    """Runs the frozen encoder over images, in batches, into a float16 .npy file."""
+
+    frozen: torch.jit.ScriptModule
+    encoder: str
+    batch_size: int
+    device: torch.device
+
+    def write(self, path: Path, shape: tuple[int, ...], images: Iterable[Image.Image], what: str):
+        """Encode `images` (prod(shape) of them, through the model's one preprocessing
+        function) into `path`, an array of `shape` + (N, C)."""
+        spec = SPECS[self.encoder]
+        cell = (spec.grid**2, spec.channels)
+        features = np.lib.format.open_memmap(path, "w+", np.float16, (*shape, *cell))
+        rows = features.reshape(-1, *cell)  # (n, N, C): a view of the file
+        batch: list[torch.Tensor] = []
+        done = 0
+        for image in tqdm(images, total=len(rows), desc=f"encode {what}", unit="img"):
+            batch.append(preprocess(image, self.encoder))  # (3, S, S)
+            if len(batch) == self.batch_size or done + len(batch) == len(rows):
+                grid = self.frozen(torch.stack(batch).to(self.device))  # (b, N, C)
+                rows[done : done + len(batch)] = grid.half().cpu().numpy()
+                done, batch = done + len(batch), []
+        if done != len(rows):
+            raise RuntimeError(f"{path}: {done} images encoded, {len(rows)} expected")
+        features.flush()
+        del features, rows
+
+
+def _views(
+    cfg: TransformConfig,
+    names: list[str],
+    images: Iterable[Image.Image],
+    scenes: Mapping[str, Scene],
+    flipped: np.ndarray,
+) -> Iterator[Image.Image]:
+    """`cfg.views` augmented views of each image in turn; flipped[i, v] records a mirror."""
+    for i, (name, image) in enumerate(zip(names, images)):
+        keep = objects_box(scenes.get(name))  # None without a scene: crops stay on the image
+        for v in range(cfg.views):
+            view, flipped[i, v] = augmented_view(
+                image, cfg.augment, rng_for(cfg.seed, name, v), keep
+            )
+            yield view
 
 
 def main() -> None:
