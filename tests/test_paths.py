@@ -35,7 +35,12 @@ FILES = {
     ),
     "evaluate": (
         {paths.MODEL_PATH, paths.RUN_FILE, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
-        {paths.EVAL_METRICS_PATH, paths.PREDICTIONS_PATH, paths.SAMPLES_PATH},
+        {
+            paths.EVAL_METRICS_PATH,
+            paths.PREDICTIONS_PATH,
+            paths.SAMPLES_PATH,
+            paths.ROBUSTNESS_PATH,
+        },
     ),
     "package": ({paths.MODEL_PATH}, {paths.ARCHIVE_PATH}),
 }
