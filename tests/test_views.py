@@ -84,7 +84,7 @@ def test_views_are_the_encoded_augmentations_of_each_training_image(ws):
         image = open_image(ws["raw"] / "Images" / name)
         keep = objects_box(ws["scenes"][name])
         made = [
-            augmented_view(image, ws["cfg"].augment, rng_for(3, name, v), keep)
+            augmented_view(image, ws["cfg"].augment, rng_for(3, name, v), keep, max_side=32)
             for v in range(VIEWS)
         ]
         assert [f for _, f in made] == flipped[i].tolist()

@@ -114,13 +114,23 @@ def objects_box(scene: Scene | None) -> Box | None:
 
 
 def augmented_view(
-    image: Image.Image, cfg: AugmentConfig, rng: np.random.Generator, keep: Box | None = None
+    image: Image.Image,
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    keep: Box | None = None,
+    max_side: int | None = None,
 ) -> tuple[Image.Image, bool]:
     """A random augmented copy of an RGB image and whether it is mirrored.
 
     `keep` (the objects' box, when known) stays whole inside any crop; without it a crop stays
-    inside the image. The copy has the image's size: the model's preprocessing resizes it.
+    inside the image. The copy has the image's size, or is shrunk to fit `max_side` (the
+    model's input side: its preprocessing would shrink it anyway, and smaller is faster).
     """
+    scale = min(1.0, max_side / max(image.size)) if max_side else 1.0
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        keep = None if keep is None else tuple(v * scale for v in keep)
     zoom = float(np.exp(rng.uniform(*np.log(cfg.zoom))))  # log-uniform: x0.8 as likely as x1.25
     shift = rng.uniform(-cfg.shift, cfg.shift, 2)
     view = reframe(image, zoom, shift, keep)
@@ -148,7 +158,8 @@ def augmented_view(
             view.size, Image.Resampling.BICUBIC
         )
     if noise > 0:
-        view = _to_image(np.asarray(view, dtype=np.float32) + rng.normal(0, noise, pixels.shape))
+        grain = rng.standard_normal(pixels.shape, dtype=np.float32) * noise
+        view = _to_image(np.asarray(view, dtype=np.float32) + grain)
     if jpeg:
         view = reencode_jpeg(view, quality)
     return view, flipped

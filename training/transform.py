@@ -69,7 +69,7 @@ class TransformConfig:
     """The `transform` section of params.yaml: where and how images are encoded, which copies."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = 4  # images per forward pass: 4 costs half the CPU of 32 (cache-sized)
     views: int = 2  # augmented views of every training image, encoded besides it; 0: none
     seed: int = 0  # of the views' and the perturbed test copies' random draws
     robustness: bool = True  # encode the perturbed test copies (synthetic data only)
@@ -127,7 +127,8 @@ def transform(
     train, test = splits.get("train", []), splits.get("test", [])
     if cfg.views and train:
         flipped = np.zeros((len(train), cfg.views), bool)  # filled as the views are drawn
-        views = _views(cfg, train, originals(train), scenes or {}, flipped)
+        side = encoder.spec.image_size
+        views = _views(cfg, train, originals(train), scenes or {}, flipped, side)
         writer.write(out_dir / TRAIN_VIEWS, flipped.shape, views, "train views")
         index["views"] = {
             "count": cfg.views,
@@ -205,14 +206,15 @@ def _views(
     images: Iterable[Image.Image],
     scenes: Mapping[str, Scene],
     flipped: np.ndarray,
+    side: int,
 ) -> Iterator[Image.Image]:
-    """`cfg.views` augmented views of each image in turn; flipped[i, v] records a mirror."""
+    """`cfg.views` augmented views of each image in turn, made at most `side` pixels large
+    (the encoder's input); flipped[i, v] records a mirror."""
     for i, (name, image) in enumerate(zip(names, images)):
         keep = objects_box(scenes.get(name))  # None without a scene: crops stay on the image
         for v in range(cfg.views):
-            view, flipped[i, v] = augmented_view(
-                image, cfg.augment, rng_for(cfg.seed, name, v), keep
-            )
+            rng = rng_for(cfg.seed, name, v)
+            view, flipped[i, v] = augmented_view(image, cfg.augment, rng, keep, side)
             yield view
 
 
