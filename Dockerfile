@@ -42,6 +42,8 @@ RUN pip install --no-cache-dir --no-deps --index-url "https://download.pytorch.o
 # Root-owned and read-only to the server; only its home (key_file.json, logs/) is its own.
 WORKDIR /home/model-server
 COPY serve/config.properties /home/model-server/config.properties
+# The page; in the pod an init container copies it to the proxy beside TorchServe (k8s/).
+COPY serve/web /home/model-server/web
 COPY model-store/imgtocap.mar /home/model-server/model-store/imgtocap.mar
 USER 1000:1000
 

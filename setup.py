@@ -32,5 +32,8 @@ setup(
     ),
     package_data={"serve": ["config.properties"]},  # the runner's default config
     install_requires=requirements("train.txt"),
+    # `imgtocap caption PATH...`: in training/, not model/ (which every .mar ships) nor a new
+    # top-level package; it is a user-facing tool beside the stages, with their dependencies
+    entry_points={"console_scripts": ["imgtocap = training.cli:main"]},
     extras_require={"dev": requirements("dev.txt")},
 )

@@ -1,13 +1,21 @@
-"""Benchmark TorchServe serving the offline-preset archive: batching off vs on, side by side.
+"""Benchmark TorchServe serving the offline-preset archive: batching off vs on, side by side,
+against the bare model call and the compute floor on the same machine in the same run.
 
-    .venv/bin/python bench/serving.py [--batch-size 8] [--delay-ms 50] [--max-length 16]
+    .venv/bin/python bench/serving.py [--batch-size 8] [--delay-ms 50 5] [--max-length 16]
 
-For each mode a private TorchServe (serve/config.properties on free loopback ports, token auth
-off) serves an archive packaged from the same checkpoint; the same JPEG photos (scikit-image's
-samples) are sent as raw bodies at concurrency 1, 4 and 16, and the table reports requests/s
-and p50/p95 latency. The checkpoint is model-store/imgtocap.mar's when that was built from the
-offline preset, else an untrained offline model (its captions always run to max_length, so
-max_length is capped identically in both modes). Prints a Markdown table.
+One private TorchServe per mode (batching off, then batching on with each --delay-ms;
+serve/config.properties on free loopback ports, token auth off) serves an archive packaged
+from the same checkpoint, all at once; the same JPEG photos (scikit-image's samples) are sent
+as raw bodies at concurrency 1, 4 and 16, each level --rounds times with the modes taking
+turns, so that a shared machine's changing load weighs on every mode alike. The table reports
+requests/s (median over the rounds) and p50/p95 latency. Before each mode's concurrency-1 run,
+while every server idles, this process times the bare `generate()` of the same photos
+(decoded and preprocessed beforehand): "p50 / bare" is served p50 over the bare call's p50.
+The compute floor is the FLOPs of one caption (`torch.utils.flop_counter.FlopCounterMode`
+around generate()) divided by the fp32 matmul GFLOP/s this machine reaches. The checkpoint is
+model-store/imgtocap.mar's when that was built from the offline preset, else an untrained
+offline model (its captions always run to max_length, so max_length is capped identically in
+every mode). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -23,14 +31,20 @@ import threading
 import time
 import urllib.request
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-import torch
-from PIL import Image
+# Before torch loads OpenMP: spinning threads would steal the worker's cores (as serve/ sets it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from model import build_captioner, preset, save_checkpoint
-from serve.runner import TorchServe
-from training.package import ServeParams, build_archive
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from model import build_captioner, load_checkpoint, open_image, preset, save_checkpoint
+from serve.runner import TorchServe  # noqa: E402
+from training.package import ServeParams, build_archive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
@@ -52,42 +66,135 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = ServeParams()  # batching on = params.yaml's defaults
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--delay-ms", type=int, default=defaults.max_batch_delay_ms)
-    parser.add_argument("--max-length", type=int, default=16, help="the same in both modes")
+    parser.add_argument(
+        "--delay-ms", type=int, nargs="+", default=[defaults.max_batch_delay_ms],
+        help="max_batch_delay_ms of the batching modes, one server each",
+    )  # fmt: skip
+    parser.add_argument("--max-length", type=int, default=16, help="the same in every mode")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams["default"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=3, help="per client, per level")
+    parser.add_argument("--min-requests", type=int, default=24, help="per level, at least")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="each level runs this often per mode, the modes taking turns (a shared machine's "
+        "load then weighs on all of them alike)",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="imgtocap-bench-") as tmp:
+    modes = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0 would mean 100)
+    for delay in args.delay_ms:
+        modes[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
+    with tempfile.TemporaryDirectory(prefix="imgtocap-bench-") as tmp, ExitStack() as servers:
         checkpoint, source = offline_checkpoint(Path(tmp))
         photos = [jpeg(name) for name in PHOTOS]
-        modes = {
-            "off": dict(batch_size=1, max_batch_delay_ms=0),
-            "on": dict(batch_size=args.batch_size, max_batch_delay_ms=args.delay_ms),
-        }
-        results: dict[str, dict[int, dict[str, float]]] = {}
-        for mode, batching in modes.items():
+        bare = Bare(checkpoint, photos, args.num_beams, args.max_length)
+        gflops = matmul_gflops()  # before the servers start, and again after the rounds
+        urls = {}
+        for n, (mode, batching) in enumerate(modes.items()):  # all up at once; idle ones wait
             params = {
                 **batching,
                 "num_beams": {"default": args.num_beams, "max": max(5, args.num_beams)},
                 "max_length": {"default": args.max_length, "max": max(40, args.max_length)},
             }
-            store = Path(tmp) / f"store-{mode}"
-            build_archive(checkpoint, store, params)
-            workdir = Path(tmp) / f"server-{mode}"
-            with TorchServe.private(workdir, store, disable_token_authorization="true") as server:
-                url = f"{server.inference}/predictions/imgtocap"
-                results[mode] = {}
-                for clients in args.concurrency:
-                    results[mode][clients] = load(url, photos, clients, args.requests)
-                    print(f"batching {mode}, concurrency {clients}: {results[mode][clients]}")
+            store = build_archive(checkpoint, Path(tmp) / f"store-{n}", params).parent
+            server = servers.enter_context(
+                TorchServe.private(
+                    Path(tmp) / f"server-{n}", store, disable_token_authorization="true"
+                )
+            )
+            urls[mode] = f"{server.inference}/predictions/imgtocap"
+            load(urls[mode], photos, 1, 2)  # the first requests pay for lazy set-up
+        served = {mode: {c: Level() for c in args.concurrency} for mode in modes}
+        bare_ms: dict[str, list[float]] = {mode: [] for mode in modes}
+        for r in range(args.rounds):
+            for clients in args.concurrency:
+                per_client = max(args.requests, math.ceil(args.min_requests / clients))
+                order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+                for mode in order:
+                    if clients == 1:  # every server idles: the bare call on the same photos
+                        sent = [i % len(photos) for i in range(per_client)]
+                        bare_ms[mode] += bare.times(sent)
+                    served[mode][clients].add(load(urls[mode], photos, clients, per_client))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        gflops = max(gflops, matmul_gflops())  # a shared machine: the better of the two
+        flops = bare.flops()
         print(
             f"\n{source}; {args.num_beams} beam(s), max_length {args.max_length}; one worker, "
-            f"{os.cpu_count()} CPUs; batching on = batch_size {args.batch_size}, "
-            f"max_batch_delay {args.delay_ms} ms; {args.requests} requests per client.\n"
+            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; batching on = "
+            f"batch_size {args.batch_size}; each level {args.rounds} times per mode, the modes "
+            f"in turn, at least {args.min_requests} requests each time.\n"
         )
-        print(table(results, args.concurrency))
+        all_bare = [t for times in bare_ms.values() for t in times]
+        floor_ms = flops / (gflops * 1e9) * 1000
+        print(
+            f"bare generate(), one photo at a time: p50 {percentile(all_bare, 50):.0f} ms; "
+            f"compute floor {floor_ms:.1f} ms per caption ({flops / 1e9:.2f} GFLOP per caption, "
+            f"mean over the photos, at {gflops:.0f} GFLOP/s: fp32 matmul 2048^3 here)\n"
+        )
+        bare_p50 = {mode: percentile(times, 50) for mode, times in bare_ms.items()}
+        print(table(served, bare_p50, args.concurrency))
+
+
+class Level:
+    """One (mode, concurrency) level over its rounds: latencies pooled, requests/s per round."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.batches: list[int] = []
+        self.rps: list[float] = []
+
+    def add(self, run: dict[str, Any]) -> None:
+        self.latencies += run["latencies"]
+        self.batches += run["batches"]
+        self.rps.append(len(run["latencies"]) / run["wall"])
+
+
+class Bare:
+    """The checkpoint in this process, the photos decoded and preprocessed once: what the served
+    model does per request minus HTTP, TorchServe and the handler."""
+
+    def __init__(self, checkpoint: Path, photos: list[bytes], num_beams: int, max_length: int):
+        self.model = load_checkpoint(checkpoint)
+        self.pixels = [self.model.preprocess(open_image(data))[None] for data in photos]
+        self.options = dict(num_beams=num_beams, max_length=max_length)
+        for pixels in self.pixels[:2]:
+            self._generate(pixels)  # lazy set-up, as the handler's initialize() pays it
+
+    def _generate(self, pixels: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.model.generate(pixels, **self.options)
+
+    def times(self, sequence: list[int]) -> list[float]:
+        """ms of generate() for each photo of this sequence, one call each."""
+        times = []
+        for index in sequence:
+            start = time.perf_counter()
+            self._generate(self.pixels[index])
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
+    def flops(self) -> float:
+        """FLOPs of one caption, the mean over the photos (a caption stops at [SEP])."""
+        total = 0
+        for pixels in self.pixels:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self._generate(pixels)
+            total += counter.get_total_flops()
+        return total / len(self.pixels)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of an n x n x n matmul with this process's torch threads (the best run)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def offline_checkpoint(tmp: Path) -> tuple[Path, str]:
@@ -114,8 +221,9 @@ def jpeg(name: str) -> bytes:
     return buffer.getvalue()
 
 
-def load(url: str, photos: list[bytes], clients: int, per_client: int) -> dict[str, float]:
-    """`clients` threads each PUT `per_client` photos back to back; throughput and latency."""
+def load(url: str, photos: list[bytes], clients: int, per_client: int) -> dict[str, Any]:
+    """`clients` threads each PUT `per_client` photos back to back (client k starts at photo
+    k * per_client); every latency (ms), the batch size each answer reports, the wall time."""
     latencies: list[float] = []
     batches: list[int] = []
     lock = threading.Lock()
@@ -128,7 +236,7 @@ def load(url: str, photos: list[bytes], clients: int, per_client: int) -> dict[s
             with urllib.request.urlopen(request, timeout=600) as response:
                 answer = json.load(response)
             with lock:
-                latencies.append(time.perf_counter() - start)
+                latencies.append((time.perf_counter() - start) * 1000)
                 batches.append(answer["batch_size"])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -140,12 +248,7 @@ def load(url: str, photos: list[bytes], clients: int, per_client: int) -> dict[s
     wall = time.perf_counter() - start
     if len(latencies) != clients * per_client:
         raise RuntimeError(f"{clients * per_client - len(latencies)} requests failed")
-    return {
-        "rps": len(latencies) / wall,
-        "p50": percentile(latencies, 50) * 1000,
-        "p95": percentile(latencies, 95) * 1000,
-        "batch": statistics.mean(batches),
-    }
+    return {"latencies": latencies, "batches": batches, "wall": wall}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,17 +257,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def table(results: dict[str, dict[int, dict[str, float]]], levels: list[int]) -> str:
+def table(
+    served: dict[str, dict[int, Level]], bare_p50: dict[str, float], levels: list[int]
+) -> str:
     rows = [
-        "| concurrency | batching | requests/s | p50 ms | p95 ms | mean batch |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| concurrency | batching | requests/s | p50 ms | p95 ms | mean batch | p50 / bare |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for clients in levels:
-        for mode in results:
-            r = results[mode][clients]
+        for mode, by_level in served.items():
+            level = by_level[clients]
+            p50 = percentile(level.latencies, 50)
+            ratio = f"{p50 / bare_p50[mode]:.2f}" if clients == 1 else ""
             rows.append(
-                f"| {clients} | {mode} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} "
-                f"| {r['batch']:.1f} |"
+                f"| {clients} | {mode} | {statistics.median(level.rps):.2f} | {p50:.0f} "
+                f"| {percentile(level.latencies, 95):.0f} | {statistics.mean(level.batches):.1f} "
+                f"| {ratio} |"
             )
     return "\n".join(rows)
 

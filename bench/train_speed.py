@@ -7,7 +7,8 @@ nothing downloads), run the way the pipeline runs it: the transform stage's trac
 encoder; the train stage's step (bf16 autocast on CUDA, AdamW, gradient clipping) on batches
 of `--batch-size` captions of `--tokens` tokens over a `--output-vocab`-word output vocabulary;
 the evaluate stage's beam search. Then multiplies by Flickr8k's sizes: 8,091 images to
-encode, 6,000 training images x 5 captions per epoch, 1,000 test images. Prints a table.
+encode, 6,000 training images x 5 captions per epoch, 1,000 test images. Prints a table with
+each phase's peak memory (allocated on a GPU; on a CPU, the process's peak RSS so far).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def peak_memory(device: torch.device, reset: bool = True) -> str:
+    """The peak memory since the last reset: allocated on the GPU, else the process's RSS."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return f"{peak / 2**30:.2f} GiB"
+    import resource  # the CPU: the process's peak resident set (KiB on Linux), never reset
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="base")
@@ -68,6 +81,7 @@ def main() -> None:
     model.to(device)
     spec = model.encoder.spec
     on_cuda = device.type == "cuda"
+    peak_memory(device)  # from here: the model's weights count in every phase
 
     # transform: the traced, frozen encoder, as training/transform.py builds it
     pixels = torch.randn(args.encode_batch, 3, spec.image_size, spec.image_size, device=device)
@@ -76,6 +90,7 @@ def main() -> None:
         warnings.simplefilter("ignore", FutureWarning)
         frozen = torch.jit.optimize_for_inference(torch.jit.trace(model.encoder, pixels[:2]))
         encode_s = timed(lambda: frozen(pixels), device, args.repeats) / args.encode_batch
+    encode_peak = peak_memory(device)
 
     # train: one optimizer step, as training/train.py takes it
     B = args.batch_size
@@ -95,6 +110,7 @@ def main() -> None:
         optimizer.step()
 
     step_s = timed(step, device, args.repeats)
+    train_peak = peak_memory(device)
     model.eval()
 
     # evaluate: beam search from precomputed features, every caption max_length long
@@ -106,6 +122,7 @@ def main() -> None:
         device,
         args.repeats,
     ) / len(eval_grid)
+    decode_peak = peak_memory(device)
 
     name = (
         torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -115,22 +132,24 @@ def main() -> None:
         f"\n`{args.preset}` preset ({config.encoder} + {config.num_layers}-layer decoder, "
         f"{config.fusion}, {total / 1e6:.0f}M parameters) on {name}\n"
     )
-    print("| stage | measured | Flickr8k |")
-    print("|---|---|---|")
+    print("| stage | measured | Flickr8k | peak memory |")
+    print("|---|---|---|---|")
     epoch_steps = FLICKR8K["train_captions"] / B
     print(
-        f"| transform (encode once) | {1000 * encode_s:.1f} ms / image | "
-        f"{FLICKR8K['images'] * encode_s / 60:.1f} min for {FLICKR8K['images']:,} images |"
+        f"| transform (encode once, batches of {args.encode_batch}) | "
+        f"{1000 * encode_s:.1f} ms / image | "
+        f"{FLICKR8K['images'] * encode_s / 60:.1f} min for {FLICKR8K['images']:,} images | "
+        f"{encode_peak} |"
     )
     print(
         f"| train | {1000 * step_s:.0f} ms / step of {B} captions | "
-        f"{epoch_steps * step_s / 60:.1f} min / epoch ({epoch_steps:.0f} steps) |"
+        f"{epoch_steps * step_s / 60:.1f} min / epoch ({epoch_steps:.0f} steps) | {train_peak} |"
     )
     print(
-        f"| evaluate (beam {args.num_beams}, {args.max_length} tokens) | "
-        f"{1000 * decode_s:.1f} ms / image | "
+        f"| evaluate (beam {args.num_beams}, {args.max_length} tokens, batches of "
+        f"{len(eval_grid)}) | {1000 * decode_s:.1f} ms / image | "
         f"{FLICKR8K['test_images'] * decode_s / 60:.1f} min for "
-        f"{FLICKR8K['test_images']:,} test images |"
+        f"{FLICKR8K['test_images']:,} test images | {decode_peak} |"
     )
 
 

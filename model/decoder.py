@@ -42,8 +42,20 @@ class Attention(nn.Module):
         return self.heads(self.key(source)), self.heads(self.value(source))
 
     def forward(
-        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries x (B, T, C) over keys/values (B, nh, S, hs) -> output (B, T, C), and with
+        `need_weights` the attention weights (B, nh, T, S) (non-causal only: cross-attention).
+
+        The output always comes from SDPA, whose fused kernels never materialise the weights;
+        asked for, they are computed beside it (T x S per head: small), so the output is the
+        same bits with or without them.
+        """
         B, T, C = x.shape
         q = self.heads(self.query(x))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
@@ -55,8 +67,14 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:  # one new token attends to every cached key; cross-attention sees the whole image
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
+        weights = None
+        if need_weights:
+            if causal:
+                raise ValueError("attention weights are computed for cross-attention only")
+            scale = q.shape[-1] ** -0.5  # SDPA's default
+            weights = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(-1)  # (B, nh, T, S)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.norm(x + F.dropout(self.out(y), p, self.training))
+        return self.norm(x + F.dropout(self.out(y), p, self.training)), weights
 
 
 class DecoderLayer(nn.Module):
@@ -72,17 +90,20 @@ class DecoderLayer(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, past: KV | None, cross: KV | None
-    ) -> tuple[torch.Tensor, KV]:
+        self, x: torch.Tensor, past: KV | None, cross: KV | None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+        """x (B, T, H) -> (B, T, H), this layer's extended cache, and with `need_weights` its
+        cross-attention weights over the image (B, nh, T, N)."""
         k, v = self.self_attn.keys_values(x)  # (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        x = self.self_attn(x, k, v, causal=True)
+        x, _ = self.self_attn(x, k, v, causal=True)
+        weights = None
         if self.cross_attn is not None:
-            x = self.cross_attn(x, *cross, causal=False)
+            x, weights = self.cross_attn(x, *cross, causal=False, need_weights=need_weights)
         h = self.ffn_out(F.gelu(self.ffn_in(x)))
         x = self.ffn_norm(x + F.dropout(h, self.dropout, self.training))
-        return x, (k, v)
+        return x, (k, v), weights
 
 
 class Decoder(nn.Module):
@@ -107,18 +128,23 @@ class Decoder(nn.Module):
         tokens: torch.Tensor,
         cross: list[KV] | None = None,
         past: list[KV] | None = None,
-    ) -> tuple[torch.Tensor, list[KV]]:
-        """tokens (B, T) continuing `past` -> hidden states (B, T, H) and the extended cache."""
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[KV], list[torch.Tensor] | None]:
+        """tokens (B, T) continuing `past` -> hidden states (B, T, H), the extended cache, and
+        with `need_weights` (cross-attention only) every layer's weights (B, nh, T, N)."""
         T = tokens.shape[1]
         start = past[0][0].shape[2] if past else 0
         positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
         x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, T, H)
         x = F.dropout(self.emb_norm(x), self.dropout, self.training)
-        cache = []
+        cache, weights = [], []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, past[i] if past else None, cross[i] if cross else None)
+            x, kv, w = layer(
+                x, past[i] if past else None, cross[i] if cross else None, need_weights
+            )
             cache.append(kv)
-        return x, cache
+            weights.append(w)
+        return x, cache, weights if need_weights and cross else None
 
 
 # --- Hugging Face BERT weights ------------------------------------------------------------

@@ -8,7 +8,7 @@ which rows continue. A test substitutes a state that reads log-probs from a tabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -17,10 +17,13 @@ from .config import CaptionerConfig
 
 @dataclass
 class Generation:
-    """Decoded captions as token ids ([CLS]/[SEP] stripped) and their length-normalised log-prob."""
+    """Decoded captions as token ids ([CLS]/[SEP] stripped) and their length-normalised log-prob;
+    asked for, per image the attention over the image grid of each token: (len(tokens[i]), N)
+    float32 on the CPU, row t where the model looked when it chose tokens[i][t]."""
 
     tokens: list[list[int]]
     scores: list[float]
+    attention: list[torch.Tensor] | None = None
 
 
 class DecodeState(Protocol):
@@ -42,12 +45,22 @@ class DecodeState(Protocol):
         """Row i continues row rows[i] (R',); `image`: per-image state is widened too."""
         ...
 
+    def attention(self) -> torch.Tensor:
+        """The last `log_probs` call's attention over the image (R, N), per row. Only asked by
+        a search with `return_attention`; a state that cannot answer need not implement it."""
+        ...
+
 
 def greedy(
-    state: DecodeState, config: CaptionerConfig, max_length: int, length_penalty: float = 1.0
+    state: DecodeState,
+    config: CaptionerConfig,
+    max_length: int,
+    length_penalty: float = 1.0,
+    return_attention: bool = False,
 ) -> Generation:
     """The most likely token at every step, the whole batch at once, until all rows end."""
     B, device = state.batch_size, state.device
+    steps: list[torch.Tensor] = []  # with return_attention: (B, N) per step
     output_ids = _output_ids(config, device)
     tokens = torch.full((B, 1), config.bos_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -55,6 +68,8 @@ def greedy(
     length = torch.zeros(B, device=device)
     for _ in range(max_length):
         logp = state.log_probs(tokens)  # (B, V')
+        if return_attention:
+            steps.append(state.attention())
         best = logp.argmax(dim=-1)  # (B,)
         total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         length += (~done).float()
@@ -65,7 +80,12 @@ def greedy(
         if done.all():
             break
     scores = total / length.clamp(min=1) ** length_penalty
-    return Generation([strip(t, config) for t in tokens.tolist()], scores.tolist())
+    captions = [strip(t, config) for t in tokens.tolist()]
+    attention = None
+    if return_attention:  # rows never change places: step t of row i chose token t of caption i
+        maps = torch.stack(steps, dim=1).float().cpu()  # (B, steps, N)
+        attention = [maps[i, : len(ids)] for i, ids in enumerate(captions)]
+    return Generation(captions, scores.tolist(), attention)
 
 
 def beam_search(
@@ -74,10 +94,15 @@ def beam_search(
     num_beams: int,
     max_length: int,
     length_penalty: float = 1.0,
+    return_attention: bool = False,
 ) -> Generation:
     """Batched beam search with transformers' default stopping rule: an image is done when
     K hypotheses have ended and no running beam, scored at its current length, beats the
     worst of them (stopping at the first K ended ones would drop better, longer captions).
+
+    With `return_attention`, each step's attention (B*K, N) and back-pointers (which row each
+    new row continues) are kept; a hypothesis remembers the step and row it ended at, and the
+    winner's attention is read back along its own path, however early it ended.
     """
     B, K, device = state.batch_size, num_beams, state.device
     # the first step runs one row per image (all its beams start identical); then beams of
@@ -85,14 +110,18 @@ def beam_search(
     tokens = torch.full((B * K, 1), config.bos_id, dtype=torch.long, device=device)
     beam_scores = torch.full((B, K), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    finished: list[list[_Ended]] = [[] for _ in range(B)]
     ids = config.output_vocab
     done = [False] * B
+    steps: list[torch.Tensor] = []  # with return_attention: (B*K, N) per step
+    parents: list[list[int]] = []  # per step: the row each row of the next step continues
     for t in range(max_length):
         if t == 0:  # one row per image, copied to its K beams
             logp = state.log_probs(tokens[::K]).repeat_interleave(K, dim=0)  # (B*K, V')
         else:
             logp = state.log_probs(tokens)  # (B*K, V')
+        if return_attention:
+            steps.append(state.attention().repeat_interleave(K if t == 0 else 1, dim=0))
         V = logp.shape[1]
         candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
@@ -108,24 +137,28 @@ def beam_search(
                     token = ids[token] if ids is not None else token
                     if token == config.eos_id or last:
                         if rank < K:  # as in HF: a finished hypothesis must rank in the top K
-                            seq = tokens[b * K + beam, 1:].tolist() + [token]
-                            finished[b].append((score / (t + 1) ** length_penalty, seq))
+                            row = b * K + beam
+                            seq = tokens[row, 1:].tolist() + [token]
+                            normed = score / (t + 1) ** length_penalty
+                            finished[b].append(_Ended(normed, seq, t, row))
                         continue
                     rows.append(b * K + beam)
                     next_tokens.append(token)
                     next_scores.append(score)
                     best_running = max(best_running, score)
                     kept += 1
-                finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+                finished[b] = sorted(finished[b], key=lambda h: h.score, reverse=True)[:K]
                 bound = best_running / (t + 1) ** length_penalty
                 full = len(finished[b]) == K
-                done[b] = last or kept == 0 or (full and finished[b][-1][0] >= bound)
+                done[b] = last or kept == 0 or (full and finished[b][-1].score >= bound)
             for _ in range(K - kept):  # padding beams that can never win
                 rows.append(b * K)
                 next_tokens.append(config.pad_id)
                 next_scores.append(float("-inf"))
         if all(done):
             break
+        if return_attention:
+            parents.append(rows)
         rows_t = torch.tensor(rows, device=device)  # (B*K,) the row each new beam continues
         tokens = torch.cat(
             [tokens[rows_t], torch.tensor(next_tokens, device=device)[:, None]], dim=1
@@ -135,8 +168,38 @@ def beam_search(
             state.select(rows_t // K, image=True)  # (B rows) -> (B*K rows)
         else:
             state.select(rows_t)
-    best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
-    return Generation([strip(seq, config) for _, seq in best], [score for score, _ in best])
+    best = [max(hyps, key=lambda h: h.score) for hyps in finished]
+    captions = [strip(h.seq, config) for h in best]
+    attention = None
+    if return_attention:
+        attention = []
+        for h, ids in zip(best, captions):
+            path = _back_track(steps, parents, h.step, h.row)  # (h.step + 1, N): one per token
+            start = int(h.seq[:1] == [config.bos_id])  # what `strip` cut off the front
+            attention.append(path[start : start + len(ids)].float().cpu())
+    return Generation(captions, [h.score for h in best], attention)
+
+
+class _Ended(NamedTuple):
+    """A finished beam hypothesis: its score, tokens, and the step and row it ended at."""
+
+    score: float
+    seq: list[int]
+    step: int
+    row: int
+
+
+def _back_track(
+    steps: list[torch.Tensor], parents: list[list[int]], step: int, row: int
+) -> torch.Tensor:
+    """The attention (step + 1, N) along the path that reached `row` at `step`, following the
+    back-pointers: the row at step s continues row parents[s - 1][row] of step s - 1."""
+    path = []
+    for s in range(step, -1, -1):
+        path.append(steps[s][row])
+        if s > 0:
+            row = parents[s - 1][row]
+    return torch.stack(path[::-1])  # (step + 1, N)
 
 
 def strip(ids: list[int], config: CaptionerConfig) -> list[int]:

@@ -1,9 +1,17 @@
-"""One checkpoint format: a plain dict {"config": dict, "state_dict": tensors}, loaded weights-only."""
+"""One checkpoint format: a plain dict {"config": dict, "state_dict": tensors}, loaded weights-only.
+
+Every checkpoint is written through `atomic_write`: a crash, a kill or a full disk while
+writing leaves the previous file, never a truncated one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -11,10 +19,47 @@ from .captioner import Captioner
 from .config import CaptionerConfig
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces `path` whole when the block ends, or not at all.
+
+    It is a temporary file beside `path`, flushed and fsynced before the rename, the directory
+    fsynced after it: even a power loss leaves the old file or the complete new one. On an
+    error the temporary file is removed and `path` is untouched. (A file, not a temporary
+    path: `torch.save` to a path names the archive inside after the file, and a random name
+    would make identical checkpoints differ in bytes.)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # the rename itself reaches the disk with the directory's entry
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def discard_partial_writes(path: str | Path) -> None:
+    """Remove what killed `atomic_write`s of `path` left beside it (their temporary files)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def save_checkpoint(model: Captioner, path: str | Path, **extra: Any) -> None:
     """Write the model's config and full state dict (frozen encoder included: self-contained)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": model.config.to_dict(), "state_dict": state, **extra}, Path(path))
+    with atomic_write(path) as f:
+        torch.save({"config": model.config.to_dict(), "state_dict": state, **extra}, f)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

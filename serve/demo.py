@@ -1,8 +1,11 @@
-"""`make demo`: serve model-store/imgtocap.mar in the background and caption sample images.
+"""`make demo`: serve model-store/imgtocap.mar in the background, caption sample images, and
+put the page (serve/web/) in front of it with nginx at http://127.0.0.1:5000/.
 
 The demo server listens on 127.0.0.1 only and has token auth off, so that afterwards a plain
 `curl -T image.jpg http://127.0.0.1:8080/predictions/imgtocap` works. serve/config.properties
-keeps token auth on for `make serve` and the Docker image. `make stop` stops the server.
+keeps token auth on for `make serve` and the Docker image. The page needs nginx (serve/proxy.py);
+without it the demo still serves the API and says how to install it. DEMO_PAGE_PORT moves the
+page off port 5000. `make stop` stops both.
 
 Images: DEMO_IMAGES (paths or globs, space-separated), else the first 3 of the test split
 (data/processed/captions.json), else the first 3 of data/raw/Images/. Run from the repository
@@ -22,6 +25,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from serve import proxy
 from serve.runner import TorchServe, TorchServeError, read_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +33,7 @@ ARCHIVE = Path("model-store/imgtocap.mar")
 LOGS = Path("logs/torchserve")
 PROCESSED = Path("data/processed/captions.json")
 IMAGES = Path("data/raw/Images")
+PROXY = Path("logs/nginx")  # the page's nginx: config, pid, logs
 
 
 def main() -> int:
@@ -57,6 +62,7 @@ def main() -> int:
         print(f"  {image}: {caption(image, url)}")
         if reference:
             print(f"  {' ' * len(image)}  (a reference caption: {reference})")
+    print(f"\n{start_page(inference)}")
     print(f"""
 TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs in {LOGS}/):
   caption:   curl -T image.jpg {url}
@@ -64,9 +70,34 @@ TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs
   describe:  curl {management}/models/imgtocap
   scale:     curl -X PUT "{management}/models/imgtocap?min_worker=2&synchronous=true"
   metrics:   curl {metrics}/metrics
-`make stop` stops it. `make serve` runs the secure configuration (token auth on): README.md (Serving)
+`make stop` stops it and the page. `make serve` runs the secure configuration (token auth on):
+README.md (Serving)
 """)
     return 0
+
+
+def start_page(inference: str) -> str:
+    """nginx with the page in front of TorchServe's `inference` URL, on 127.0.0.1:5000 (or
+    DEMO_PAGE_PORT), left running; what to tell the user: where the page is, or why it is not."""
+    if proxy.binary() is None:
+        return (
+            f"The page needs nginx, which is not installed ({proxy.INSTALL_HINT}); "
+            "then run `make demo` again. The API above works without it."
+        )
+    proxy.stop(PROXY)  # a page a previous `make demo` left running
+    port = int(os.environ.get("DEMO_PAGE_PORT", "5000"))
+    page = proxy.Nginx.configure(PROXY, inference=proxy.host_port(inference), port=port)
+    try:
+        page.start(detach=True)  # keeps running after this process; `make stop` stops it
+    except proxy.ProxyError as exc:
+        return (
+            f"The page did not start: {exc}\nIf port {port} is taken, choose another: "
+            f"DEMO_PAGE_PORT={port + 1} make demo"
+        )
+    return (
+        f"The page: open {page.url}/ in a browser, drop an image, and see its caption and where "
+        "the model looked for each word."
+    )
 
 
 def demo_images() -> list[tuple[str, str | None]]:

@@ -17,10 +17,12 @@ $(MAR): | setup
 serve: $(MAR)
 	BIN=$(BIN) serve/serve.sh
 
-## demo: train if needed, serve on 127.0.0.1 in the background, caption sample images
+## demo: train if needed, serve on 127.0.0.1 in the background, caption sample images, and the
+## page at http://127.0.0.1:5000/ (nginx)
 demo: $(MAR)
 	$(BIN)/python -m serve.demo
 
-## stop: stop the TorchServe started by `make demo` (or `make serve` in another terminal)
+## stop: stop the TorchServe and the page `make demo` started (or `make serve` in another terminal)
 stop:
+	$(BIN)/python -m serve.proxy stop logs/nginx
 	$(BIN)/torchserve --stop --foreground

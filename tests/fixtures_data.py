@@ -1,8 +1,10 @@
-"""Test helpers for the data stages: tiny Flickr8k look-alikes and a local HTTP file server."""
+"""Test helpers for the data stages: tiny Flickr8k look-alikes, a Karpathy-split dataset of real
+photographs and a local HTTP file server."""
 
 from __future__ import annotations
 
 import io
+import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -174,3 +176,59 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def real_photos() -> dict[str, Image.Image]:
+    """Real photographs that ship inside packages: scikit-image's samples (one greyscale) and
+    matplotlib's portrait of Grace Hopper."""
+    import matplotlib
+    from skimage import data
+
+    photos = {n: Image.fromarray(getattr(data, n)()) for n in ("astronaut", "coffee", "chelsea")}
+    photos["rocket"] = Image.fromarray(data.rocket())
+    photos["camera"] = Image.fromarray(data.camera())  # greyscale
+    sample = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    photos["grace_hopper"] = Image.open(sample)
+    return photos
+
+
+# photo -> (Karpathy split, five captions)
+KARPATHY = {
+    "astronaut": (
+        "train",
+        [f"an astronaut in a white suit poses with a flag {i}" for i in range(5)],
+    ),
+    "coffee": ("restval", [f"a cup of coffee on a saucer with a spoon {i}" for i in range(5)]),
+    "chelsea": ("val", [f"a tabby cat looks to the side {i}" for i in range(5)]),
+    "rocket": ("test", [f"a rocket stands on the launch pad {i}" for i in range(5)]),
+    "camera": ("restval", [f"a man with a camera on a tripod, in a field {i}" for i in range(5)]),
+    "grace_hopper": ("train", [f"a woman in a navy uniform smiles {i}" for i in range(5)]),
+}
+
+
+def make_karpathy(root: Path, coco: bool = True) -> tuple[Path, Path]:
+    """(dataset json, image folder) in the Karpathy-split format, on real photographs.
+
+    `coco`: dataset_coco.json with `filepath` (train2014/ or val2014/, restval among val2014's)
+    and COCO's file names; else dataset_flickr30k.json with a flat folder of `<id>.jpg`."""
+    images = root / ("coco" if coco else "flickr30k-images")
+    items = []
+    for i, (photo, image) in enumerate(real_photos().items()):
+        split, captions = KARPATHY[photo]
+        folder = "train2014" if split == "train" else "val2014"
+        name = f"COCO_{folder}_{i + 1:012d}.jpg" if coco else f"{1000092795 + i}.jpg"
+        path = images / folder / name if coco else images / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.convert("RGB").save(path, quality=90)
+        sentences = [
+            {"tokens": c.split(), "raw": c.capitalize() + ".", "imgid": i, "sentid": 5 * i + j}
+            for j, c in enumerate(captions)
+        ]
+        item = {"filename": name, "imgid": i, "split": split, "sentences": sentences}
+        item["sentids"] = [s["sentid"] for s in sentences]
+        if coco:
+            item.update(filepath=folder, cocoid=i + 1)
+        items.append(item)
+    dataset = root / ("dataset_coco.json" if coco else "dataset_flickr30k.json")
+    dataset.write_text(json.dumps({"images": items, "dataset": "coco" if coco else "flickr30k"}))
+    return dataset, images

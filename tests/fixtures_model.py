@@ -1,5 +1,5 @@
 """Test helpers for the model: a tiny captioner, a training loop, distinct little pictures,
-padded caption batches and a PNG that lies about its size."""
+padded caption batches, a PNG that lies about its size, and a model store to serve."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import Captioner, encode_caption, preset
+from model import Captioner, decode_caption, encode_caption, preset, save_checkpoint
+from training.package import build_archive
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:
@@ -79,3 +81,29 @@ def png_claiming(width: int, height: int) -> bytes:
     return (
         data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
     )
+
+
+def model_store(
+    directory: Path, *, captions: list[str] | None = None, tokenizer=None, **serve
+) -> Path:
+    """`directory` as a model store holding imgtocap.mar: a tiny captioner behind the real handler,
+    `serve` overriding the serve: defaults. Random (its captions are real but nonsense), or with
+    `captions` memorised for picture(0), picture(1), ... so that greedy decoding (`serve`
+    num_beams default 1) answers picture(i) with captions[i]."""
+    model = tiny()
+    if captions:
+        pixels = torch.stack([model.preprocess(picture(i)) for i in range(len(captions))])
+
+        def memorised(m: Captioner) -> bool:
+            out = m.generate(pixels, num_beams=1, max_length=12)
+            return [decode_caption(tokenizer, t) for t in out.tokens] == captions
+
+        tokens = caption_tokens(tokenizer, captions, max_tokens=8)  # (B, T)
+        fit(model, model.encode_image(pixels), tokens, lr=1e-2, steps=800, until=memorised)
+        assert memorised(model), f"not memorised after 800 steps: {captions}"
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = directory / "model.pth"
+    save_checkpoint(model, checkpoint)
+    build_archive(checkpoint, directory, serve)
+    checkpoint.unlink()
+    return directory

@@ -1,10 +1,19 @@
-"""Checkpoints: one plain dict, weights-only, rebuilt with no network."""
+"""Checkpoints: one plain dict, weights-only, rebuilt with no network, written atomically."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures_model import tiny
 
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, read_checkpoint, save_checkpoint
+from model.io import discard_partial_writes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("output_vocab", [None, [102, 1037, 2417, 4418]])
@@ -40,3 +49,74 @@ def test_load_checkpoint_errors_are_actionable(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an imgtocap checkpoint"):
         load_checkpoint(tmp_path / "other.pth")
+
+
+# Writes checkpoints of the tiny model, with ~32 MB of padding so each write takes a while,
+# to argv[1] in a loop, printing each epoch once it is saved.
+WRITER = """
+import sys, torch
+from fixtures_model import tiny
+from model import save_checkpoint
+model, padding = tiny(), torch.randn(8_000_000)
+for epoch in range(1, 10_000):
+    save_checkpoint(model, sys.argv[1], epoch=epoch, padding=padding)
+    print(epoch, flush=True)
+"""
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "best.pth"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        writer.stdout.readline()
+        started = time.monotonic()
+        saved = int(writer.stdout.readline())
+        time.sleep((time.monotonic() - started) / 2)  # halfway through the next write
+    finally:
+        writer.kill()  # SIGKILL: no cleanup, as a crash, an OOM kill or a power cut would
+        writer.wait()
+    assert read_checkpoint(path)["epoch"] >= saved  # the old file or the new one, whole
+    discard_partial_writes(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tiny(), tmp_path / "model.pth")
+    (written, renamed, directory) = events
+    assert written[0] == "fsync" and written[1].startswith(".model.pth.")  # the temporary file
+    assert renamed == ("rename", "model.pth")
+    assert directory == ("fsync", tmp_path.name)  # the rename itself is durable
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    save_checkpoint(tiny(), tmp_path / "model.pth", epoch=1)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tiny(), tmp_path / "model.pth", epoch=2)
+    assert read_checkpoint(tmp_path / "model.pth")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]

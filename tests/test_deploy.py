@@ -3,28 +3,24 @@
 The validators (hadolint, kustomize + kubernetes-validate, check-jsonschema, actionlint, zizmor)
 must report nothing. Then what the pieces must mean together: the Dockerfile serves what a clone
 plus `dvc repro` provides, with the command serve/config.properties expects; the cluster config
-differs from it only where a cluster needs it; the manifests expose inference alone, fence
-management, and probe the right things; and TorchServe really runs on the cluster config.
+differs from it only where a cluster needs it; the manifests expose the proxy alone (the page and
+the inference API), keep management inside the pod, and probe the right things. tests/test_pod.py
+runs TorchServe and the proxy on the cluster configs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from dockerfile import Dockerfile
-
-from serve.runner import TorchServe, private_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,10 +31,11 @@ MODEL = "imgtocap"
 # so that a cluster upgrade finds no removed API.
 K8S_VERSIONS = ("1.35.0", "1.37.0")
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:
-# bind addresses (the ClusterIP Service must reach the pod), token auth (the public curl; the
-# read-only working directory), the absolute model store, worker count, JVM arguments.
+# bind addresses (inference on the pod's loopback behind the proxy; metrics on the pod IP for
+# Prometheus), token auth (the public curl; the read-only working directory), the absolute model
+# store, worker count, JVM arguments. Management binds to loopback in both.
 K8S_OVERRIDES = {
-    "management_address",
+    "inference_address",
     "metrics_address",
     "disable_token_authorization",
     "model_store",
@@ -239,7 +236,11 @@ def test_cluster_config_is_serve_config_with_declared_overrides(
         assert _port(serve_config[key]) == _port(k8s_config[key]), key
     image_store = str(PurePosixPath(dockerfile.workdir, serve_config["model_store"]))
     assert k8s_config["model_store"] == image_store
+    # Token auth can be off only because nothing that would need a key is reachable from outside
+    # the pod: inference sits behind the proxy, management is never published.
     assert k8s_config["disable_token_authorization"] == "true"
+    for key in ("inference_address", "management_address"):
+        assert _host(k8s_config[key]) == "127.0.0.1", f"k8s/torchserve.properties: {key}"
 
 
 # --- Kubernetes manifests -----------------------------------------------------------------------
@@ -265,10 +266,26 @@ def pod(objects) -> dict:
     return objects[("Deployment", MODEL)]["spec"]["template"]
 
 
+def _named(containers: list[dict], name: str) -> dict:
+    (container,) = [c for c in containers if c["name"] == name]
+    return container
+
+
 @pytest.fixture(scope="module")
 def container(pod) -> dict:
-    (container,) = pod["spec"]["containers"]
-    return container
+    """TorchServe's container."""
+    assert {c["name"] for c in pod["spec"]["containers"]} == {"torchserve", "proxy"}
+    return _named(pod["spec"]["containers"], "torchserve")
+
+
+@pytest.fixture(scope="module")
+def proxy(pod) -> dict:
+    """nginx's container: the page and the inference API (k8s/nginx.conf)."""
+    return _named(pod["spec"]["containers"], "proxy")
+
+
+def _every_container(pod: dict) -> list[dict]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
 
 
 def _config_mount(pod: dict, container: dict) -> str:
@@ -278,8 +295,10 @@ def _config_mount(pod: dict, container: dict) -> str:
     return mount["mountPath"]
 
 
-def _target_ports(service: dict, container: dict) -> list[tuple[int, int]]:
-    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+def _target_ports(service: dict, pod: dict) -> list[tuple[int, int]]:
+    named = {
+        p["name"]: p["containerPort"] for c in _every_container(pod) for p in c.get("ports", [])
+    }
     return [
         (p["port"], named.get(p["targetPort"], p["targetPort"])) for p in service["spec"]["ports"]
     ]
@@ -298,97 +317,148 @@ def test_manifests_pass_kubernetes_validate_strict(rendered, objects, version):
     assert p.returncode == 0 and passed == len(objects), _report(p)
 
 
-def test_load_balancer_exposes_inference_only(objects, container, pod, k8s_config):
+def test_load_balancer_exposes_the_proxy_only(objects, proxy, pod, k8s_config):
     public = [
         s
         for (kind, _), s in objects.items()
         if kind == "Service" and s["spec"].get("type") in ("LoadBalancer", "NodePort")
     ]
     assert len(public) == 1, [s["metadata"]["name"] for s in public]
-    assert _target_ports(public[0], container) == [(5000, _port(k8s_config["inference_address"]))]
+    (port,) = proxy["ports"]
+    assert _target_ports(public[0], pod) == [(5000, port["containerPort"])]
     assert _selects({"matchLabels": public[0]["spec"]["selector"]}, pod["metadata"]["labels"])
+    # The proxy's config (tests/test_proxy.py: the template rendered for the pod) listens there
+    # and forwards to TorchServe's inference address, which listens on the pod's loopback.
+    nginx = (K8S / "nginx.conf").read_text()
+    assert re.search(rf"^\s*listen {port['containerPort']};", nginx, re.MULTILINE)
+    assert f"server {urlsplit(k8s_config['inference_address']).netloc};" in nginx
+    assert proxy["command"][:1] == ["nginx"] and "daemon off;" in nginx
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", proxy["image"]), proxy["image"]
 
 
-def test_management_and_metrics_stay_inside_the_cluster(objects, container, pod, k8s_config):
-    internal = {_port(k8s_config[k]) for k in ("management_address", "metrics_address")}
+def test_management_never_leaves_the_pod(objects, pod, k8s_config):
+    # Bound to the pod's loopback: no Service, NetworkPolicy or CNI decides who reaches it.
+    assert _host(k8s_config["management_address"]) == "127.0.0.1"
+    private = {_port(k8s_config[k]) for k in ("inference_address", "management_address")}
+    metrics = _port(k8s_config["metrics_address"])
     reached = set()
     for (kind, name), obj in objects.items():
         assert kind not in ("Ingress", "Gateway", "HTTPRoute"), f"{kind} {name}"
         if kind != "Service":
             continue
-        targets = {target for _, target in _target_ports(obj, container)}
+        targets = {target for _, target in _target_ports(obj, pod)}
+        assert not targets & private, f"Service {name} targets loopback-only ports"
         exposed = obj["spec"].get("type") in ("LoadBalancer", "NodePort") or obj["spec"].get(
             "externalIPs"
         )
-        assert not (exposed and targets & internal), (
-            f"Service {name} publishes {targets & internal}"
-        )
-        if targets & internal:
+        assert not (exposed and metrics in targets), f"Service {name} publishes metrics"
+        if metrics in targets:
             assert obj["spec"].get("type", "ClusterIP") == "ClusterIP", name
-            reached |= targets & internal
-    assert reached == internal, "management and metrics need their ClusterIP Service"
+            reached.add(metrics)
+    assert reached == {metrics}, "metrics need their ClusterIP Service"
     assert not pod["spec"].get("hostNetwork")
-    assert not any("hostPort" in p for p in container["ports"])
+    assert not any("hostPort" in p for c in _every_container(pod) for p in c.get("ports", []))
 
 
-def test_network_policy_fences_management(objects, pod, k8s_config):
+def test_network_policy_admits_the_proxy_and_scrapers_only(objects, pod, proxy, k8s_config):
     (policy,) = [o for (kind, _), o in objects.items() if kind == "NetworkPolicy"]
     assert _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
     assert "Ingress" in policy["spec"]["policyTypes"]
-    inference, management, metrics = (
-        _port(k8s_config[k]) for k in ("inference_address", "management_address", "metrics_address")
-    )
+    (public,) = [p["containerPort"] for p in proxy["ports"]]
+    metrics = _port(k8s_config["metrics_address"])
     admitted = set()
     for rule in policy["spec"].get("ingress", []):
         ports = {p["port"] for p in rule.get("ports", [])} or None  # None: every port
+        assert ports is not None, f"a rule for every port: {rule}"
         if not rule.get("from"):
-            assert ports is not None and ports <= {inference}, f"open to everyone: {rule}"
-            admitted |= ports
-            continue
-        if ports is None or ports & {management, metrics}:
+            assert ports <= {public}, f"open to everyone: {rule}"
+        else:
             for peer in rule["from"]:
                 assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), (
-                    f"management/metrics must be limited to labelled pods: {rule}"
+                    f"metrics must be limited to labelled pods: {rule}"
                 )
-        admitted |= ports or {management, metrics}
-    assert {inference, management} <= admitted, "the rules shut out inference or every client"
+        admitted |= ports
+    assert admitted == {public, metrics}, admitted
 
 
-def test_probes_ask_the_right_questions(objects, pod, container, k8s_config):
+def test_probes_ask_the_right_questions(objects, pod, container, proxy, k8s_config):
     mount = _config_mount(pod, container)
     url = f"http://127.0.0.1:{_port(k8s_config['management_address'])}/models/{MODEL}"
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"] == ["python", f"{mount}/probe.py", url], probe
-    liveness = container["livenessProbe"]["httpGet"]
-    assert (liveness["path"], liveness["port"]) == ("/ping", _port(k8s_config["inference_address"]))
+    # TorchServe listens on loopback: an httpGet from the kubelet could not reach /ping.
+    ping = f"http://127.0.0.1:{_port(k8s_config['inference_address'])}/ping"
+    assert container["livenessProbe"]["exec"]["command"] == ["python", f"{mount}/probe.py", ping]
+    # The proxy: ready once it reaches TorchServe; alive while it serves the page itself.
+    assert (
+        proxy["readinessProbe"]["httpGet"]["path"],
+        proxy["livenessProbe"]["httpGet"]["path"],
+    ) == (
+        "/ping",
+        "/",
+    )
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert proxy[probe]["httpGet"]["port"] == proxy["ports"][0]["name"], probe
 
     (config_map,) = [o for (kind, _), o in objects.items() if kind == "ConfigMap"]
-    assert set(config_map["data"]) == {"torchserve.properties", "log4j2.xml", "probe.py"}
+    assert set(config_map["data"]) == {
+        "torchserve.properties",
+        "log4j2.xml",
+        "probe.py",
+        "nginx.conf",
+    }
+    assert config_map["data"]["nginx.conf"] == (K8S / "nginx.conf").read_text()
+    assert f"{_config_mount(pod, proxy)}/nginx.conf" in proxy["command"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["TS_CONFIG_FILE"] == f"{mount}/torchserve.properties"
     assert f"-Dlog4j.configurationFile=file://{mount}/log4j2.xml" in k8s_config["vmargs"].split()
+    # Ports declared for what listens beyond the pod's loopback, and only that.
     assert {p["containerPort"] for p in container["ports"]} == {
-        _port(k8s_config[k]) for k in ("inference_address", "management_address", "metrics_address")
+        _port(k8s_config[k])
+        for k in ("inference_address", "management_address", "metrics_address")
+        if _host(k8s_config[k]) != "127.0.0.1"
     }
 
-    drain = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert drain[0] == "sleep" and int(drain[1]) < pod["spec"]["terminationGracePeriodSeconds"]
+    for c in (container, proxy):  # both keep serving while load balancers catch up
+        drain = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert 0 < drain < pod["spec"]["terminationGracePeriodSeconds"], c["name"]
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "torchserve"
 
 
-def test_pod_runs_unprivileged_on_a_read_only_root(pod, container, dockerfile, k8s_config):
-    spec, security = pod["spec"], container["securityContext"]
+def test_the_pod_serves_the_page_the_image_carries(pod, proxy, dockerfile):
+    # serve/web/ is the one copy of the page: `make demo` serves it from the checkout, the image
+    # carries it, the init container copies it to the volume the proxy's nginx serves.
+    (page,) = pod["spec"]["initContainers"]
+    image_copy = dockerfile.destination("serve/web")
+    volumes = {m["name"]: m["mountPath"] for m in page["volumeMounts"]}
+    (volume,) = volumes
+    assert page["image"] == _named(pod["spec"]["containers"], "torchserve")["image"]
+    assert page["command"] == ["cp", "-R", f"{image_copy}/.", f"{volumes[volume]}/"]
+    served = [m for m in proxy["volumeMounts"] if m["name"] == volume]
+    assert [(m["mountPath"], m.get("readOnly")) for m in served] == [("/srv/web", True)]
+    assert re.search(r"^\s*root /srv/web;", (K8S / "nginx.conf").read_text(), re.MULTILINE)
+
+
+def test_pod_runs_unprivileged_on_a_read_only_root(pod, container, proxy, dockerfile, k8s_config):
+    spec = pod["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     uid = spec["securityContext"]["runAsUser"]
     assert uid != 0 and str(uid) == dockerfile.user.split(":")[0], (uid, dockerfile.user)
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}
     assert spec["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for c in _every_container(pod):
+        security = c["securityContext"]
+        assert "runAsUser" not in security and "runAsNonRoot" not in security, c["name"]
+        assert security["readOnlyRootFilesystem"] is True, c["name"]
+        assert security["allowPrivilegeEscalation"] is False, c["name"]
+        assert security["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        # Requests equal limits in every container: the pod's QoS class is Guaranteed.
+        for resource in ("cpu", "memory"):
+            assert c["resources"]["requests"][resource] == c["resources"]["limits"][resource]
 
     # Every directory TorchServe writes to must be on a writable volume; its working directory
     # is not, which is why token auth (key_file.json in the cwd) is off in the cluster config.
-    volumes = {v["name"]: v for v in spec["volumes"]}
     writable = [
         m["mountPath"] for m in container["volumeMounts"] if "emptyDir" in volumes[m["name"]]
     ]
@@ -396,14 +466,18 @@ def test_pod_runs_unprivileged_on_a_read_only_root(pod, container, dockerfile, k
     for var in ("TMPDIR", "TEMP", "HOME", "LOG_LOCATION", "METRICS_LOCATION"):
         assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), var
     assert k8s_config["disable_token_authorization"] == "true"
-    for resource in ("cpu", "memory"):
-        assert container["resources"]["requests"][resource], resource
-        assert container["resources"]["limits"][resource], resource
+    # nginx writes its pid and request bodies under run_dir (k8s/nginx.conf), on an emptyDir.
+    nginx = (K8S / "nginx.conf").read_text()
+    run_dir = re.search(r"^pid (\S+)/nginx\.pid;", nginx, re.MULTILINE)[1]
+    assert [m["mountPath"] for m in proxy["volumeMounts"] if "emptyDir" in volumes[m["name"]]
+            and not m.get("readOnly")] == [run_dir]  # fmt: skip
+    for path in re.findall(r"^\s*\w+_temp_path (\S+);", nginx, re.MULTILINE):
+        assert path.startswith(run_dir + "/"), path
 
 
 def test_image_is_a_placeholder_the_deploy_job_pins(container, tmp_path):
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    (image,) = kustomization["images"]
+    (image,) = kustomization["images"]  # the proxy's image is pinned by digest instead
     name, _, tag = container["image"].rpartition(":")
     assert name == image["name"] and tag and tag != "latest", container["image"]
 
@@ -420,8 +494,10 @@ def test_image_is_a_placeholder_the_deploy_job_pins(container, tmp_path):
     p = _run(kubectl, "kustomize", tmp_path)
     assert p.returncode == 0, _report(p)
     deployment = next(d for d in yaml.safe_load_all(p.stdout) if d["kind"] == "Deployment")
-    (deployed,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert deployed["image"] == f"{repository}:{sha}"
+    spec = deployment["spec"]["template"]["spec"]
+    ours = [c for c in spec["initContainers"] + spec["containers"] if c["name"] != "proxy"]
+    assert [c["name"] for c in ours] == ["page", "torchserve"]
+    assert {c["image"] for c in ours} == {f"{repository}:{sha}"}
     cd = (ROOT / ".github" / "workflows" / "cd.yml").read_text()
     assert f"- name: {image['name']}" in cd and "newTag: $GITHUB_SHA" in cd
 
@@ -467,79 +543,3 @@ def test_every_action_is_pinned_to_a_commit():
             if ref.startswith(("$/", "./")):
                 continue
             assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", ref), f"{path.name}: {ref}"
-
-
-# --- TorchServe on the cluster config -----------------------------------------------------------
-
-
-def _probe(url: str) -> subprocess.CompletedProcess:
-    return _run(sys.executable, K8S / "probe.py", url)
-
-
-@pytest.mark.slow
-def test_cluster_config_serves_and_the_probe_tracks_the_worker(tmp_path, dockerfile, k8s_config):
-    if shutil.which("java") is None:
-        pytest.skip("java is not installed: TorchServe's frontend needs Java 17")
-    store, tmp, cwd = tmp_path / "store", tmp_path / "tmp", tmp_path / "cwd"
-    for d in (store, tmp, cwd):
-        d.mkdir()
-    (tmp_path / "handler.py").write_text(
-        "def handle(data, context):\n"
-        "    return None if data is None else [{'caption': 'a red circle'} for _ in data]\n"
-    )
-    p = _run(
-        _tool("torch-model-archiver"),
-        *("--model-name", MODEL, "--version", "1.0", "--handler", "handler.py"),
-        *("--export-path", store),
-        cwd=tmp_path,
-    )
-    assert p.returncode == 0, _report(p)
-
-    # The cluster config as the pod gets it, on free loopback ports and this test's paths.
-    vmargs = k8s_config["vmargs"].replace("file:///etc/imgtocap/", f"file://{K8S}/")
-    assert vmargs != k8s_config["vmargs"], "the log config is no longer under /etc/imgtocap"
-    config = private_config(
-        tmp_path / "cluster.properties", store, source=K8S / "torchserve.properties", vmargs=vmargs
-    )
-    env = {"TMPDIR": tmp, "TEMP": tmp, "HOME": tmp, "LOG_LOCATION": tmp / "logs"}
-    env["METRICS_LOCATION"] = tmp / "logs"
-    log = tmp_path / "server.log"
-    server = TorchServe(config, cwd=cwd, env={k: str(v) for k, v in env.items()}, console=log)
-    assert not server.token_auth
-    describe = f"{server.management}/models/{MODEL}"
-
-    # The image's own command. TS_CONFIG_FILE (the Deployment sets it; so does TorchServe here,
-    # to the same file) overrides its --ts-config.
-    command = dockerfile.cmd
-    with server.start(command=[str(BIN / command[0]), *command[1:]]):  # until a worker is READY
-        probe = _probe(describe)
-        assert probe.returncode == 0, _report(probe)
-
-        # No token: the public LoadBalancer's plain `curl -T` must work.
-        request = urllib.request.Request(
-            f"{server.inference}/predictions/{MODEL}",
-            data=b"not really an image",
-            method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert json.load(response) == {"caption": "a red circle"}
-        register = urllib.request.Request(f"{server.management}/models?url=x.mar", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(register, timeout=10)
-        assert refused.value.code == 405, "the model registration API must stay off"
-
-        scale = urllib.request.Request(
-            f"{describe}?min_worker=0&max_worker=0&synchronous=true", method="PUT"
-        )
-        urllib.request.urlopen(scale, timeout=60).close()
-        probe = _probe(describe)
-        assert probe.returncode == 1 and "no READY worker" in probe.stdout, _report(probe)
-
-        # The pod's working directory is read-only: everything goes to the TMPDIR/TEMP volume.
-        assert list(cwd.iterdir()) == [], list(cwd.iterdir())
-        assert (tmp / ".model_server.pid").exists() and (tmp / "models").is_dir()
-
-    assert list(cwd.iterdir()) == [], list(cwd.iterdir())
-    assert not (tmp / "logs").exists() or not any((tmp / "logs").iterdir()), "logs go to stdout"
-    assert f"PUT /predictions/{MODEL}" in log.read_text(), "k8s/log4j2.xml lost the access log"

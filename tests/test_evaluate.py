@@ -30,12 +30,13 @@ from model import (
     preset,
     save_checkpoint,
 )
+from training import attention_plot, samples, tracking
 from training import evaluate as evaluate_module
-from training import samples, tracking
 from training.augment import PERTURBATIONS
 from training.captions import read_captions
 from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
+from training.model_card import CardFacts
 from training.samples import grid_size
 from training.synthetic import content_correct, load_scenes, write_synthetic
 from training.transform import TransformConfig, transform
@@ -69,7 +70,7 @@ def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenize
 
 def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path | None = None):
     """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
-    eval.json, predictions.jsonl and samples.png into `out`."""
+    eval.json, predictions.jsonl, samples.png, model_card.md and registered.json into `out`."""
     return evaluate(
         EvalParams.from_dict(params),
         root / "model" / "model.pth",
@@ -79,6 +80,8 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
         out / "eval.json",
         out / "predictions.jsonl",
         out / "samples.png",
+        out_card=out / "model_card.md",
+        out_registered=out / "registered.json",
     )
 
 
@@ -137,7 +140,8 @@ def ws(tmp_path_factory, tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # MLflow's default artifact location is relative to the working dir
         with mlflow_store(mp, f"sqlite:///{root / 'mlflow.db'}"):
-            with tracking.run(name="train") as active:  # what train does
+            tracking.configure()
+            with mlflow.start_run(run_name="train") as active:  # what train does
                 run_id = active.info.run_id
             tracking.save_run_id(run_id, model_dir / "mlflow.json")
             out = root / "out"
@@ -237,6 +241,40 @@ def test_sample_grid_is_a_png_of_the_expected_size(ws):
     assert (np.abs(text - red).sum(-1) < 40).sum() > 50  # and wrong ones red
 
 
+def test_attention_figure_shows_two_object_scenes_first_as_evaluation_captions_them(
+    ws, tokenizer, monkeypatch
+):
+    drawn = []
+    draw = attention_plot.render_attention
+    monkeypatch.setattr(
+        attention_plot, "render_attention", lambda ex, *a: drawn.extend(ex) or draw(ex, *a)
+    )
+    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    features = np.load(ws["root"] / "features" / "test.npy")
+    out = ws["root"] / "attention-again.png"
+    decoding = EvalParams.from_dict(PARAMS).decoding()
+    attention_plot.evaluate_attention(
+        model, tokenizer, ws["test"], features, ws["raw"], out, decoding, torch.device("cpu")
+    )
+    two = [i for i in ws["test"] if len(ws["scenes"][i].objects) == 2]
+    rest = [i for i in ws["test"] if i not in two]
+    shown = [e.name for e in drawn]
+    assert shown == (two + rest)[: attention_plot.EVAL_IMAGES]
+    assert shown != ws["test"][: attention_plot.EVAL_IMAGES]  # a one-object image was skipped
+    captions = {line["image"]: line["caption"] for line in read_predictions(ws)}
+    for example in drawn:
+        assert example.caption == captions[example.name]
+        assert example.grid == model.encoder.spec.grid
+        assert example.weights.shape == (len(example.tokens), example.grid**2)
+        np.testing.assert_allclose(example.weights.sum(1), 1.0, atol=1e-5)
+    with Image.open(ws["out"] / "attention.png") as stage, Image.open(out) as again:
+        assert stage.format == "PNG"
+        assert (
+            stage.size == again.size == attention_plot.figure_size([len(e.tokens) for e in drawn])
+        )
+        assert np.array_equal(np.asarray(stage), np.asarray(again))  # the stage drew the same
+
+
 def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
     client = mlflow.MlflowClient()
     run = client.get_run(ws["run_id"])
@@ -247,14 +285,33 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
         "evaluation/eval.json",
         "evaluation/predictions.jsonl",
         "evaluation/samples.png",
+        "evaluation/attention.png",
+        "evaluation/robustness.jsonl",
     }
 
-    (version,) = client.search_model_versions("name='imgtocap'")
-    assert version.run_id == ws["run_id"]
-    assert float(version.tags["cider"]) == pytest.approx(ws["metrics"]["cider"])
-    assert f"content accuracy {ws['metrics']['content_accuracy']:.3f}" in version.description
+    assert run.data.tags[tracking.EVALUATED] == "true"
 
-    loaded = mlflow.pyfunc.load_model(f"models:/imgtocap/{version.version}")
+    (version,) = client.search_model_versions("name='imgtocap-synthetic'")
+    assert version.run_id == ws["run_id"]  # the first evaluation completes training's run
+    assert float(version.tags["cider"]) == pytest.approx(ws["metrics"]["cider"])
+    assert version.tags["dataset"] == "synthetic" and version.tags["decode.num_beams"] == "2"
+    champion = client.get_model_version_by_alias("imgtocap-synthetic", "champion")
+    assert champion.version == version.version  # the first version is the champion
+    registered = json.loads((ws["out"] / "registered.json").read_text())
+    assert registered == {"name": "imgtocap-synthetic", "version": "1", "run_id": ws["run_id"]}
+
+    # the model card: the version's description, in its run, and in reports/
+    card = (ws["out"] / "model_card.md").read_text()
+    assert version.description == card
+    assert card.startswith("# imgtocap-synthetic version 1\n")
+    accuracy = ws["metrics"]["content_accuracy"]
+    assert f"| content accuracy (colour, shape, relation) | {accuracy:.4f} |" in card
+    assert "a photograph of a dog gets a caption about shapes" in card
+    assert f"test split id `{version.tags['test_split']}`" in card
+    logged = Path(client.download_artifacts(ws["run_id"], "model_card.md", str(ws["out"] / "dl")))
+    assert logged.read_text() == card
+
+    loaded = mlflow.pyfunc.load_model("models:/imgtocap-synthetic@champion")
     images = ws["test"][:2] + ws["test"][-1:]
     data = pd.DataFrame({"image": [(ws["raw"] / "Images" / i).read_bytes() for i in images]})
     out = loaded.predict(data)  # from image bytes: decode, preprocess, encode, beam search
@@ -287,17 +344,24 @@ def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monke
     files = [ws["out"] / "eval.json"]
     cfg = EvalParams.from_dict(PARAMS)
     metrics = {**ws["metrics"], "bleu4": 0.123}
+    facts = CardFacts("synthetic", {}, 0, {}, "split", metrics, cfg.decoding())
     with caplog.at_level(logging.WARNING):
-        assert (
-            evaluate_module.track(
-                model_path.parent / "mlflow.json", model_path, metrics, files, cfg
-            )
-            is None
+        registered = evaluate_module.track(
+            model_path.parent / "mlflow.json", model_path, metrics, files, cfg, facts, {}
         )
+    assert registered.version is None
     assert "registry says no" in caplog.text
-    run = mlflow.MlflowClient().get_run(ws["run_id"])
+    client = mlflow.MlflowClient()
+    run = client.get_run(ws["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["bleu4"] == 0.123  # logged before the registry refused
+    # a second evaluation of the same model is a run of its own: training's run keeps its metrics
+    assert run.data.metrics["bleu4"] == ws["metrics"]["bleu4"]
+    (child,) = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{ws['run_id']}'"
+    )
+    assert child.info.status == "FINISHED"
+    assert child.data.metrics["bleu4"] == 0.123  # logged before the registry refused
+    assert child.data.tags[tracking.TRAIN_RUN] == ws["run_id"]
 
 
 def test_features_from_another_encoder_are_refused(ws, tmp_path):

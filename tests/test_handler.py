@@ -15,6 +15,7 @@ from ts.context import Context, RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
 from training.package import build_archive
+from training.registry import Registered
 
 SERVE = {
     "num_beams": {"default": 1, "max": 3},
@@ -46,7 +47,9 @@ def served(tmp_path_factory):
     """(handler, context, the same model loaded here), the handler loaded from the archive."""
     tmp = tmp_path_factory.mktemp("handler")
     save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
-    with zipfile.ZipFile(build_archive(tmp / "model.pth", tmp / "store", SERVE)) as mar:
+    registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
+    archive = build_archive(tmp / "model.pth", tmp / "store", SERVE, registered)
+    with zipfile.ZipFile(archive) as mar:
         mar.extractall(tmp / "unpacked")
     model_dir = tmp / "unpacked"
     spec = importlib.util.spec_from_file_location(
@@ -113,6 +116,7 @@ def test_every_request_format_gets_its_own_options(served):
     assert bodies[3]["caption"] == expected(served, images[3], num_beams=3)
     assert [(b["num_beams"], b["max_length"]) for b in bodies] == [(1, 8), (2, 5), (1, 3), (3, 8)]
     assert {b["batch_size"] for b in bodies} == {4}
+    assert {b["model_version"] for b in bodies} == {"7"}  # the registered version answers
 
 
 def test_bad_requests_fail_alone_with_a_reason(served):
@@ -135,3 +139,49 @@ def test_bad_requests_fail_alone_with_a_reason(served):
         if message:
             assert set(body) == {"error"} and message in body["error"], (name, body)
     assert results[-1][1]["caption"] == expected(served, good)
+
+
+def test_attention_on_request_follows_the_response_contract(served):
+    handler, _, model = served
+    images = [png(10 + i) for i in range(4)]
+    encoded = base64.b64encode(images[2]).decode()
+    results = run(
+        served,
+        [
+            {"data": bytearray(images[0]), "attention": bytearray(b"true")},  # form field
+            {"body": bytearray(images[1])},  # the same batch, not asked
+            {"body": {"data": encoded, "attention": True, "num_beams": 2}},  # JSON
+            {"file": bytearray(images[3]), "attention": bytearray(b"1"), "num_beams": b"3"},
+        ],
+    )
+    assert [status for status, _ in results] == [200] * 4
+    bodies = [body for _, body in results]
+    assert "attention" not in bodies[1]
+    assert bodies[1]["caption"] == expected(served, images[1])
+    grid = model.encoder.spec.grid
+    for i, num_beams in ((0, 1), (2, 2), (3, 3)):
+        pixels = model.preprocess(open_image(images[i]))[None]
+        out = model.generate(pixels, num_beams=num_beams, max_length=8, return_attention=True)
+        assert bodies[i]["caption"] == decode_caption(handler.tokenizer, out.tokens[0])
+        attention = bodies[i]["attention"]
+        assert set(attention) == {"grid", "tokens"} and attention["grid"] == [grid, grid]
+        pieces = [t["token"] for t in attention["tokens"]]
+        assert pieces == handler.tokenizer.convert_ids_to_tokens(out.tokens[0])
+        assert "[SEP]" not in pieces and len(pieces) == len(out.tokens[0]) > 0
+        weights = np.array([t["weights"] for t in attention["tokens"]])  # (T, N)
+        assert weights.shape == (len(pieces), grid * grid)
+        np.testing.assert_array_equal(weights, np.round(weights, 4))  # rounded to 4 decimals
+        np.testing.assert_allclose(weights.sum(1), 1.0, atol=grid * grid * 5e-5)
+        np.testing.assert_allclose(weights, out.attention[0].numpy(), atol=5e-5)
+
+
+def test_attention_refused_for_a_bad_value_or_a_model_without_it(served, monkeypatch):
+    handler = served[0]
+    good = png(20)
+    [(status, body)] = run(served, [{"body": good, "attention": bytearray(b"yes please")}])
+    assert status == 400 and "attention must be true or false" in body["error"]
+    lib = handler.lib
+    monkeypatch.setattr(handler, "model", lib.Captioner(lib.preset("tiny", fusion="concat")).eval())
+    results = run(served, [{"body": good, "attention": b"true"}, {"body": good}])
+    assert results[0][0] == 400 and "fusion is 'concat'" in results[0][1]["error"]
+    assert results[1][0] == 200 and "attention" not in results[1][1]

@@ -1,4 +1,5 @@
-"""ingest: Flickr8k in both layouts from folders, zips and a local HTTP server; synthetic; errors."""
+"""ingest: Flickr8k in both layouts from folders, zips and a local HTTP server; Karpathy-split
+JSON (COCO, Flickr30k) on real photographs; synthetic; errors leave nothing behind."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 from fixtures_data import (
     CAPTIONS,
+    KARPATHY,
     SPLITS,
     FileServer,
     images,
     kaggle_captions_text,
     make_kaggle,
+    make_karpathy,
     make_original,
     official_archives,
     zip_dir,
@@ -25,6 +28,8 @@ from training.captions import read_captions
 from training.download import download
 from training.ingest import ingest
 from training.params import DataConfig
+from training.preprocess import PreprocessConfig, preprocess
+from training.validate import validate
 
 EXPECTED_ROWS = [(n, c) for n, caps in CAPTIONS.items() for c in caps]
 
@@ -236,6 +241,85 @@ def test_params_errors_name_the_key():
         DataConfig.from_dict({"sourse": "flickr8k"})
     with pytest.raises(ValueError, match=r"data\.flickr8k.*cache"):
         DataConfig.from_dict({"flickr8k": {"cache": "x"}})
-    with pytest.raises(ValueError, match="synthetic, flickr8k or folder"):
+    with pytest.raises(ValueError, match="synthetic, flickr8k, folder, karpathy"):
         DataConfig.from_dict({"source": "coco"})
     assert DataConfig.from_dict(None) == DataConfig()
+
+
+def karpathy(dataset: Path, images: Path) -> DataConfig:
+    return DataConfig.from_dict(
+        {"source": "karpathy", "karpathy": {"json": str(dataset), "images": str(images)}}
+    )
+
+
+@pytest.mark.parametrize("coco", [True, False], ids=["coco_folder", "flickr30k_zip"])
+def test_karpathy_json_on_real_photos_keeps_its_splits_restval_trains(tmp_path, coco):
+    dataset, images = make_karpathy(tmp_path / "source", coco)
+    if not coco:  # a zip of the image folder, as downloaded
+        images = zip_dir(images, tmp_path / "flickr30k-images.zip", top="flickr30k-images")
+    raw = ingest(karpathy(dataset, images), tmp_path / "raw")
+
+    items = json.loads(dataset.read_text())["images"]
+    name = {photo: item["filename"] for photo, item in zip(KARPATHY, items)}
+    assert sorted(p.name for p in (raw / "Images").iterdir()) == sorted(name.values())
+    assert [(r.image, r.caption) for r in read_captions(raw)] == [
+        (item["filename"], sentence["raw"]) for item in items for sentence in item["sentences"]
+    ]
+    expected = {
+        "train": [name[p] for p in ("astronaut", "coffee", "camera", "grace_hopper")],
+        "val": [name["chelsea"]],
+        "test": [name["rocket"]],
+    }
+    assert json.loads((raw / "splits.json").read_text()) == expected
+
+    # every photo decodes as training will decode it, and preprocess keeps the splits
+    report = validate(raw, tmp_path / "validation.json", "fail", workers=1)
+    assert report["counts"]["kept"] == 30 and report["counts"]["images_kept"] == 6
+    out = preprocess(
+        PreprocessConfig(), "packaged", raw, tmp_path / "validation.json", tmp_path / "p.json"
+    )
+    assert {s: [e["image"] for e in v] for s, v in out["splits"].items()} == {
+        s: sorted(v) for s, v in expected.items()
+    }
+
+
+def test_karpathy_errors_name_the_setting_and_missing_images_reach_validation(tmp_path):
+    dataset, images = make_karpathy(tmp_path / "source")
+    with pytest.raises(ValueError, match=r"data\.karpathy\.json or \.images is not set"):
+        ingest(DataConfig(source="karpathy"), tmp_path / "raw")
+    with pytest.raises(FileNotFoundError, match="data.karpathy.images"):
+        ingest(karpathy(dataset, tmp_path / "nowhere"), tmp_path / "raw")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds none of the 6 images .* train2014/COCO_"):
+        ingest(karpathy(dataset, empty), tmp_path / "raw")
+    not_karpathy = tmp_path / "captions.json"
+    not_karpathy.write_text('{"annotations": []}')
+    with pytest.raises(ValueError, match="not a Karpathy-split caption file"):
+        ingest(karpathy(not_karpathy, images), tmp_path / "raw")
+    data = json.loads(dataset.read_text())
+    data["images"][0]["split"] = "holdout"
+    dataset.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"split 'holdout'; expected one of \['restval', 'test'"):
+        ingest(karpathy(dataset, images), tmp_path / "raw")
+
+    data["images"][0]["split"] = "train"
+    dataset.write_text(json.dumps(data))
+    missing = next(images.rglob(data["images"][1]["filename"]))
+    missing.unlink()
+    raw = ingest(karpathy(dataset, images), tmp_path / "raw")
+    report = validate(raw, tmp_path / "validation.json", workers=1)
+    assert report["counts"]["dropped_by_reason"] == {"missing_image": 5}
+    assert not (tmp_path / "raw.ingesting").exists()
+
+
+def test_a_failed_ingest_leaves_no_half_written_dataset_behind(tmp_path):
+    raw = ingest(DataConfig.from_dict({"synthetic": {"num_images": 2}}), tmp_path / "raw")
+    before = sorted(p.name for p in (raw / "Images").iterdir())
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("no dataset here")
+    with pytest.raises(FileNotFoundError, match="holds no known dataset layout"):
+        ingest(folder(junk), raw)
+    assert not (tmp_path / "raw.ingesting").exists()
+    assert sorted(p.name for p in (raw / "Images").iterdir()) == before  # the last good one

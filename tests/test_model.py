@@ -35,7 +35,7 @@ def test_config_rejects_unknown_and_invalid_values():
         preset("tiny", output_vocab=[1037, 2417])
 
 
-def checkpoint_layout(decoder_weights: str) -> dict[str, torch.Tensor] | None:
+def checkpoint_layout(decoder_weights: str, file=None) -> dict[str, torch.Tensor] | None:
     """A decoder checkpoint in Captioner names, with no download: MiniLM's real file (it ships
     in a package); bert-base-uncased's layout on the meta device (transformers' BertConfig()
     defaults are bert-base-uncased's, and its hub checkpoint is a BertForPreTraining)."""
@@ -48,7 +48,7 @@ def checkpoint_layout(decoder_weights: str) -> dict[str, torch.Tensor] | None:
     return {k: v.to("meta") for k, v in state.items()} if state is not None else None
 
 
-def encoder_layout(name: str) -> dict[str, torch.Tensor] | None:
+def encoder_layout(name: str, file=None) -> dict[str, torch.Tensor] | None:
     """An encoder checkpoint: ResNet-50's IMAGENET1K_V1 layout (torchvision's resnet50, no
     download) or the real packaged EfficientNet-Lite0 weights."""
     if name == "resnet50":

@@ -8,6 +8,7 @@ import yaml
 
 from model import Captioner, load_tokenizer, preset, save_checkpoint
 from training.package import ServeParams, build_archive
+from training.registry import Registered
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,25 @@ def test_the_archive_carries_code_weights_tokenizer_and_settings(checkpoint, tmp
     text = "a small red circle left of a large blue square"
     assert packaged.encode(text) == tokenizer.encode(text)
     assert packaged.get_vocab() == tokenizer.get_vocab()
+
+
+def test_the_archive_is_stamped_with_the_registered_version(checkpoint, tmp_path):
+    card = tmp_path / "model_card.md"
+    card.write_text("# imgtocap-synthetic version 3\n")
+    registered = Registered("imgtocap-synthetic", "3", "0123abcd")
+    archive = build_archive(checkpoint, tmp_path / "store", {}, registered, card)
+    with zipfile.ZipFile(archive) as mar:
+        assert json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "3"
+        assert json.loads(mar.read("registered.json")) == {
+            "name": "imgtocap-synthetic",
+            "version": "3",
+            "run_id": "0123abcd",
+        }
+        assert mar.read("MODEL_CARD.md") == card.read_bytes()
+    unregistered = build_archive(checkpoint, tmp_path / "bare", {})  # training ran untracked
+    with zipfile.ZipFile(unregistered) as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        assert manifest["modelVersion"] == "unregistered" and "MODEL_CARD.md" not in mar.namelist()
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from fixtures_pipeline import ALWAYS, STAGES
 
 from model import preset
 from training.evaluate import EvalParams
 from training.package import ServeParams
-from training.params import DataConfig, ModelParams, load_params
+from training.params import DataConfig, ModelParams, ParamsError, load_params, stage_main
 from training.preprocess import PreprocessConfig
 from training.train import TrainConfig
 from training.transform import TransformConfig
@@ -42,7 +47,7 @@ def test_a_left_out_key_means_what_params_yaml_ships(section):
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_an_unknown_key_is_an_error_naming_it_and_the_known_ones(section):
-    with pytest.raises(ValueError, match=rf"unknown {section} key\(s\) \['colour'\].*known keys"):
+    with pytest.raises(ParamsError, match=rf"unknown {section} key\(s\) \['colour'\].*known keys"):
         SECTIONS[section].from_dict({"colour": 1})
 
 
@@ -71,10 +76,15 @@ def test_an_unknown_key_is_an_error_naming_it_and_the_known_ones(section):
             r"model\.output_vocab is 'all'; use dataset or full",
         ),
         (EvalParams, {"num_beams": 0}, r"evaluate\.num_beams must be an integer >= 1"),
+        (
+            ServeParams,
+            {"max_batch_delay_ms": 0},
+            r"_ms must be >= 1, got 0 \(TorchServe 0\.12 reads",
+        ),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_key(cls, values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ParamsError, match=message):
         cls.from_dict(values)
 
 
@@ -103,3 +113,35 @@ def test_params_yaml_sets_what_dvc_yaml_says_each_stage_reads():
             for part in dotted.split("."):
                 assert isinstance(node, dict) and part in node, f"{stage}: {dotted} not set"
                 node = node[part]
+
+
+@pytest.mark.parametrize(
+    "stage, text, message",
+    [
+        ("ingest", "data: {source: sythetic}\n", "data.source is 'sythetic'; use synthetic,"),
+        ("ingest", "data: {source: [synthetic}\n", "params.yaml line 1, column 26 is not valid"),
+        ("validate", "data: {on_invalid: skip}\n", "data.on_invalid is 'skip'; use drop or"),
+    ],
+)
+def test_a_stage_reports_a_params_mistake_in_one_line(stage, text, message, tmp_path):
+    (tmp_path / "params.yaml").write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", f"training.{stage}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr
+    assert done.stderr.startswith("error")
+
+
+@pytest.mark.parametrize("stage", (ALWAYS, *STAGES))
+def test_every_stage_reports_params_mistakes_so(stage):
+    # the torch stages take ~20 s to start here: that they are wrapped is checked, not run
+    main = importlib.import_module(f"training.{stage}").main
+    assert main.__wrapped__ and main.__module__ == f"training.{stage}"
+    assert main.__code__ is stage_main(lambda: None).__code__

@@ -18,7 +18,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 # The pipeline's own files each stage reads and writes (its code deps aside).
 FILES = {
-    "ingest": (set(), {paths.RAW_DIR}),
+    "source": (set(), {paths.SOURCE_PATH}),
+    "ingest": ({paths.SOURCE_PATH}, {paths.RAW_DIR}),
     "validate": ({paths.RAW_DIR}, {paths.REPORT_PATH}),
     "preprocess": ({paths.RAW_DIR, paths.REPORT_PATH}, {paths.PROCESSED_DIR}),
     "transform": ({paths.RAW_DIR, paths.PROCESSED_DIR}, {paths.FEATURES_DIR}),
@@ -28,7 +29,6 @@ FILES = {
         {
             paths.MODEL_PATH,
             paths.RUN_FILE,
-            paths.CHECKPOINT_DIR,
             paths.TRAIN_METRICS_PATH,
             paths.HISTORY_PATH,
         },
@@ -40,11 +40,17 @@ FILES = {
             paths.PREDICTIONS_PATH,
             paths.SAMPLES_PATH,
             paths.ROBUSTNESS_PATH,
+            paths.ATTENTION_PATH,
+            paths.CARD_PATH,
+            paths.REGISTERED_PATH,
         },
     ),
-    "package": ({paths.MODEL_PATH}, {paths.ARCHIVE_PATH}),
+    "package": (
+        {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
+        {paths.ARCHIVE_PATH},
+    ),
 }
-TORCH_FREE = ("training.ingest", "training.validate")
+TORCH_FREE = ("training.source", "training.ingest", "training.validate")
 
 
 def declared(entries: list | None) -> set[Path]:
@@ -79,11 +85,33 @@ def test_dvc_yaml_declares_exactly_the_files_the_stage_uses(stage):
         assert (ROOT / code).exists(), f"dvc.yaml stage {stage} depends on missing {code}"
 
 
+# The resumable training state: kept between runs, so never an output (an output DVC keeps,
+# `persist: true`, would keep the train stage out of the run cache: training/resume.py).
+NOT_OUTPUTS = {paths.RESUME_DIR, paths.TRAIN_LOCK}
+
+
 def test_every_path_constant_is_a_declared_output():
     constants = {name: v for name, v in vars(paths).items() if isinstance(v, Path)}
     assert len(constants) >= 15
     for name, path in constants.items():
+        if path in NOT_OUTPUTS:
+            continue
         assert path in ALL_OUTS or path.parent in ALL_OUTS, f"paths.{name} = {path} not in dvc.yaml"
+
+
+def test_the_resume_state_is_no_output_and_every_output_is_cached():
+    for path in NOT_OUTPUTS:
+        assert not {path, *path.parents} & ALL_OUTS, f"{path} is (inside) a DVC output"
+    for stage, spec in STAGES.items():
+        for entry in spec.get("outs") or []:
+            options = next(iter(entry.values())) if isinstance(entry, dict) else {}
+            assert not options.get("persist"), (
+                f"{stage}: {entry} keeps {stage} out of the run cache"
+            )
+            # an always-changed stage (source) writes its output anew on every `dvc repro`
+            assert options.get("cache", True) or spec.get("always_changed"), (
+                f"{stage}: {entry} cannot be restored by dvc checkout"
+            )
 
 
 def _imports(module: Path) -> set[str]:

@@ -9,110 +9,51 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-import yaml
 from dockerfile import Dockerfile
+from fixtures_pipeline import (
+    ALWAYS,
+    SHRUNK,
+    STAGES,
+    dvc,
+    dvc_json,
+    environment,
+    git_commit,
+    history,
+    project_copy,
+    ran,
+    set_params,
+)
 from PIL import Image
 
 from training.samples import grid_size
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
-
 pytestmark = pytest.mark.slow
-
-
-def project_copy(dest: Path) -> Path:
-    """The repository's files, as a clone has them, committed into a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
-def set_params(repo: Path, changes: dict[str, object]) -> None:
-    """Edit params.yaml: {"train.epochs": 2, ...}."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        *parents, key = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def environment(repo: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def dvc(repo: Path, *args: str, timeout: int = 600) -> str:
-    p = subprocess.run(
-        ["dvc", *args],
-        cwd=repo,
-        env=environment(repo),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert p.returncode == 0, (
-        f"dvc {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
-    )
-    return p.stdout + p.stderr
-
-
-SHRUNK = {
-    "data.synthetic.num_images": 40,
-    "model.preset": "tiny",
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "evaluate.num_beams": 2,
-    "evaluate.max_length": 12,
-    "evaluate.grid_images": 4,
-}
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One shrunk `dvc repro` from scratch, shared by the checks below."""
+    """One shrunk `dvc repro` from scratch, its baseline committed as the README says; shared
+    by the checks below (each leaves the workspace at that baseline)."""
     repo = project_copy(tmp_path_factory.mktemp("repo"))
     set_params(repo, SHRUNK)
-    return repo, dvc(repo, "repro")
+    log = dvc(repo, "repro")
+    git_commit(repo, "Baseline model", "params.yaml", "dvc.lock", "metrics")
+    return repo, log
 
 
 def test_every_stage_runs_and_writes_what_it_declares(pipeline):
     repo, log = pipeline
-    for stage in STAGES:
+    for stage in (ALWAYS, *STAGES):
         assert f"Running stage '{stage}'" in log, stage
 
     report = json.loads((repo / "reports/validation.json").read_text())
@@ -159,7 +100,7 @@ def test_runs_are_tracked_and_the_model_registered(pipeline):
     assert run.data.params["train.epochs"] == "2"
     assert len(client.get_metric_history(run_id, "val_loss")) == 2  # one point per epoch
     assert "bleu4" in run.data.metrics and "content_accuracy" in run.data.metrics
-    versions = client.search_model_versions("name='imgtocap'")
+    versions = client.search_model_versions("name='imgtocap-synthetic'")
     assert versions and versions[0].run_id == run_id
 
 
@@ -169,9 +110,73 @@ def test_the_docker_image_finds_every_file_it_copies(pipeline):
         assert (repo / source).exists(), f"COPY {source}: missing after dvc repro"
 
 
+def model_bytes(repo: Path) -> bytes:
+    return (repo / "artifacts/model/model.pth").read_bytes()
+
+
+def back_to_the_commit(repo: Path) -> None:
+    """The README's way back to the committed baseline."""
+    git = ["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"]
+    subprocess.run(git, cwd=repo, check=True)
+    dvc(repo, "checkout")
+
+
+def exp_show(repo: Path) -> dict[str, dict[str, float]]:
+    """`dvc exp show`'s rows, by experiment name ("baseline": the commit the others came from),
+    each {"eval.json:bleu4": 0.1, ...}: the metrics it shows."""
+    (workspace, baseline) = dvc_json(repo, "exp", "show", "--no-fetch")
+    rows = {"workspace": workspace, "baseline": baseline}
+    for experiment in baseline["experiments"] or []:
+        rows[experiment["name"]] = experiment["revs"][0]
+    return {
+        name: {
+            f"{Path(f).name}:{k}": v
+            for f, m in (row["data"]["metrics"] or {}).items()
+            for k, v in (m.get("data") or {}).items()
+        }
+        for name, row in rows.items()
+    }
+
+
+def test_earlier_models_come_back_from_the_cache_without_training(pipeline):
+    repo, _ = pipeline
+    baseline = model_bytes(repo)
+    assert isinstance(exp_show(repo)["baseline"].get("eval.json:bleu4"), float), (
+        "the baseline row of `dvc exp show` has no metrics: commit them"
+    )
+
+    log = dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "train.epochs=3")
+    assert ran(log) == ["train", "evaluate", "package"]
+    experiment = model_bytes(repo)
+    assert experiment != baseline
+
+    # back to the baseline: git has its params and dvc.lock, DVC's cache its model
+    back_to_the_commit(repo)
+    assert model_bytes(repo) == baseline
+    assert not ran(dvc(repo, "repro")), "the baseline retrained"
+
+    # an evaluate-only change, in a temporary copy as queued experiments run: no training
+    log = dvc(repo, "exp", "run", "--temp", "-n", "one-beam", "-S", "evaluate.num_beams=1")
+    assert "train" not in ran(log) and "evaluate" in ran(log), log
+
+    dvc(repo, "exp", "apply", "more-epochs")
+    assert model_bytes(repo) == experiment
+    set_params(repo, {"train.epochs": SHRUNK["train.epochs"]})  # by hand: the run cache
+    log = dvc(repo, "repro")
+    assert "Stage 'train' is cached - skipping run" in log and not ran(log), log
+    assert model_bytes(repo) == baseline
+
+    shown = exp_show(repo)
+    assert shown["more-epochs"]["train.json:epochs_run"] == 3
+    assert shown["one-beam"]["train.json:epochs_run"] == SHRUNK["train.epochs"]  # not retrained
+    for name in ("baseline", "more-epochs", "one-beam"):
+        assert isinstance(shown[name].get("eval.json:bleu4"), float), name
+    back_to_the_commit(repo)
+
+
 def test_dvc_reruns_only_what_changed(pipeline):
     repo, _ = pipeline
-    assert "Data and pipelines are up to date" in dvc(repo, "status")
+    assert json.loads(dvc(repo, "status", "--json")) == {ALWAYS: ["always changed"]}
     # the original architecture through the same pipeline, as an experiment
     log = dvc(repo, "exp", "run", "-S", "model.fusion=concat")
     for stage in ("ingest", "validate", "preprocess", "transform"):
@@ -202,22 +207,17 @@ def test_make_repackages_after_a_handler_edit_and_only_then(pipeline):
     handler.write_text(handler.read_text() + "# edited after the archive was built\n")
     log = make_archive()
     assert "Running stage 'package'" in log
-    assert not any(f"Running stage '{stage}'" in log for stage in STAGES[:-1]), log
+    assert ran(log) == ["package"], log
     archive = repo / "model-store" / "imgtocap.mar"
     with zipfile.ZipFile(archive) as mar:
         assert mar.read("imgtocap_handler.py").decode() == handler.read_text()
 
     built = archive.read_bytes()
-    assert "Running stage" not in make_archive()  # nothing changed: nothing runs
+    assert ran(make_archive()) == []  # nothing changed: nothing runs
     assert archive.read_bytes() == built
 
 
-def history(repo: Path) -> list[dict[str, str]]:
-    with (repo / "metrics/train_history.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
+def test_killed_dvc_stops_its_trainer_which_resumes_and_matches_a_straight_run(tmp_path):
     straight = project_copy(tmp_path / "straight")
     set_params(
         straight,
@@ -228,25 +228,35 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     shutil.copytree(straight, resumed, symlinks=True)
     dvc(straight, "repro", "train")
 
-    # start training, kill everything (dvc and its python) after the 3rd epoch is saved
-    last = resumed / "artifacts/checkpoints/last.pth"
+    # Start training and SIGKILL dvc alone after the 3rd epoch is saved, as an OOM kill or a
+    # CI timeout would: the trainer must not run on as an orphan. /bin/sh runs the stage's cmd
+    # (DVC's default without $SHELL): dash stays between dvc and python, bash would exec.
+    state = resumed / "artifacts/resume"
     proc = subprocess.Popen(
         ["dvc", "repro", "train"],
         cwd=resumed,
-        env=environment(resumed),
+        env={**environment(resumed), "SHELL": "/bin/sh"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 3:
+        saved = list(state.glob("*/last.pth"))
+        if saved and torch.load(saved[0], weights_only=True)["epoch"] >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "training finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
+    stage = psutil.Process(proc.pid).children(recursive=True)
+    assert any("training.train" in " ".join(p.cmdline()) for p in stage)
+    proc.kill()
     proc.wait()
-    killed_at = torch.load(last, weights_only=True)["epoch"]
+    _, orphans = psutil.wait_procs(stage, timeout=30)
+    for orphan in orphans:
+        orphan.kill()
+    assert not orphans, f"outlived dvc: pids {[p.pid for p in orphans]}"
+    (saved,) = state.glob("*/last.pth")
+    killed_at = torch.load(saved, weights_only=True)["epoch"]
     assert 3 <= killed_at < 12 and not (resumed / "metrics/train.json").exists()
 
     log = dvc(resumed, "repro", "train")
@@ -261,3 +271,4 @@ def test_killed_training_resumes_and_matches_a_straight_run(tmp_path):
     ] == pytest.approx(
         json.loads((resumed / "metrics/train.json").read_text())["best_val_loss"], abs=1e-4
     )
+    assert not [p for p in state.iterdir() if p.is_dir()], "the finished run's state is left"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
 from serve.runner import TorchServe
+from training.attention_plot import figure_size
 from training.package import build_archive
 
 pytestmark = [
@@ -158,6 +161,12 @@ def send_together(server: Server, bodies: list[bytes]) -> list[requests.Response
 # --- the tests --------------------------------------------------------------------------------
 
 
+def test_the_archives_batching_settings_reach_torchserve(server):
+    described = server.describe()  # (a maxBatchDelay of 0 would show up here as 100)
+    assert described["batchSize"] == SERVE_PARAMS["batch_size"]
+    assert described["maxBatchDelay"] == SERVE_PARAMS["max_batch_delay_ms"]
+
+
 def test_a_jpeg_and_a_png_get_their_captions(server, caption_of):
     for data in (encoded(picture(0), "JPEG"), encoded(picture(1), "PNG")):
         response = server.caption(data)
@@ -254,6 +263,19 @@ def test_metrics_count_the_models_requests(server):
     assert requests_total() >= before + 3
 
 
+def test_health_checks_as_the_readme_gives_them(server):
+    # With token auth on (`make serve`, the Docker image) /ping is an inference call like any
+    # other and needs the inference key; the keyless liveness check is the metrics endpoint,
+    # which listens on loopback only (the Dockerfile's HEALTHCHECK uses it). Behind the proxy
+    # (`make demo`, EKS) token auth is off and /ping answers anyone (tests/test_proxy.py).
+    ping = f"{server.inference}/ping"
+    refused = requests.get(ping, timeout=10)
+    assert refused.status_code == 400 and "InvalidKeyException" in refused.text
+    answered = requests.get(ping, headers=server.headers("inference"), timeout=10)
+    assert (answered.status_code, answered.json()["status"]) == (200, "Healthy")
+    assert requests.get(f"{server.metrics}/metrics", timeout=10).status_code == 200
+
+
 def test_scaling_to_two_workers(server, caption_of):
     response = requests.put(
         f"{server.management}/models/imgtocap?min_worker=2&synchronous=true",
@@ -300,3 +322,77 @@ def test_the_archive_serves_from_a_python_without_imgtocap(model_store, tmp_path
         pid = server.describe()["workers"][0]["pid"]
         worker_python = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         assert worker_python == python
+
+
+def test_attention_on_request_per_word_over_the_grid(server, tiny, tokenizer):
+    model, _ = tiny
+    data = encoded(picture(4), "PNG")
+    pixels = model.preprocess(open_image(data))[None]  # (1, 3, S, S)
+    want = model.generate(pixels, num_beams=1, max_length=12, return_attention=True)
+    form = server.predict(files={"data": data}, data={"attention": "true"})
+    as_json = server.predict(json={"data": base64.b64encode(data).decode(), "attention": 1})
+    plain = server.caption(data)
+    for response in (form, as_json):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["caption"] == CAPTIONS[4] == plain.json()["caption"]
+        grid = model.encoder.spec.grid
+        assert body["attention"]["grid"] == [grid, grid]
+        tokens = body["attention"]["tokens"]
+        assert [t["token"] for t in tokens] == tokenizer.convert_ids_to_tokens(want.tokens[0])
+        weights = torch.tensor([t["weights"] for t in tokens])  # (T, N)
+        torch.testing.assert_close(weights, want.attention[0], atol=5e-5, rtol=0)
+    assert "attention" not in plain.json()  # not asked: the response as before
+
+
+def imgtocap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `imgtocap` console script's code, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokenizer, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pictures = {"a.png": encoded(picture(0), "PNG"), "b.jpg": encoded(picture(1), "JPEG")}
+    pictures["bad.png"] = b"not an image at all"
+    for name, data in pictures.items():
+        (folder / name).write_bytes(data)
+    token = server.keys["inference"]
+
+    # no options: each image goes as the raw body, application/octet-stream
+    out = tmp_path / "plain.jsonl"
+    run = imgtocap("caption", str(folder), "--url", server.inference, "--token", token,
+                   "--output", str(out))  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    lines = {
+        Path(line["path"]).name: line for line in map(json.loads, out.read_text().split("\n")[:-1])
+    }
+    assert list(lines) == ["a.png", "b.jpg", "bad.png"]
+    for name in ("a.png", "b.jpg"):
+        assert lines[name]["caption"] == caption_of(pictures[name])
+    assert lines["bad.png"]["error"].startswith("HTTP 400: ")
+    assert "not a readable image" in lines["bad.png"]["error"] and "bad.png" in run.stderr
+
+    # options and attention: a multipart form; the token from the environment
+    maps = tmp_path / "maps"
+    run = imgtocap("caption", str(folder / "a.png"), "--url", f"{server.inference}/",
+                   "--num-beams", "2", "--attention", str(maps),
+                   env={"IMGTOCAP_TOKEN": token})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = map(json.loads, run.stdout.splitlines())
+    assert line["caption"] == caption_of(pictures["a.png"], num_beams=2)
+    with Image.open(line["attention_png"]) as png:
+        tokens = tokenizer.tokenize(line["caption"])
+        assert png.size == figure_size([len(tokens)])
+
+    # no token: every image fails with a reason that says what to pass
+    run = imgtocap("caption", str(folder / "a.png"), "--url", server.inference)
+    assert run.returncode == 1
+    assert "HTTP 400" in run.stdout and "--token" in run.stdout

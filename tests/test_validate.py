@@ -111,7 +111,7 @@ def test_fail_mode_stops_with_a_summary_after_writing_the_report(tmp_path):
     assert json.loads(report_path.read_text())["counts"]["dropped"] == 15
 
 
-def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch):
+def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch, capsys):
     broken_dataset(tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("data:\n  source: synthetic\n  on_invalid: fail\n")
     monkeypatch.chdir(tmp_path)
@@ -123,8 +123,9 @@ def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "reports" / "validation.json").read_text())["counts"]["dropped"]
 
     (tmp_path / "params.yaml").write_text("data:\n  on_invalid: maybe\n")
-    with pytest.raises(ValueError, match="drop or fail"):
+    with pytest.raises(SystemExit) as stop:  # a params.yaml mistake: one line, status 2
         main()
+    assert stop.value.code == 2 and "drop or fail" in capsys.readouterr().err
 
 
 def test_clean_data_passes_fail_mode_and_pool_matches_serial(tmp_path):
@@ -175,3 +176,85 @@ def test_captions_file_round_trip_and_errors(tmp_path):
         write_captions(tmp_path, [("a,b.jpg", "x")])
     with pytest.raises(FileNotFoundError, match="training.ingest"):
         read_captions(tmp_path / "nowhere")
+
+
+def rows_of(raw: Path) -> list[tuple[int, str, str, str | None]]:
+    return [(r.line, r.image, r.caption, problem) for r, problem in parse_caption_lines(raw)]
+
+
+@pytest.mark.parametrize("mode", ["drop", "fail"])
+def test_an_old_mac_captions_file_with_cr_line_ends_validates(tmp_path, mode):
+    raw = tmp_path / "raw"
+    write_synthetic(raw, num_images=2, seed=1)
+    text = (raw / "captions.txt").read_text()
+    (raw / "captions.txt").write_bytes(text.replace("\n", "\r").encode())
+    report = validate(raw, tmp_path / "v.json", mode, workers=1)
+    assert report["passed"] and report["counts"]["kept"] == 10 == report["counts"]["captions"]
+    assert [r.line for r in valid_rows(raw, tmp_path / "v.json")] == list(range(2, 12))
+
+
+def test_captions_txt_is_read_as_the_csv_a_csv_writer_writes(tmp_path):
+    (tmp_path / "captions.txt").write_bytes(
+        b'"image","caption"\r\n'
+        b'"a.png","a caption"\r\n'  # every field quoted (csv.QUOTE_ALL, pandas quoting=1)
+        b'b.png,"two lines\r\nof one caption"\r\n'  # a quoted newline: one caption
+        b'c.png,"a ""quoted"" word, and a comma"\r\n'
+        b"d.png,a dog, running, unquoted commas (Kaggle)\r\n"
+        b'e.png,"an unbalanced quote\r\n'  # never closes: reported, the next row still read
+        b'f.png,"closed" and then more text\r\n'
+        b'g.png,ends with "quotes"\r\n'
+    )
+    assert rows_of(tmp_path / "captions.txt") == [
+        (2, "a.png", "a caption", None),
+        (3, "b.png", "two lines of one caption", None),
+        (5, "c.png", 'a "quoted" word, and a comma', None),
+        (6, "d.png", "a dog, running, unquoted commas (Kaggle)", None),
+        (7, "e.png", '"an unbalanced quote', "the caption opens a quote that never closes"),
+        (
+            8,
+            "f.png",
+            '"closed" and then more text',
+            "text after the caption's closing quote: ' and then more text'",
+        ),
+        (9, "g.png", 'ends with "quotes"', None),
+    ]
+
+
+def test_quoting_problems_are_reported_and_quoted_rows_kept(tmp_path):
+    raw = tmp_path / "raw"
+    write_synthetic(raw, num_images=2, seed=1)
+    with (raw / "captions.txt").open("a", encoding="utf-8") as f:
+        f.write('"shapes_00000.png","a fully quoted row"\n')
+        f.write('shapes_00001.png,"a caption over\ntwo lines"\n')
+        f.write('shapes_00001.png,"an unbalanced leading quote\n')
+        f.write("shapes_00000.png,the last row\n")
+    report = validate(raw, tmp_path / "v.json", "drop", workers=1)
+    assert report["counts"]["dropped_by_reason"] == {"malformed_line": 1}
+    (dropped,) = report["dropped_rows"]
+    assert (dropped["line"], dropped["detail"]) == (
+        15,
+        "the caption opens a quote that never closes",
+    )
+    kept = [(r.line, r.image, r.caption) for r in valid_rows(raw, tmp_path / "v.json")]
+    assert kept[-3:] == [
+        (12, "shapes_00000.png", "a fully quoted row"),
+        (13, "shapes_00001.png", "a caption over two lines"),
+        (16, "shapes_00000.png", "the last row"),
+    ]
+
+
+def test_a_failed_validation_stops_preprocess_run_by_hand(tmp_path, monkeypatch):
+    from training import preprocess
+
+    broken_dataset(tmp_path / "data" / "raw")
+    (tmp_path / "params.yaml").write_text("data:\n  on_invalid: fail\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main()
+    assert json.loads((tmp_path / "reports" / "validation.json").read_text())["passed"] is False
+    stale = tmp_path / "data" / "processed" / "captions.json"  # from an earlier, passed run
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    with pytest.raises(ValueError, match=r"did not pass.*on_invalid: fail.*training\.validate"):
+        preprocess.main()
+    assert not stale.exists()  # no stale output for a later stage to pick up

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model import Captioner, CaptionerConfig
-from training.params import ModelParams, load_params
+from training.params import ModelParams, load_params, stage_main
 from training.paths import CONFIG_PATH, PROCESSED_PATH, SUMMARY_PATH
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def define(
     return config, summary
 
 
+@stage_main
 def main() -> None:
     """`python -m training.define`: params.yaml (+ data/processed) -> artifacts/model/config.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

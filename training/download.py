@@ -1,9 +1,16 @@
-"""Download a file once: resume via HTTP Range into `<dest>.part`, progress bar, checksums."""
+"""Download a file once: resume via HTTP Range into `<dest>.part`, progress bar, checksums.
+
+Used for every file the pipeline fetches: the Flickr8k archives (ingest) and the pretrained
+weights (training.weights). A server that cannot be reached at all (no network, a name that
+does not resolve, a refused or timed-out connection) fails at once with `Unreachable`:
+retrying that only makes an offline user wait. A transfer cut in the middle is retried.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -14,6 +21,12 @@ from tqdm import tqdm
 from training.checksums import hash_file
 
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # seconds to reach the server; reading then waits `timeout`
+
+
+class Unreachable(ConnectionError):
+    """The server of a URL could not be reached at all; the message says why in a few words."""
 
 
 def download(
@@ -32,7 +45,7 @@ def download(
     """
     dest = Path(dest)
     if dest.is_file():
-        _verify(dest, url, sha256, md5, key)
+        verify(dest, url, sha256, md5, key)
         log.info("using cached %s", dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +56,9 @@ def download(
             break
         except requests.RequestException as exc:  # network trouble: the .part is kept
             have = part.stat().st_size if part.exists() else 0
+            why = _unreachable(exc)
+            if why and attempt == 0:
+                raise Unreachable(f"cannot reach {urlparse(url).hostname} ({why})") from exc
             if attempt == retries:
                 raise ConnectionError(
                     f"downloading {url} stopped after {have} bytes ({exc}); run again to resume "
@@ -50,7 +66,7 @@ def download(
                 ) from exc
             log.warning("download of %s interrupted at %d bytes (%s); resuming", url, have, exc)
             time.sleep(min(2**attempt, 30))
-    actual = _verify(part, url, sha256, md5, key)
+    actual = verify(part, url, sha256, md5, key)
     part.replace(dest)
     dest.with_name(dest.name + ".sha256").write_text(f"{actual}  {dest.name}\n")
     if not sha256:
@@ -65,7 +81,8 @@ def _fetch(url: str, part: Path, timeout: float, key: str) -> None:
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+    timeouts = (min(CONNECT_TIMEOUT, timeout), timeout)
+    with requests.get(url, headers=headers, stream=True, timeout=timeouts) as response:
         if have and response.status_code == 416:
             return  # nothing left to send: the .part is complete (the checksum decides)
         if 400 <= response.status_code < 500:
@@ -95,9 +112,30 @@ def _fetch(url: str, part: Path, timeout: float, key: str) -> None:
         raise requests.RequestException(f"connection closed at {part.stat().st_size} of {total}")
 
 
-def _verify(path: Path, url: str, sha256: str | None, md5: str | None, key: str) -> str:
-    """Check `path` against the expected (or recorded) hashes; returns its sha256."""
-    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
+def _unreachable(exc: BaseException) -> str | None:
+    """Why the server was never reached ("the name does not resolve", ...), or None when the
+    failure came later (a transfer cut in the middle is worth a retry)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # requests wraps urllib3 wraps socket
+        seen.add(id(exc))
+        if isinstance(exc, socket.gaierror):
+            return "the name does not resolve: no network?"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection refused"
+        causes = [getattr(exc, "reason", None), exc.__cause__, exc.__context__, *exc.args]
+        exc = next((c for c in causes if isinstance(c, BaseException)), None)
+    return None
+
+
+def verify(path: Path, url: str, sha256: str | None, md5: str | None, key: str) -> str:
+    """Check `path` against the expected (or recorded) hashes; returns its sha256.
+
+    `key` names the params: a mismatch points at `<key>_sha256` (or `_md5`) in params.yaml."""
+    hashes = {"sha256": hashlib.sha256()}
+    if md5:
+        hashes["md5"] = hashlib.md5(usedforsecurity=False)
     hash_file(path, *hashes.values())  # one read of a ~1 GB archive for both
     actual = {name: h.hexdigest() for name, h in hashes.items()}
     recorded = path.with_name(path.name.removesuffix(".part") + ".sha256")

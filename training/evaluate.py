@@ -2,14 +2,16 @@
 
 Reads artifacts/model/model.pth, data/processed/captions.json, data/features/ (the test
 split's precomputed encoder features) and data/raw/ (images for the grid; scenes.json for the
-synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl and
-reports/samples.png. When training recorded an MLflow run (artifacts/model/mlflow.json), the
-results are added to that run and the model is registered as `imgtocap`.
+synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl,
+reports/samples.png, reports/attention.png (where the model looks for each word) and
+reports/model_card.md. When training recorded an MLflow run (artifacts/model/mlflow.json), the
+results go to that run (or to a child of it when only evaluate re-ran: training/tracking.py),
+the model is registered as `imgtocap-<dataset>` (training/registry.py), and
+artifacts/model/registered.json says which version, for `package`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -23,11 +25,15 @@ import torch
 from tqdm import tqdm
 
 from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
-from training import tracking
+from training import registry, tracking
+from training.attention_plot import evaluate_attention
 from training.captions import IMAGES_DIR, SCENES_FILE
 from training.metrics import caption_metrics, content_metrics
-from training.params import from_section, load_params, pick_device
+from training.model_card import CardFacts, model_card
+from training.params import from_section, load_params, pick_device, stage_main
 from training.paths import (
+    ATTENTION_PATH,
+    CARD_PATH,
     EVAL_METRICS_PATH,
     FEATURES_DIR,
     FEATURES_INDEX,
@@ -35,11 +41,12 @@ from training.paths import (
     PREDICTIONS_PATH,
     PROCESSED_PATH,
     RAW_DIR,
+    REGISTERED_PATH,
     ROBUSTNESS_PATH,
     RUN_FILE,
     SAMPLES_PATH,
 )
-from training.registry import register_model
+from training.registry import Registered, register_model
 from training.robustness import robustness_report
 from training.samples import Sample, render_grid
 from training.synthetic import load_scenes
@@ -87,10 +94,18 @@ def evaluate(
     out_metrics: str | Path,
     out_predictions: str | Path,
     out_grid: str | Path,
+    out_attention: str | Path | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    out_card: str | Path | None = None,
+    out_registered: str | Path | None = None,
     out_robustness: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Caption the test split; write metrics, predictions and the sample grid; return metrics.
+    """Caption the test split; write metrics, predictions, the sample grid and the attention
+    figure (`out_attention`, default attention.png beside the grid); return the metrics.
 
+    `params` (all of params.yaml) is recorded with the run and names the dataset; the model
+    card and the registered version are written to `out_card` / `out_registered` when given.
     Synthetic data also gets the robustness report (training.robustness), its captions in
     `out_robustness` (default: robustness.jsonl beside the predictions).
     """
@@ -111,6 +126,9 @@ def evaluate(
 
     metrics: dict[str, Any] = caption_metrics(predictions, references)
     flags: dict[str, dict[str, bool | None]] = {}
+    out_robustness = Path(out_robustness or Path(out_predictions).with_name(ROBUSTNESS_PATH.name))
+    out_robustness.parent.mkdir(parents=True, exist_ok=True)
+    out_robustness.write_text("")  # stays empty without perturbed copies (a DVC output always)
     if (raw_dir / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
         scenes = load_scenes(raw_dir)
         rates, flags = content_metrics(predictions, scenes)
@@ -121,7 +139,7 @@ def evaluate(
                 images,
                 scenes,
                 lambda copies: _caption(model, tokenizer, copies, cfg, device)[0],
-                Path(out_robustness or Path(out_predictions).with_name(ROBUSTNESS_PATH.name)),
+                out_robustness,
             )
         )
     metrics = {key: round(value, 4) for key, value in metrics.items()}
@@ -139,17 +157,64 @@ def evaluate(
         for image in images[: cfg.grid_images]
     ]
     render_grid(samples, raw_dir / IMAGES_DIR, Path(out_grid), _grid_title(metrics))
+    out_attention = Path(out_attention or Path(out_grid).with_name(ATTENTION_PATH.name))
+    evaluate_attention(
+        model, tokenizer, images, grid, raw_dir, out_attention, cfg.decoding(), device
+    )
     log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
-    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid)]
-    track(model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg)
+    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid), out_attention]
+    outputs += [out_robustness] if out_robustness.stat().st_size else []
+    facts = _card_facts(model, Path(processed_path), raw_dir, test, metrics, cfg, params or {})
+    registered = track(
+        model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg, facts, params or {}
+    )
+    if out_card is not None:
+        card = model_card(facts, registered.name, registered.version)
+        Path(out_card).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_card).write_text(card, encoding="utf-8")
+    if out_registered is not None:
+        registered.save(Path(out_registered))
     return metrics
 
 
+def _card_facts(
+    model: Captioner,
+    processed_path: Path,
+    raw_dir: Path,
+    test: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    cfg: EvalParams,
+    params: Mapping[str, Any],
+) -> CardFacts:
+    """What the model card and the registry say about this model and its evaluation."""
+    splits = json.loads(processed_path.read_text(encoding="utf-8"))["splits"]
+    execution = tracking.Execution.current()
+    return CardFacts(
+        dataset=tracking.dataset_name(params.get("data")),
+        config=model.config.to_dict(),
+        parameters=sum(p.numel() for p in model.parameters()),
+        images={split: len(entries) for split, entries in splits.items()},
+        test_split=registry.split_fingerprint(test, raw_dir / IMAGES_DIR),
+        metrics=metrics,
+        decoding=cfg.decoding(),
+        preset=str((params.get("model") or {}).get("preset", "")),
+        commit=execution.commit,
+        experiment=execution.experiment,
+    )
+
+
 def track(
-    run_file: Path, model_path: Path, metrics: dict[str, Any], files: list[Path], cfg: EvalParams
-) -> str | None:
-    """Add the results to training's MLflow run and register the model; returns its version.
+    run_file: Path,
+    model_path: Path,
+    metrics: dict[str, Any],
+    files: list[Path],
+    cfg: EvalParams,
+    facts: CardFacts,
+    params: Mapping[str, Any],
+) -> Registered:
+    """Log the results to this execution's MLflow run, register the model and move the
+    champion alias if it wins; returns the registered version (empty without tracking).
 
     Tracking is a record, not a result: any failure (server unreachable, registry refused) is
     logged as a warning and the stage still succeeds with its local outputs.
@@ -159,7 +224,7 @@ def track(
         log.info(
             "no MLflow run recorded in %s (training ran without tracking): not logging", run_file
         )
-        return None
+        return Registered()
     down = tracking.unreachable_server()
     if down:  # MLflow's client would retry for ~4 minutes before giving up
         log.warning(
@@ -169,13 +234,16 @@ def track(
             down,
             run_id,
         )
-        return None
+        return Registered()
     scores = {k: v for k, v in metrics.items() if k not in DECODING}
     failure: Exception | None = None
+    registered = Registered()
     try:
-        with tracking.run(run_id=run_id):
+        with tracking.evaluation_run(run_id, params) as active:
             try:  # caught inside the run: MLflow would otherwise mark training's run FAILED
-                version = _log_and_register(model_path, scores, files, cfg)
+                registered = _log_and_register(
+                    model_path, scores, files, cfg, facts, active.info.run_id, run_id
+                )
             except Exception as exc:
                 failure = exc
     except Exception as exc:  # the store itself: unreachable, refused, misconfigured
@@ -189,22 +257,45 @@ def track(
             run_id,
             _tracking_uri(),
         )
-        return None
-    log.info("MLflow run %s: test metrics logged, model registered as version %s", run_id, version)
-    return version
+        return registered
+    log.info(
+        "MLflow: test metrics logged, model registered as %s version %s (run %s)",
+        registered.name,
+        registered.version,
+        registered.run_id,
+    )
+    return registered
 
 
 def _log_and_register(
-    model_path: Path, scores: dict[str, Any], files: list[Path], cfg: EvalParams
-) -> str:
-    """In the active run: the metrics (named as in eval.json), the files, the registered model."""
+    model_path: Path,
+    scores: dict[str, Any],
+    files: list[Path],
+    cfg: EvalParams,
+    facts: CardFacts,
+    run_id: str,
+    train_run: str,
+) -> Registered:
+    """In the active run: the metrics (named as in eval.json), the files, the registered model
+    with its card, the champion decision."""
     mlflow = tracking.mlflow  # imported there, after telemetry is switched off
     mlflow.log_metrics({k: float(v) for k, v in scores.items()})
-    # tags, not params: re-evaluating the same run with other settings must not clash
-    mlflow.set_tags({f"evaluate.{k}": v for k, v in dataclasses.asdict(cfg).items()})
+    mlflow.set_tag(tracking.EVALUATED, "true")
     for path in files:
         mlflow.log_artifact(str(path), artifact_path="evaluation")
-    return register_model(model_path, scores, cfg.decoding())
+    name = registry.registered_name(facts.dataset)
+    tags = {
+        "dataset": facts.dataset,
+        "preset": facts.preset,
+        "test_split": facts.test_split,
+        "git.commit": facts.commit or "",
+        "dvc.experiment": facts.experiment or "",
+        "train_run": train_run,
+    }
+    version = register_model(model_path, scores, cfg.decoding(), name, tags)
+    registry.promote(name, version, float(scores[registry.PRIMARY]), facts.test_split)
+    registry.attach_card(name, version, run_id, model_card(facts, name, version))
+    return Registered(name, version, run_id)
 
 
 def _caption(
@@ -314,11 +405,13 @@ def _tracking_uri() -> str:
     return tracking.mlflow.get_tracking_uri()
 
 
+@stage_main
 def main() -> None:
     """Evaluate artifacts/model/model.pth on the test split with params.yaml's `evaluate:`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
     evaluate(
-        EvalParams.from_dict(load_params().get("evaluate")),
+        EvalParams.from_dict(params.get("evaluate")),
         MODEL_PATH,
         PROCESSED_PATH,
         FEATURES_DIR,
@@ -326,7 +419,11 @@ def main() -> None:
         EVAL_METRICS_PATH,
         PREDICTIONS_PATH,
         SAMPLES_PATH,
-        ROBUSTNESS_PATH,
+        ATTENTION_PATH,
+        params=params,
+        out_card=CARD_PATH,
+        out_registered=REGISTERED_PATH,
+        out_robustness=ROBUSTNESS_PATH,
     )
 
 

@@ -7,6 +7,9 @@ Sources (`data.source` in params.yaml):
   are accepted: Kaggle (`Images/` + `captions.txt`) and the original (`Flicker8k_Dataset/` +
   `Flickr8k.token.txt` + `Flickr_8k.{train,dev,test}Images.txt` -> splits.json).
 - `folder`: any dataset in the Kaggle layout (`Images/` + `captions.txt`).
+- `karpathy`: a Karpathy-split caption file (`dataset_flickr8k.json`, `dataset_flickr30k.json`,
+  `dataset_coco.json`: what most captioning code trains from) and its image folder or zip;
+  its train/val/test splits go to splits.json, `restval` (COCO's rest of val2014) into train.
 
 Ingest copies data as it finds it; judging it is validate's job. It fails only when the source
 is missing or holds neither layout.
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from training.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
 from training.download import download, url_file_name
-from training.params import DataConfig, Flickr8kConfig, load_params
+from training.params import DataConfig, Flickr8kConfig, KarpathyConfig, load_params, stage_main
 from training.paths import RAW_DIR
 from training.synthetic import write_synthetic
 
@@ -47,10 +50,24 @@ SPLIT_FILES = {
 def ingest(cfg: DataConfig, out_dir: Path) -> Path:
     """Write the configured source into `out_dir` in the raw layout, replacing what was there."""
     out_dir = Path(out_dir)
-    # Build beside the target and swap at the end: an interrupted run leaves no half dataset.
+    # Build beside the target and swap at the end: an interrupted run leaves no half dataset,
+    # and a failed one leaves nothing (the previous data/raw, if any, stays as it was).
     work = out_dir.with_name(out_dir.name + ".ingesting")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        _write_source(cfg, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)
+    log.info("raw dataset ready in %s", out_dir)
+    return out_dir
+
+
+def _write_source(cfg: DataConfig, work: Path) -> None:
     if cfg.source == "synthetic":
         write_synthetic(work, **vars(cfg.synthetic))
     elif cfg.source == "flickr8k":
@@ -59,6 +76,8 @@ def ingest(cfg: DataConfig, out_dir: Path) -> Path:
         else:
             roots = fetch_flickr8k(cfg.flickr8k)
         _copy_dataset(roots, work, original_ok=True)
+    elif cfg.source == "karpathy":
+        _copy_karpathy(cfg.karpathy, work)
     else:
         if not cfg.folder.path:
             raise ValueError(
@@ -66,13 +85,9 @@ def ingest(cfg: DataConfig, out_dir: Path) -> Path:
                 "holding Images/ and captions.txt"
             )
         _copy_dataset([_existing(cfg.folder.path, "data.folder.path")], work, original_ok=False)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    work.rename(out_dir)
-    log.info("raw dataset ready in %s", out_dir)
-    return out_dir
 
 
+@stage_main
 def main() -> None:
     """`python -m training.ingest`: read params.yaml and write data/raw."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -239,9 +254,14 @@ def _token_rows(text: str) -> list[tuple[str, str]]:
 
 def _copy_images(files: Mapping[str, _Entry], prefix: str, images_dir: Path) -> None:
     """Hard-link (same filesystem) or copy every file directly inside `prefix`."""
-    images_dir.mkdir(parents=True, exist_ok=True)
     start = prefix + "/"
     entries = [e for n, e in files.items() if n.startswith(start) and "/" not in n[len(start) :]]
+    _copy_entries(entries, images_dir)
+
+
+def _copy_entries(entries: list[_Entry], images_dir: Path) -> None:
+    """Hard-link (same filesystem) or copy each entry into `images_dir`, under its file name."""
+    images_dir.mkdir(parents=True, exist_ok=True)
     linked = 0
     for entry in tqdm(entries, desc="images", unit="img"):
         dest = images_dir / PurePosixPath(entry.name).name
@@ -260,6 +280,80 @@ def _copy_images(files: Mapping[str, _Entry], prefix: str, images_dir: Path) -> 
             dest.write_bytes(b"")
             log.warning("zip member %s is corrupt (%s); written empty", entry.name, exc)
     log.info("%d images into %s (%d hard-linked)", len(entries), images_dir, linked)
+
+
+# ------------------------------------------------------------------------------- karpathy
+
+# Karpathy's splits -> ours: `restval` is the part of COCO's val2014 outside his val/test
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def _copy_karpathy(cfg: KarpathyConfig, work: Path) -> None:
+    """A Karpathy-split JSON + its images -> captions.txt (the `raw` sentences), splits.json
+    and Images/ (flat: the file names are unique in all three datasets)."""
+    if not cfg.json or not cfg.images:
+        raise ValueError(
+            "data.source is karpathy but data.karpathy.json or .images is not set: point json "
+            "at dataset_coco.json (or dataset_flickr8k/30k.json) and images at the folder (or "
+            "zip) holding the images it names"
+        )
+    items = _karpathy_items(_existing(cfg.json, "data.karpathy.json"))
+    rows, splits, wanted = [], {split: [] for split in SPLIT_FILES}, {}
+    for item in items:
+        name = item["filename"]
+        splits[KARPATHY_SPLITS[item["split"]]].append(name)
+        wanted[name] = PurePosixPath(item.get("filepath") or "", name).as_posix()
+        rows += [(name, s.get("raw") or " ".join(s.get("tokens", []))) for s in item["sentences"]]
+    with ExitStack() as stack:
+        files = _list_files([_existing(cfg.images, "data.karpathy.images")], stack)
+        by_name: dict[str, list[str]] = {}
+        for path in files:
+            by_name.setdefault(PurePosixPath(path).name, []).append(path)
+        found = {}
+        for name, relative in wanted.items():
+            candidates = by_name.get(name, [])
+            # COCO's `filepath` (train2014/, val2014/) decides when a name is there twice
+            best = [c for c in candidates if c == relative or c.endswith("/" + relative)]
+            if best or candidates:
+                found[name] = files[(best or sorted(candidates, key=_depth))[0]]
+        if not found:
+            raise FileNotFoundError(
+                f"{cfg.images} holds none of the {len(wanted)} images {cfg.json} names (e.g. "
+                f"{next(iter(wanted.values()))}): point data.karpathy.images at their folder"
+            )
+        if len(found) < len(wanted):  # validation reports each of their captions
+            log.warning(
+                "%d of %d images are not in %s", len(wanted) - len(found), len(wanted), cfg.images
+            )
+        write_captions(work, rows)
+        _copy_entries(list(found.values()), work / IMAGES_DIR)
+    (work / SPLITS_FILE).write_text(json.dumps(splits, indent=1) + "\n", encoding="utf-8")
+    log.info("Karpathy splits: %s", {k: len(v) for k, v in splits.items()})
+
+
+def _karpathy_items(path: Path) -> list[dict]:
+    """The `images` list of a Karpathy-split file, each item checked for what ingest reads."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))["images"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path} is not a Karpathy-split caption file ({exc!r}): expected JSON "
+            '{"images": [{"filename", "split", "sentences": [{"raw"}...]}...]}, as '
+            "dataset_coco.json"
+        ) from exc
+    names = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not {"filename", "split", "sentences"} <= item.keys():
+            raise ValueError(f"{path}: images[{i}] lacks filename, split or sentences")
+        if item["split"] not in KARPATHY_SPLITS:
+            raise ValueError(
+                f"{path}: images[{i}] ({item['filename']}) has split {item['split']!r}; "
+                f"expected one of {sorted(KARPATHY_SPLITS)}"
+            )
+        if item["filename"] in names:
+            raise ValueError(f"{path}: {item['filename']} is listed twice")
+        names.add(item["filename"])
+    return items
 
 
 def _no_layout_message(roots: list[Path], files: Mapping[str, _Entry], original_ok: bool) -> str:

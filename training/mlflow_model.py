@@ -5,7 +5,7 @@ checkpoint, the tokenizer files and the `model/` package, and runs this file whe
 loaded. Nothing is pickled, and loading needs torch, transformers, pillow and mlflow, not
 imgtocap: keep imports here to those and to `model`.
 
-    m = mlflow.pyfunc.load_model("models:/imgtocap/1")
+    m = mlflow.pyfunc.load_model("models:/imgtocap-synthetic@champion")
     m.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"num_beams": 5})
     # -> DataFrame with columns caption, score
 """

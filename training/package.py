@@ -10,7 +10,13 @@ torchvision, transformers and pillow, not imgtocap:
       tokenizer/            vocab.txt, tokenizer.json, tokenizer_config.json
       handler.json          per-request defaults and limits (params.yaml serve:)
       model-config.yaml     TorchServe: batchSize, maxBatchDelay, responseTimeout, workers
-      MAR-INF/MANIFEST.json
+      MODEL_CARD.md         reports/model_card.md: data, metrics, architecture, known limits
+      registered.json       which registered model and version this is, and the MLflow run
+      MAR-INF/MANIFEST.json modelVersion: the registered version (describe and responses say it)
+
+The archive's version is the registered version `evaluate` wrote to
+artifacts/model/registered.json ("unregistered" when training ran without tracking); the
+archive is then logged to the run that holds that version.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import yaml
 import model
 from model import CaptionerConfig, read_checkpoint
 from model.tokenizer import save_tokenizer
-from training.params import from_section, load_params
-from training.paths import ARCHIVE_PATH, MODEL_PATH
+from training import tracking
+from training.params import ParamsError, from_section, load_params, stage_main
+from training.paths import ARCHIVE_PATH, CARD_PATH, MODEL_PATH, REGISTERED_PATH
+from training.registry import Registered, log_archive
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +49,16 @@ MODEL_PACKAGE = Path(model.__file__).parent
 # handler/ sits beside training/ in a checkout and in an install (setup.py ships both)
 HANDLER = Path(__file__).resolve().parents[1] / "handler" / "imgtocap_handler.py"
 MODEL_NAME = ARCHIVE_PATH.stem  # TorchServe's name for it
-VERSION = "1.0"
 # torch-model-archiver's command line, run by this Python (no PATH lookup, no runpy warning)
 ARCHIVER_CLI = (
     "from model_archiver.model_packaging import generate_model_archive; generate_model_archive()"
+)
+
+
+# measured: TorchServe 0.12 describes a model packaged with maxBatchDelay 0 as 100
+NO_ZERO_DELAY = (
+    " (TorchServe 0.12 reads 0 as unset and waits its default 100 ms per batch; 1 is the "
+    "shortest wait)"
 )
 
 
@@ -53,7 +67,7 @@ class ServeParams:
     """params.yaml `serve:`: TorchServe batching and workers, and the handler's request limits."""
 
     batch_size: int = 8  # requests captioned together at most
-    max_batch_delay_ms: int = 50  # how long TorchServe waits to fill a batch
+    max_batch_delay_ms: int = 5  # how long TorchServe waits to fill a batch (bench/serving.py)
     response_timeout_s: int = 120  # a batch running longer than this restarts the worker
     min_workers: int = 1
     max_workers: int = 1
@@ -67,8 +81,8 @@ class ServeParams:
     def __post_init__(self) -> None:
         for name in ("batch_size", "response_timeout_s", "min_workers", "max_image_bytes"):
             _check(name, getattr(self, name), minimum=1)
-        for name in ("max_batch_delay_ms", "cpu_threads"):
-            _check(name, getattr(self, name), minimum=0)
+        _check("cpu_threads", self.cpu_threads, minimum=0)
+        _check("max_batch_delay_ms", self.max_batch_delay_ms, minimum=1, hint=NO_ZERO_DELAY)
         _check("max_pixels", self.max_pixels, minimum=1)
         _check("max_workers", self.max_workers, minimum=self.min_workers)
         for name in ("num_beams", "max_length"):
@@ -101,26 +115,34 @@ class ServeParams:
         return {key: getattr(self, key) for key in keys}
 
 
-def _check(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+def _check(name: str, value: Any, minimum: int, maximum: int | None = None, hint: str = "") -> None:
     """An integer within [minimum, maximum], or an error naming the params.yaml key."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"serve.{name} must be an integer, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"serve.{name} must be >= {minimum}{upper}, got {value}")
+        raise ValueError(f"serve.{name} must be >= {minimum}{upper}, got {value}{hint}")
 
 
-def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping[str, Any]) -> Path:
-    """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar.
+def build_archive(
+    checkpoint: Path,
+    out_dir: Path,
+    params: ServeParams | Mapping[str, Any],
+    registered: Registered | None = None,
+    card: Path | None = None,
+) -> Path:
+    """Package a checkpoint with the handler, model code and tokenizer as out_dir/imgtocap.mar,
+    stamped with the registered version (and carrying the model card) when given.
 
     `params` may also be a `serve:` mapping (the tests' and bench/serving.py's), parsed as
     params.yaml's is.
     """
+    registered = registered or Registered()
     if not isinstance(params, ServeParams):
         params = ServeParams.from_dict(params)
     config = CaptionerConfig.from_dict(read_checkpoint(checkpoint)["config"])
     if params.max_length["max"] >= config.max_position:
-        raise ValueError(
+        raise ParamsError(
             f"serve.max_length.max={params.max_length['max']} is too long for this model "
             f"(max_position={config.max_position}): set it below {config.max_position}"
         )
@@ -133,6 +155,9 @@ def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping
         )
         save_tokenizer(config.tokenizer, stage / "tokenizer")
         (stage / "handler.json").write_text(json.dumps(params.handler_settings(), indent=2) + "\n")
+        registered.save(stage / "registered.json")
+        if card is not None:
+            shutil.copyfile(card, stage / "MODEL_CARD.md")
         model_config = Path(tmp) / "model-config.yaml"
         model_config.write_text(yaml.safe_dump(params.model_config(), sort_keys=False))
         export = Path(tmp) / "export"
@@ -140,7 +165,7 @@ def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping
         command = [
             sys.executable, "-c", ARCHIVER_CLI,
             "--model-name", MODEL_NAME,
-            "--version", VERSION,
+            "--version", registered.archive_version(),
             "--serialized-file", str(checkpoint),
             "--handler", str(HANDLER),
             "--extra-files", str(stage),
@@ -159,14 +184,47 @@ def build_archive(checkpoint: Path, out_dir: Path, params: ServeParams | Mapping
     return target
 
 
+@stage_main
 def main() -> None:
     """Package artifacts/model/model.pth with params.yaml's serve settings."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     serve = load_params().get("serve")
     if not serve:
         log.warning("params.yaml has no serve: section; packaging with the defaults")
-    archive = build_archive(MODEL_PATH, ARCHIVE_PATH.parent, ServeParams.from_dict(serve))
-    log.info("wrote %s (%.1f MB)", archive, archive.stat().st_size / 1e6)
+    registered = Registered.load(REGISTERED_PATH)
+    archive = build_archive(
+        MODEL_PATH, ARCHIVE_PATH.parent, ServeParams.from_dict(serve), registered, CARD_PATH
+    )
+    log.info(
+        "wrote %s (%.1f MB), version %s",
+        archive,
+        archive.stat().st_size / 1e6,
+        registered.archive_version(),
+    )
+    track(registered, archive)
+
+
+def track(registered: Registered, archive: Path) -> None:
+    """Log the archive with its registered version; a failure is a warning, never a failure."""
+    if registered.version is None:
+        log.info("no registered version in %s: the archive is not logged", REGISTERED_PATH)
+        return
+    down = tracking.unreachable_server()
+    if down:
+        log.warning("MLflow server %s does not answer: the archive is not logged", down)
+        return
+    try:
+        tracking.configure()
+        log_archive(registered, archive)
+    except Exception as exc:  # a record, not a result: the archive is written
+        log.warning(
+            "logging %s to %s version %s failed (%s: %s)",
+            archive,
+            registered.name,
+            registered.version,
+            type(exc).__name__,
+            exc,
+        )
 
 
 if __name__ == "__main__":

@@ -6,23 +6,26 @@ stage imports another:
 
 | section | dataclass | read by |
 |---|---|---|
-| `data` | `DataConfig` (here) | ingest, validate (`on_invalid`) |
+| `data` | `DataConfig` (here) | source, ingest, validate (`on_invalid`) |
 | `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
 | `transform` | `training.transform.TransformConfig` | transform |
-| `model` | `ModelParams` (here) | preprocess (tokenizer), transform (encoder), define |
+| `model` | `ModelParams` (here), `model.weights`: `training.weights.WeightsConfig` | preprocess (tokenizer), transform (encoder, weights), define, train (weights) |
 | `train` | `training.train.TrainConfig` | train |
 | `evaluate` | `training.evaluate.EvalParams` | evaluate |
 | `serve` | `training.package.ServeParams` | package |
 
 A stage's `main()` loads params.yaml and builds its dataclasses with `from_section`, which
 refuses unknown keys and scalars of the wrong type; the stage function takes the dataclass.
+Every such mistake is a `ParamsError`, and `@stage_main` turns it into one line on stderr.
 Nothing here imports torch: `pick_device` imports it when called.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
@@ -31,9 +34,31 @@ import yaml
 
 from model.config import CaptionerConfig, preset
 from training.synthetic import SyntheticConfig
+from training.weights import WeightsConfig
 
 if TYPE_CHECKING:
     import torch
+
+
+class ParamsError(ValueError):
+    """A mistake in params.yaml (unknown key, wrong type or value); the message names the key."""
+
+
+def stage_main(main: Callable[[], None]) -> Callable[[], None]:
+    """Decorate a stage's `main()`: a params.yaml mistake ends the stage with one actionable
+    line on stderr and exit status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def run() -> None:
+        try:
+            main()
+        except ParamsError as exc:
+            message = str(exc)
+            where = "" if "params.yaml" in message else " in params.yaml"
+            print(f"error{where}: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -44,9 +69,15 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
             f"{path.resolve()} not found: run the stage from the repository root "
             "(where params.yaml lives), e.g. `python -m training.ingest` or `dvc repro`"
         )
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:  # one line: where, and what the parser expected
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ParamsError(f"{path}{at} is not valid YAML: {problem}") from None
     if not isinstance(params, dict):
-        raise ValueError(
+        raise ParamsError(
             f"{path} must hold a YAML mapping (key: value), got {type(params).__name__}"
         )
     return params
@@ -61,12 +92,12 @@ def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any
     """
     values = {} if values is None else values
     if not isinstance(values, Mapping):
-        raise ValueError(f"{where} in params.yaml must be a mapping, got {values!r}")
+        raise ParamsError(f"{where} in params.yaml must be a mapping, got {values!r}")
     hints = get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
+        raise ParamsError(f"unknown {where} key(s) {unknown} in params.yaml; known keys: {known}")
     built = {}
     for key, value in values.items():
         if is_dataclass(hints[key]):
@@ -74,7 +105,12 @@ def from_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any
         else:
             _check_scalar(value, hints[key], f"{where}.{key}")
             built[key] = value
-    return cls(**built)
+    try:
+        return cls(**built)
+    except ParamsError:
+        raise
+    except ValueError as exc:  # the dataclass's own checks (ranges, choices)
+        raise ParamsError(str(exc)) from exc
 
 
 _SCALARS = {
@@ -95,7 +131,7 @@ def _check_scalar(value: Any, hint: Any, where: str) -> None:
     note = ""
     if float in allowed and isinstance(value, str) and _parses_as_float(value):
         note = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
-    raise ValueError(f"{where} must be {expected}, got {value!r}{note}")
+    raise ParamsError(f"{where} must be {expected}, got {value!r}{note}")
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -122,7 +158,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
+        raise ParamsError(f"device {name!r} asked for, but CUDA is not available: use auto or cpu")
     return device
 
 
@@ -160,18 +196,31 @@ class FolderConfig:
 
 
 @dataclass(frozen=True)
+class KarpathyConfig:
+    """`data.karpathy`: a Karpathy-split caption file (dataset_flickr8k.json,
+    dataset_flickr30k.json, dataset_coco.json) and the folder (or zip) of the images it names."""
+
+    json: str | None = None
+    images: str | None = None
+
+
+SOURCES = ("synthetic", "flickr8k", "folder", "karpathy")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The `data` section of params.yaml."""
 
-    source: str = "synthetic"  # synthetic | flickr8k | folder
+    source: str = "synthetic"  # synthetic | flickr8k | folder | karpathy
     on_invalid: str = "drop"  # drop: train on the rest | fail: stop on any problem
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     flickr8k: Flickr8kConfig = field(default_factory=Flickr8kConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    karpathy: KarpathyConfig = field(default_factory=KarpathyConfig)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "flickr8k", "folder"):
-            raise ValueError(f"data.source is {self.source!r}; use synthetic, flickr8k or folder")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source is {self.source!r}; use {', '.join(SOURCES)}")
         if self.on_invalid not in ("drop", "fail"):
             raise ValueError(f"data.on_invalid is {self.on_invalid!r}; use drop or fail")
 
@@ -197,6 +246,9 @@ class ModelParams:
     overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
     # dataset: the model emits only WordPieces of the train/val captions (define fills them)
     output_vocab: str = "dataset"  # dataset | full
+    # false: encoder and decoder start from random weights, a deliberate choice (tests, speed)
+    pretrained: bool = True
+    weights: WeightsConfig = field(default_factory=WeightsConfig)  # ResNet-50, bert-base-uncased
 
     def __post_init__(self) -> None:
         if self.output_vocab not in ("dataset", "full"):
@@ -214,11 +266,14 @@ class ModelParams:
         return from_section(cls, values, "model")
 
     def captioner_config(self) -> CaptionerConfig:
-        """The preset with encoder, fusion and overrides applied (output_vocab: all ids)."""
+        """The preset with encoder, fusion and overrides applied (output_vocab: all ids);
+        `pretrained: false` makes the decoder's weights "random" (the encoder's: transform)."""
         overrides = dict(self.overrides or {})
         for key in ("encoder", "fusion"):
             if getattr(self, key) is not None:
                 overrides[key] = getattr(self, key)
+        if not self.pretrained:
+            overrides["decoder_weights"] = "random"
         try:
             return preset(self.preset, **overrides)
         except ValueError as exc:  # name the section: the message alone names a dataclass

@@ -1,15 +1,16 @@
 """Where the pipeline's stages read and write, relative to the repository root.
 
 `dvc.yaml` names the same files as each stage's deps and outs (tests/test_paths.py checks that
-they agree); a stage takes its paths from here, never from another stage's module. The layout
-inside `data/raw/` is training.captions'.
+they agree, and that RESUME_DIR is no output); a stage takes its paths from here, never from
+another stage's module. The layout inside `data/raw/` is training.captions'.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-# ingest -> validate -> preprocess
+# source -> ingest -> validate -> preprocess
+SOURCE_PATH = Path("data/source.json")  # fingerprint of the dataset outside the repository
 RAW_DIR = Path("data/raw")
 REPORT_PATH = Path("reports/validation.json")
 PROCESSED_DIR = Path("data/processed")
@@ -30,15 +31,22 @@ SUMMARY_PATH = Path("metrics/model.json")
 # train
 MODEL_PATH = Path("artifacts/model/model.pth")
 RUN_FILE = Path("artifacts/model/mlflow.json")  # the MLflow run evaluate adds to
-CHECKPOINT_DIR = Path("artifacts/checkpoints")  # resumable state, kept between runs
 TRAIN_METRICS_PATH = Path("metrics/train.json")
 HISTORY_PATH = Path("metrics/train_history.csv")
+
+# The resumable state of an unfinished training run, and the lock that keeps one trainer per
+# workspace: deliberately NOT a DVC output (training/resume.py says why).
+RESUME_DIR = Path("artifacts/resume")
+TRAIN_LOCK = RESUME_DIR / "train.lock"
 
 # evaluate
 EVAL_METRICS_PATH = Path("metrics/eval.json")
 PREDICTIONS_PATH = Path("reports/predictions.jsonl")
 SAMPLES_PATH = Path("reports/samples.png")
 ROBUSTNESS_PATH = Path("reports/robustness.jsonl")  # every perturbed test caption
+ATTENTION_PATH = Path("reports/attention.png")
+CARD_PATH = Path("reports/model_card.md")
+REGISTERED_PATH = Path("artifacts/model/registered.json")  # the version package stamps
 
 # package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
 ARCHIVE_PATH = Path("model-store/imgtocap.mar")

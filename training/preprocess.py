@@ -3,7 +3,8 @@
 All captions of an image are kept (Flickr8k has five). Splits are by IMAGE, never by caption,
 so no test image is seen in training: Flickr8k's official split files when ingest found them,
 otherwise a seeded shuffle; identical image files (validation's `duplicate_images`) always
-land in the same split.
+land in the same split. It refuses (non-zero exit, nothing written) a failed validation, a
+split with no images, and captions that are more than 5% [UNK] (training.datachecks).
 
 Output `data/processed/captions.json`:
 `{"tokenizer", "max_tokens", "splits": {"train"|"val"|"test": [{"image", "captions", "tokens"}]}}`
@@ -23,7 +24,8 @@ import numpy as np
 
 from model import encode_caption, load_tokenizer, normalize_caption
 from training.captions import SPLITS_FILE, valid_rows
-from training.params import ModelParams, from_section, load_params
+from training.datachecks import check_unknown_pieces
+from training.params import ModelParams, from_section, load_params, stage_main
 from training.paths import PROCESSED_PATH, RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,13 @@ def preprocess(
     report_path: Path,
     out_path: Path,
 ) -> dict[str, Any]:
-    """Tokenise the kept captions of `raw_dir` into `out_path`; returns what was written."""
+    """Tokenise the kept captions of `raw_dir` into `out_path`; returns what was written.
+
+    Refuses (ValueError) data a model cannot learn from: a failed validation, an empty split,
+    captions that are mostly [UNK]. The previous output is removed first, as DVC does, so a
+    refusal leaves nothing for a later stage to read.
+    """
+    out_path.unlink(missing_ok=True)
     captions: dict[str, list[str]] = defaultdict(list)
     empty = 0
     for row in valid_rows(raw_dir, report_path):
@@ -120,6 +128,15 @@ def preprocess(
         cfg.test_fraction,
         cfg.seed,
     )
+    empty_splits = [split for split, images in splits.items() if not images]
+    if empty_splits:
+        raise ValueError(
+            f"the {' and '.join(empty_splits)} split(s) would hold no images ({len(captions)} "
+            f"images with valid captions in all; preprocess.val_fraction={cfg.val_fraction}, "
+            f"test_fraction={cfg.test_fraction}"
+            + (f", official splits from {splits_file}" if official else "")
+            + "): every split needs images. Add data, or raise the fraction"
+        )
 
     tokenizer = load_tokenizer(tokenizer_source)
     truncated = 0
@@ -148,11 +165,15 @@ def preprocess(
         log.warning(
             "%d captions longer than max_tokens=%d were truncated", truncated, cfg.max_tokens
         )
+    unknown = check_unknown_pieces(out["splits"], tokenizer, tokenizer_source)
+    if unknown:
+        log.info("%.2f%% of the caption WordPieces are [UNK]", 100 * unknown)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out) + "\n")
     return out
 
 
+@stage_main
 def main() -> None:
     """`python -m training.preprocess`: data/raw + validation report -> data/processed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

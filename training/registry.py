@@ -1,19 +1,37 @@
-"""Register an evaluated checkpoint in the MLflow Model Registry as a pyfunc that captions images.
+"""The MLflow Model Registry: one registered model per dataset, and a `champion` alias that moves
+only to a version that beats it on the same test split.
+
+- Name: `imgtocap-<dataset>` (`imgtocap-synthetic`, `imgtocap-flickr8k`, `imgtocap-folder-<name>`):
+  a shapes model never competes with a photo model.
+- Every evaluation registers a version (the checkpoint with the decoding it was scored with),
+  tagged with dataset, preset, test split id, its test metrics, decoding, commit and runs; its
+  description is the model card.
+- `champion` (`models:/imgtocap-synthetic@champion`): the first version, then a new version
+  whose CIDEr is strictly higher than the champion's on the same test split
+  (`split_fingerprint`: a hash of the test images' bytes and reference captions). A version
+  scored on another split is not compared and leaves the alias where it is (tag
+  `champion.decision` says why).
+- `package` stamps the archive with the version (`registered.json`, written by `evaluate`) and
+  logs the `.mar` to the run that holds it.
 
 Why a pyfunc from code (training/mlflow_model.py) and not `mlflow.pytorch.log_model`: the
 pytorch flavour either traces with torch.export (beam search with a KV cache does not export)
 or pickles the whole nn.Module (loading then needs this repository on the path, and pickles
 break across code changes). The pyfunc carries the weights-only checkpoint, the tokenizer files
 and the `model/` code, and its `predict` takes image bytes and returns captions: the same
-contract as the TorchServe endpoint, so `models:/imgtocap/<n>` is directly usable.
+contract as the TorchServe endpoint, so `models:/imgtocap-synthetic/<n>` is directly usable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -21,27 +39,71 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # as training/tracking.py: before mlflow
 
 import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 import model as model_package  # noqa: E402
 from model import read_checkpoint  # noqa: E402
 from model.tokenizer import save_tokenizer  # noqa: E402
+from training.checksums import file_sha256  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-REGISTERED_NAME = "imgtocap"
+PREFIX = "imgtocap"
+CHAMPION = "champion"
+PRIMARY = "cider"  # the metric the champion is chosen on
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 MODEL_PACKAGE = Path(model_package.__file__).parent
 # What loading the pyfunc imports (see mlflow_model.py); pinned to the versions evaluated with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "pillow", "numpy", "pandas")
+UNREGISTERED = "unregistered"  # the archive's version when nothing was registered
+
+
+def registered_name(dataset: str) -> str:
+    """The registered model of a dataset (tracking.dataset_name): imgtocap-synthetic, ..."""
+    return f"{PREFIX}-{dataset}"
+
+
+def split_fingerprint(entries: Sequence[Mapping[str, Any]], images_dir: Path) -> str:
+    """What makes two evaluations comparable: the test images' bytes and their references.
+
+    `entries`: the test split of data/processed/captions.json ({"image", "captions"} each).
+    """
+    digest = hashlib.sha256()
+    for entry in sorted(entries, key=lambda e: e["image"]):
+        digest.update(json.dumps([entry["image"], sorted(entry["captions"])]).encode())
+        digest.update(file_sha256(images_dir / entry["image"]).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Which registered version an evaluation made: artifacts/model/registered.json."""
+
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None  # the run that holds the version (and gets the archive)
+
+    def archive_version(self) -> str:
+        """What `torch-model-archiver --version` stamps: the registered version."""
+        return self.version or UNREGISTERED
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Registered:
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
 
 def register_model(
     checkpoint: Path,
-    metrics: dict[str, float],
-    decoding: dict[str, Any],
-    name: str = REGISTERED_NAME,
+    metrics: Mapping[str, float],
+    decoding: Mapping[str, Any],
+    name: str,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
     """Log the checkpoint as a pyfunc in the active run and register it; returns the version."""
     config = read_checkpoint(checkpoint)["config"]
@@ -63,33 +125,72 @@ def register_model(
             )
     version_ = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in {**metrics, **{f"decode.{k}": v for k, v in decoding.items()}}.items():
-        client.set_model_version_tag(name, version_, key, str(value))
-    client.update_model_version(name, version_, description=describe(metrics, decoding))
+    values = {
+        **(tags or {}),
+        **{k: str(v) for k, v in metrics.items()},
+        **{f"decode.{k}": str(v) for k, v in decoding.items()},
+    }
+    for key, value in values.items():
+        client.set_model_version_tag(name, version_, key, value)
     log.info("registered %s version %s (%s)", name, version_, info.model_uri)
     return version_
 
 
-def describe(metrics: dict[str, float], decoding: dict[str, Any]) -> str:
-    """One line for the registry: the headline test metrics and how captions were decoded."""
-    parts = [f"{label} {metrics[key]:.3f}" for key, label in _HEADLINE if key in metrics]
-    return (
-        f"Test split, {metrics['num_images']} images: "
-        + ", ".join(parts)
-        + f" (beam {decoding.get('num_beams')}, max length {decoding.get('max_length')})"
+def promote(name: str, version_: str, score: float, test_split: str) -> bool:
+    """Move `champion` to this version if it beats the champion's PRIMARY metric on the same
+    test split (or there is no champion); records the decision on the version. True if moved."""
+    client = mlflow.MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no alias yet (or its version was deleted)
+        champion = None
+    if champion is None:
+        moved, decision = True, f"champion: the first version of {name}"
+    elif champion.version == version_:
+        moved, decision = True, "champion"
+    elif champion.tags.get("test_split") != test_split:
+        moved = False
+        decision = (
+            f"not compared: test split {test_split} differs from champion version "
+            f"{champion.version}'s ({champion.tags.get('test_split')}); to promote it anyway: "
+            f"MlflowClient().set_registered_model_alias({name!r}, 'champion', {version_!r})"
+        )
+    else:
+        best = float(champion.tags[PRIMARY])
+        moved = score > best
+        verdict = "beats" if moved else "does not beat"
+        decision = (
+            f"{PRIMARY} {score:.4f} {verdict} champion version {champion.version}'s {best:.4f}"
+        )
+        decision = ("champion: " if moved else "") + decision
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, version_)
+    client.set_model_version_tag(name, version_, "champion.decision", decision)
+    log.info("%s version %s: %s", name, version_, decision)
+    return moved
+
+
+def attach_card(name: str, version_: str, run_id: str, card: str) -> None:
+    """The model card as the version's description (MLflow renders it) and in its run."""
+    client = mlflow.MlflowClient()
+    client.update_model_version(name, version_, description=card)
+    client.log_text(run_id, card, "model_card.md")
+
+
+def log_archive(registered: Registered, archive: Path) -> None:
+    """Log the TorchServe archive to the run holding the registered version and tag the version
+    with where it is and its sha256."""
+    client = mlflow.MlflowClient()
+    client.log_artifact(registered.run_id, str(archive), "archive")
+    uri = f"runs:/{registered.run_id}/archive/{archive.name}"
+    client.set_model_version_tag(registered.name, registered.version, "archive", uri)
+    client.set_model_version_tag(
+        registered.name, registered.version, "archive.sha256", file_sha256(archive)
     )
+    log.info("logged %s to %s version %s (%s)", archive, registered.name, registered.version, uri)
 
 
-_HEADLINE = (
-    ("bleu4", "BLEU-4"),
-    ("meteor", "METEOR"),
-    ("rouge_l", "ROUGE-L"),
-    ("cider", "CIDEr"),
-    ("content_accuracy", "content accuracy"),
-)
-
-
-def _signature(decoding: dict[str, Any]) -> ModelSignature:
+def _signature(decoding: Mapping[str, Any]) -> ModelSignature:
     params = [
         ParamSpec("num_beams", "long", int(decoding["num_beams"])),
         ParamSpec("max_length", "long", int(decoding["max_length"])),

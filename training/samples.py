@@ -81,9 +81,14 @@ def render_grid(
         for reference in sample.references[:REFERENCES]:
             y = page.wrapped(left, y + 0.03, reference, REFERENCE_WRAP, REFERENCE_LINES,
                              color="#666666")  # fmt: skip
-    page.fig.canvas.draw()
-    rgb = Image.fromarray(np.asarray(page.fig.canvas.buffer_rgba())[..., :3])  # (H, W, 3)
-    plt.close(page.fig)
+    return save_png(page.fig, out)
+
+
+def save_png(fig: plt.Figure, out: Path) -> Path:
+    """Write the figure at its own size as a 256-colour PNG, and close it."""
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])  # (H, W, 3)
+    plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     # 256 colours, dithered: text stays crisp, photos look right, and a grid of photos takes
     # ~0.4 MB instead of ~1.1 MB (synthetic shapes: ~0.15 MB)

@@ -5,17 +5,17 @@ warmup then cosine decay, gradient clipping, optional label smoothing; validatio
 epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
 
 Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
-history, MLflow run) goes to `artifacts/checkpoints/last.pth`, which DVC keeps between runs
-(`persist: true`). `dvc repro` after a kill continues from the last completed epoch, as long as
-the config, params and data are unchanged (a fingerprint checks it); the batch order of an
-epoch depends only on (seed, epoch), so a resumed run trains exactly like a straight one.
+history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/resume.py), outside
+DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
+config, params, data and code are unchanged (the fingerprint); the batch order of an epoch
+depends only on (seed, epoch), so a resumed run trains exactly like a straight one. One trainer
+runs per workspace, and it stops when the `dvc` that started it is gone (training/process.py).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -31,13 +31,13 @@ import torch
 from tqdm import tqdm
 
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
+from model.io import atomic_write
 from model.pretrained import load_pretrained
-from training import tracking
+from training import augment, resume, tracking
 from training.augment import mirror_ids, mirror_tokens
-from training.checksums import hash_file
-from training.params import from_section, load_params, pick_device
+from training.datachecks import check_learnable
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
-    CHECKPOINT_DIR,
     CONFIG_PATH,
     ENCODER_WEIGHTS,
     FEATURES_DIR,
@@ -45,9 +45,13 @@ from training.paths import (
     HISTORY_PATH,
     MODEL_PATH,
     PROCESSED_PATH,
+    RESUME_DIR,
+    TRAIN_LOCK,
     TRAIN_METRICS_PATH,
     TRAIN_VIEWS,
 )
+from training.process import die_with_dvc, exclusive
+from training.weights import WeightsConfig, needed, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -221,28 +225,22 @@ def validation_loss(model: Captioner, data: CaptionData, batch_size: int, device
     return total / max(count, 1)
 
 
-def fingerprint(*paths: Path, **values: Any) -> str:
-    """What a resumable state must match: the files' bytes and the settings."""
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
-    for path in paths:
-        hash_file(path, digest)
-    return digest.hexdigest()
-
-
 def train(
     cfg: TrainConfig,
     config_path: Path = CONFIG_PATH,
     processed_path: Path = PROCESSED_PATH,
     features_dir: Path = FEATURES_DIR,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
+    resume_dir: Path = RESUME_DIR,
     model_path: Path = MODEL_PATH,
     metrics_path: Path = TRAIN_METRICS_PATH,
     history_path: Path = HISTORY_PATH,
     params: dict[str, Any] | None = None,
+    weights: WeightsConfig | None = None,
 ) -> dict[str, Any]:
     """Train (or resume), write the best model, metrics and history; returns the metrics.
 
     `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
+    `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -257,13 +255,14 @@ def train(
     processed = json.loads(processed_path.read_text())
     train_data = CaptionData(processed, features_dir, "train", config.pad_id)
     val_data = CaptionData(processed, features_dir, "val", config.pad_id)
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise ValueError("train and val splits must both hold captions: check preprocess fractions")
+    for split, data in (("train", train_data), ("val", val_data)):
+        check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
     encoder_weights = torch.load(features_dir / ENCODER_WEIGHTS, weights_only=True)
-    new = set(load_pretrained(model, encoder_weights=encoder_weights))
+    files = weight_files(needed(config, encoder=False), weights or WeightsConfig(), "the decoder")
+    new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg))
     steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
@@ -271,30 +270,27 @@ def train(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
     )
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = checkpoint_dir / "last.pth", checkpoint_dir / "best.pth"
-    key = fingerprint(
-        config_path,
-        processed_path,
-        features_dir / FEATURES_INDEX,
-        features_dir / "train.npy",
-        train=dataclasses.asdict(cfg),
+    inputs = [config_path, processed_path, features_dir / FEATURES_INDEX]
+    inputs += [features_dir / name for name in ("train.npy", "val.npy", ENCODER_WEIGHTS)]
+    if train_data.views is not None:  # the augmented views an epoch draws from
+        inputs.append(features_dir / TRAIN_VIEWS)
+    inputs += sorted(files.values())  # the decoder's pretrained file, when it has one
+    code = (*resume.CODE, Path(augment.__file__))  # augment: how a mirrored view's captions read
+    saved = resume.ResumeState(
+        resume_dir, resume.fingerprint(inputs, code, train=dataclasses.asdict(cfg))
     )
-    state = _resumable(last_path, key)
+    state = saved.load()
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, last_path)
+        log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, saved.last)
     else:
         state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
         state.update(history=[], run_id=None, seconds=0.0)
-    run_id = tracking.start(state["run_id"], name="train")
-    if run_id and not state["run_id"]:
-        logged = config.to_dict()  # the id list would overflow MLflow's param size limit
-        logged["output_vocab"] = len(config.output_vocab) if config.output_vocab else "full"
-        tracking.log_params({**(params or {}), "config": logged})
+    # this execution's MLflow run (a resumed training continues its own)
+    run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
     state["run_id"] = run_id
 
     log.info(
@@ -342,11 +338,11 @@ def train(
         state["seconds"] += seconds
         if val_loss < state["best_val"] - 1e-4:
             state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-            save_checkpoint(model, best_path, epoch=epoch + 1, val_loss=val_loss)
+            save_checkpoint(model, saved.best, epoch=epoch + 1, val_loss=val_loss)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        _save_state(last_path, state, model, optimizer, scheduler, key, finished=False)
+        saved.save(_full_state(state, model, optimizer, scheduler))
         tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log.info(
             "epoch %d: train %.4f, val %.4f (%.0f s)",
@@ -357,9 +353,9 @@ def train(
         )
 
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best_path, model_path)
+    with atomic_write(model_path) as f, saved.best.open("rb") as best:
+        shutil.copyfileobj(best, f)
     load_checkpoint(model_path)  # the artifact must load on its own, weights-only
-    _save_state(last_path, state, model, optimizer, scheduler, key, finished=True)
     metrics = {
         "best_epoch": state["best_epoch"],
         "best_val_loss": round(state["best_val"], 5),
@@ -375,37 +371,19 @@ def train(
     )
     tracking.end()
     tracking.save_run_id(run_id)
+    saved.remove()  # every output is written: nothing is left to resume
     return metrics
 
 
-def _resumable(path: Path, key: str) -> dict[str, Any] | None:
-    """The saved state if it belongs to this very run and did not finish; else None."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != key:
-        log.info("%s is from a different config, params or data: starting over", path)
-        return None
-    if state["finished"]:
-        log.info("%s is a finished run: training again from scratch", path)
-        return None
-    return state
-
-
-def _save_state(path: Path, state, model, optimizer, scheduler, key: str, finished: bool) -> None:
-    """Atomically write everything a resumed run needs (a kill mid-write leaves the old file)."""
-    full = {
+def _full_state(state: dict[str, Any], model, optimizer, scheduler) -> dict[str, Any]:
+    """Everything a resumed run needs: the bookkeeping, the weights, optimizer, schedule, RNG."""
+    return {
         **state,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
-        "fingerprint": key,
-        "finished": finished,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(full, tmp)
-    tmp.replace(path)
 
 
 def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> None:
@@ -417,11 +395,15 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
         writer.writerows(history)
 
 
+@stage_main
 def main() -> None:
     """`python -m training.train`: data/features + config -> artifacts/model/model.pth."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params()
-    train(TrainConfig.from_dict(params.get("train")), params=params)
+    die_with_dvc()
+    with exclusive(TRAIN_LOCK):
+        params = load_params()
+        weights = ModelParams.from_dict(params.get("model")).weights
+        train(TrainConfig.from_dict(params.get("train")), params=params, weights=weights)
 
 
 if __name__ == "__main__":

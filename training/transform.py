@@ -17,8 +17,9 @@ Output (float16 grids (N, C) per image; row i of a split = index["splits"][split
 `index["views"]["flipped"]` (n_train, views) saying which are mirrored; `robust/<name>.npy`
 (n_test, N, C) per perturbation; `index.json` (encoder, grid, channels, splits, views,
 robustness) and `encoder.pth`, the encoder weights used, which training starts from so the
-model matches its features. Which encoder: params.yaml `model:` (preset, encoder); how:
-`transform:` (device, batch size, views, seed, robustness, augment).
+model matches its features. Which encoder: params.yaml `model:` (preset, encoder, pretrained;
+ResNet-50's file from `model.weights`, training.weights); how: `transform:` (device, batch
+size, views, seed, robustness, augment).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from training.augment import (
     rng_for,
 )
 from training.captions import IMAGES_DIR, SCENES_FILE
-from training.params import ModelParams, from_section, load_params, pick_device
+from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
     ENCODER_WEIGHTS,
     FEATURES_DIR,
@@ -60,6 +61,7 @@ from training.paths import (
     TRAIN_VIEWS,
 )
 from training.synthetic import Scene, load_scenes
+from training.weights import needed, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +89,15 @@ class TransformConfig:
         return from_section(cls, values, "transform")
 
 
-def build_encoder(name: str, device: torch.device) -> ImageEncoder:
-    """The frozen encoder with its pretrained weights (random for `tiny`)."""
-    encoder = ImageEncoder(name)
-    state = encoder_state(name)
+def build_encoder(
+    name: str, device: torch.device, pretrained: bool = True, file: Path | None = None
+) -> ImageEncoder:
+    """The frozen encoder with its pretrained weights (`file`: resnet50's), or seeded random
+    ones when not `pretrained` (and always for `tiny`)."""
+    with torch.random.fork_rng(devices=[]):  # a random encoder: the same one on every run
+        torch.manual_seed(0)
+        encoder = ImageEncoder(name)
+    state = encoder_state(name, file) if pretrained else None
     if state is not None:
         encoder.backbone.load_state_dict(state)
     return encoder.to(device)
@@ -98,17 +105,24 @@ def build_encoder(name: str, device: torch.device) -> ImageEncoder:
 
 @torch.inference_mode()
 def transform(
-    cfg: TransformConfig, encoder_name: str, raw_dir: Path, processed_path: Path, out_dir: Path
+    cfg: TransformConfig,
+    encoder_name: str,
+    raw_dir: Path,
+    processed_path: Path,
+    out_dir: Path,
+    pretrained: bool = True,
+    weights: Path | None = None,
 ) -> dict:
     """Encode every image of every split, the training views and the perturbed test copies
-    with `encoder_name` into `out_dir`; returns the index."""
+    with `encoder_name` (from `weights` for resnet50, at random unless `pretrained`) into
+    `out_dir`; returns the index."""
     device = pick_device(cfg.device)
     splits = {
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
     }
     scenes = load_scenes(raw_dir) if (raw_dir / SCENES_FILE).is_file() else None
-    encoder = build_encoder(encoder_name, device)
+    encoder = build_encoder(encoder_name, device, pretrained, weights)
     writer = _FeatureWriter(_frozen(encoder, device), encoder_name, cfg.batch_size, device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -218,13 +232,28 @@ def _views(
             yield view
 
 
+@stage_main
 def main() -> None:
     """`python -m training.transform`: data/processed + data/raw -> data/features."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     cfg = TransformConfig.from_dict(params.get("transform"))
-    encoder = ModelParams.from_dict(params.get("model")).captioner_config().encoder
-    transform(cfg, encoder, RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
+    model = ModelParams.from_dict(params.get("model"))
+    config = model.captioner_config()
+    # every file the model starts from, the decoder's too: a run that could not train stops
+    # here, before encoding for minutes, with one message naming all of them
+    files = {}
+    if model.pretrained:
+        files = weight_files(needed(config), model.weights, f"model.preset {model.preset}")
+    transform(
+        cfg,
+        config.encoder,
+        RAW_DIR,
+        PROCESSED_PATH,
+        FEATURES_DIR,
+        model.pretrained,
+        files.get(config.encoder),
+    )
 
 
 if __name__ == "__main__":

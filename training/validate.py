@@ -8,8 +8,9 @@ repeated caption of the same image is dropped and identical image files are repo
 
 `reports/validation.json` holds the counts, every dropped row (line, image, caption, reason,
 detail) and every dropped image. kept + dropped == rows, always. `data.on_invalid: drop` trains
-on the rest; `fail` stops the pipeline with a summary. `training.captions.valid_rows` gives
-later stages exactly the kept rows.
+on the rest; `fail` stops the pipeline with a summary, and the report it still writes says
+`"passed": false`, so that a later stage run by hand refuses it too.
+`training.captions.valid_rows` gives later stages exactly the kept rows of a passed validation.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from model.image import ImageError, open_image
 from training.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
 from training.checksums import file_sha256
-from training.params import DataConfig, load_params
+from training.params import DataConfig, load_params, stage_main
 from training.paths import RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,12 @@ def validate(
     assert len(kept) + len(dropped_rows) == len(parsed), "a caption row was lost"
     kept_images = {row.image for row in kept}
     per_image = Counter(Counter(row.image for row in kept).values())
+    problems = bool(dropped_rows or dropped_images)
     report = {
         "raw_dir": str(raw_dir),
         "on_invalid": on_invalid,
+        # false: `fail` found problems; every later stage refuses this data (valid_rows)
+        "passed": not (problems and on_invalid == "fail"),
         "captions_sha256": file_sha256(captions_path(raw_dir)),
         "counts": {
             "images": len(files),
@@ -120,7 +124,7 @@ def validate(
     )
     if duplicates:
         log.warning("%d groups of identical image files (see duplicate_images)", len(duplicates))
-    if dropped_rows or dropped_images:
+    if problems:
         summary = _summary(report, report_path)
         if on_invalid == "fail":
             raise SystemExit(summary + " Fix the data, or set data.on_invalid: drop to go on.")
@@ -128,6 +132,7 @@ def validate(
     return report
 
 
+@stage_main
 def main() -> None:
     """`python -m training.validate`: validate data/raw into reports/validation.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

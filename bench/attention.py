@@ -1,0 +1,130 @@
+"""Does a word's attention land on its own object? Each layer's cross-attention, their mean (what
+`generate(return_attention=True)` returns) and uniform attention, on the trained model.
+
+    .venv/bin/python bench/attention.py     # after `dvc repro` on the synthetic data; ~1 minute
+
+Captions the test split as the evaluate stage does (params.yaml `evaluate:`), then for every
+two-object scene whose caption names both objects correctly, takes the attention of each colour
+and shape word (teacher forcing on the generated caption: equal to generation's, a test checks)
+and measures how much of it falls inside that object's box versus the other object's (a grid
+cell counts by the fraction of it the box covers), and whether its highest cell touches either
+box (for uniform attention: the chance that a random cell does). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import decode_caption, load_checkpoint, load_tokenizer  # noqa: E402
+from training.captions import IMAGES_DIR  # noqa: E402
+from training.evaluate import EvalParams  # noqa: E402
+from training.params import load_params  # noqa: E402
+from training.paths import FEATURES_DIR, FEATURES_INDEX, MODEL_PATH, RAW_DIR  # noqa: E402
+from training.synthetic import load_scenes, parse_caption  # noqa: E402
+
+
+def main() -> None:
+    model = load_checkpoint(ROOT / MODEL_PATH)
+    tokenizer = load_tokenizer(model.config.tokenizer)
+    decoding = EvalParams.from_dict(load_params(ROOT / "params.yaml").get("evaluate")).decoding()
+    names = json.loads((ROOT / FEATURES_DIR / FEATURES_INDEX).read_text())["splits"]["test"]
+    features = torch.from_numpy(np.load(ROOT / FEATURES_DIR / "test.npy")).float()  # (n, N, C)
+    scenes = load_scenes(ROOT / RAW_DIR)
+    grid = model.encoder.spec.grid
+    out = model.generate(grid=features, **decoding)
+
+    layers = model.config.num_layers
+    rows = {f"layer {i + 1} (mean of heads)": i for i in range(layers)}
+    rows["mean of all layers and heads (returned)"] = "mean"
+    rows["uniform (chance)"] = "uniform"
+    stats: dict[str, dict[str, list[float]]] = {r: {} for r in rows}
+    for i, name in enumerate(names):
+        scene = scenes.get(name)
+        if scene is None or len(scene.objects) != 2:
+            continue
+        words = _word_tokens(tokenizer.convert_ids_to_tokens(out.tokens[i]))
+        mentions = parse_caption(decode_caption(tokenizer, out.tokens[i])).mentions
+        objects = [_find(scene, m.colour, m.shape) for m in mentions]
+        if len(mentions) != 2 or None in objects or objects[0] is objects[1]:
+            continue  # only captions that name both objects right
+        tokens = torch.tensor([[model.config.bos_id, *out.tokens[i]]])
+        with torch.no_grad():
+            cross = model.decoder.cross_keys_values(model.image_context(features[i : i + 1]))
+            _, _, weights = model.decoder(tokens[:, :-1], cross=cross, need_weights=True)
+        with Image.open(ROOT / RAW_DIR / IMAGES_DIR / name) as image:
+            size = image.width  # square canvas; boxes are in its pixels
+        for k, mention in enumerate(mentions):
+            own = _coverage(objects[k].bbox, grid, size)
+            other = _coverage(objects[1 - k].bbox, grid, size)
+            for kind, word in (("colour", mention.at), ("shape", mention.at + 1)):
+                t = words[word]
+                for label, which in rows.items():
+                    if which == "uniform":
+                        a = np.full(grid * grid, 1 / grid**2)
+                    elif which == "mean":
+                        a = torch.stack(weights).mean((0, 2))[0, t].numpy()
+                    else:
+                        a = weights[which].mean(1)[0, t].numpy()
+                    m_own, m_other = float(a @ own), float(a @ other)
+                    # uniform has no highest cell: a random cell's chance of touching a box
+                    peak = int(a.argmax())
+                    hit_own = (own > 0).mean() if which == "uniform" else own[peak] > 0
+                    hit_other = (other > 0).mean() if which == "uniform" else other[peak] > 0
+                    for key, value in (
+                        ("own", m_own),
+                        ("other", m_other),
+                        ("share", m_own / max(m_own + m_other, 1e-12)),
+                        (f"share_{kind}", m_own / max(m_own + m_other, 1e-12)),
+                        ("peak_own", hit_own),
+                        ("peak_other", hit_other),
+                    ):
+                        stats[label].setdefault(key, []).append(float(value))
+    count = len(stats["uniform (chance)"]["own"])
+    print(
+        f"\n{count} colour and shape words of {count // 4} two-object test captions that name "
+        f"both objects right; {layers} decoder layers x {model.config.num_heads} heads; "
+        f"beam {decoding['num_beams']}.\n"
+    )
+    print(
+        "| attention | on its own object | on the other object | own / (own + other): "
+        "colour words | shape words | highest cell on its own object | on the other |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, s in stats.items():
+        mean = {key: float(np.mean(values)) for key, values in s.items()}
+        print(
+            f"| {label} | {mean['own']:.3f} | {mean['other']:.3f} | {mean['share_colour']:.2f} "
+            f"| {mean['share_shape']:.2f} | {mean['peak_own']:.2f} | {mean['peak_other']:.2f} |"
+        )
+
+
+def _word_tokens(pieces: list[str]) -> list[int]:
+    """The token index where each word starts (a word is a piece plus its "##" pieces)."""
+    return [t for t, piece in enumerate(pieces) if not piece.startswith("##")]
+
+
+def _find(scene, colour: str, shape: str):
+    matches = [o for o in scene.objects if (o.colour, o.shape) == (colour, shape)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _coverage(bbox: tuple[int, int, int, int], grid: int, size: int) -> np.ndarray:
+    """(grid * grid,) the fraction of each cell (row-major) inside the box."""
+    x0, y0, x1, y1 = bbox
+    edges = np.linspace(0, size, grid + 1)
+    ox = np.clip(np.minimum(x1, edges[1:]) - np.maximum(x0, edges[:-1]), 0, None)  # (grid,)
+    oy = np.clip(np.minimum(y1, edges[1:]) - np.maximum(y0, edges[:-1]), 0, None)
+    return (oy[:, None] * ox[None, :] / (size / grid) ** 2).reshape(-1)  # rows, then columns
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""CPU and GPU give the same captions: a tiny captioner, generate() and the TorchServe handler.
+
+    .venv/bin/python bench/gpu_check.py [--device auto]
+
+A tiny model is fitted (on the CPU, seeded) to give each of eight pictures its own caption, so
+its next-token distributions are peaked and CPU and GPU arithmetic must pick the same words.
+Then greedy and beam-3 captions of those pictures, and of eight it never saw, are compared:
+`generate()` on the CPU vs on the device, and the archive's TorchServe handler (loaded in this
+process, given the GPU as TorchServe gives one: `gpu_id` 0) vs the CPU. Exits 1 when a
+memorised picture's caption differs. Without CUDA the device is the CPU: the script still runs
+end to end (a check of the script, not of a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the tests' model helpers
+
+import torch  # noqa: E402
+from fixtures_model import caption_tokens, fit, picture, tiny  # noqa: E402
+from ts.context import Context, RequestProcessor  # noqa: E402
+
+from model import decode_caption, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
+from training.package import build_archive  # noqa: E402
+from training.params import pick_device  # noqa: E402
+
+CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "two yellow squares",
+    "a black circle",
+    "an orange square",
+    "a purple triangle",
+    "a white background",
+]
+
+
+def png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    picture(i, size=64).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def captions(model, pixels: torch.Tensor, device: torch.device, tokenizer, beams: int) -> list:
+    out = model.to(device).generate(pixels.to(device), num_beams=beams, max_length=12)
+    return [decode_caption(tokenizer, t) for t in out.tokens]
+
+
+def load_handler(model_path: Path, workdir: Path, gpu_id: int | None):
+    """The archive's handler as a TorchServe worker runs it (gpu_id as TorchServe assigns)."""
+    serve = {"num_beams": {"default": 1, "max": 3}, "max_length": {"default": 12, "max": 40}}
+    archive = build_archive(model_path, workdir / "store", serve)
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(workdir / "unpacked")
+    model_dir = workdir / "unpacked"
+    spec = importlib.util.spec_from_file_location(
+        "imgtocap_handler", model_dir / "imgtocap_handler.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    context = Context("imgtocap", str(model_dir), manifest, 8, gpu_id, "0.12.0")
+    context.metrics = type("Metrics", (), {"add_time": lambda *args, **kwargs: None})()
+    context.model_yaml_config = {"maxWorkers": 1}
+    # as in a fresh worker, the archive's own `model/` is imported: set this process's aside
+    ours = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "model"}
+    for name in ours:
+        del sys.modules[name]
+    handler = module.ImgtocapHandler()
+    handler.initialize(context)
+    sys.modules.update(ours)
+    return handler, context
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    cpu = torch.device("cpu")
+    tokenizer = load_tokenizer("packaged")
+
+    torch.manual_seed(0)
+    model = tiny()
+    pixels = torch.stack(
+        [model.preprocess(picture(i, size=64)) for i in range(16)]
+    )  # (16, 3, S, S)
+    tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=8)  # (8, T)
+    grid = model.encode_image(pixels[:8])
+    fit(
+        model,
+        grid,
+        tokens,
+        lr=1e-2,
+        steps=800,
+        until=lambda m: captions(m, pixels[:8], cpu, tokenizer, 1) == CAPTIONS,
+    )
+
+    failed = False
+    print(
+        f"\ncaptions on the CPU vs on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no CUDA'}):\n"
+    )
+    print("| path | pictures | greedy agree | beam 3 agree |")
+    print("|---|---|---|---|")
+    rows = {}
+    for beams in (1, 3):
+        reference = captions(model, pixels, cpu, tokenizer, beams)
+        rows[beams] = (reference, captions(model, pixels, device, tokenizer, beams))
+        model.to(cpu)
+    for name, part in (("memorised", slice(0, 8)), ("unseen", slice(8, 16))):
+        agree = [sum(a == b for a, b in zip(ref[part], got[part])) for ref, got in rows.values()]
+        print(f"| generate() | {name} | {agree[0]}/8 | {agree[1]}/8 |")
+        failed |= name == "memorised" and agree != [8, 8]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, Path(tmp) / "model.pth")
+        load_checkpoint(Path(tmp) / "model.pth")  # the archive's checkpoint loads on its own
+        handler, context = load_handler(
+            Path(tmp) / "model.pth", Path(tmp), 0 if device.type == "cuda" else None
+        )
+        bodies = [{"body": png(i)} for i in range(16)]
+        context.request_processor = [RequestProcessor({}) for _ in bodies]
+        answers = [json.loads(a)["caption"] for a in handler.handle(bodies, context)]
+    served = rows[1][0]  # the handler's default: greedy
+    for name, part in (("memorised", slice(0, 8)), ("unseen", slice(8, 16))):
+        agree = sum(a == b for a, b in zip(answers[part], served[part]))
+        print(f"| TorchServe handler on {handler.device} | {name} | {agree}/8 | |")
+        failed |= name == "memorised" and agree != 8
+    if failed:
+        print("\nFAILED: a memorised picture got another caption on the device than on the CPU")
+    return int(failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""A stage that would produce garbage stops: preprocess on mostly-[UNK] captions or an empty
+split, train on data nothing can be learned from. Each refusal says what to fix and leaves
+no output behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertTokenizer
+
+from model import preset
+from model.encoders import ImageEncoder
+from training.captions import write_captions
+from training.datachecks import check_learnable, check_unknown_pieces
+from training.preprocess import PreprocessConfig, preprocess
+from training.synthetic import write_synthetic
+from training.train import TrainConfig, train
+from training.validate import validate
+
+
+def prepared(root: Path, captions: list[tuple[str, str]] | None = None, images: int = 10):
+    """A validated raw dataset under root (synthetic images, optionally other captions)."""
+    raw = root / "raw"
+    write_synthetic(raw, num_images=images, seed=3)
+    if captions is not None:
+        write_captions(raw, captions)
+    validate(raw, root / "validation.json", workers=1)
+    return raw, root / "validation.json"
+
+
+def test_preprocess_refuses_captions_that_are_mostly_unknown_pieces(tmp_path):
+    names = [f"shapes_{i:05d}.png" for i in range(10)]
+    # letters, so validation keeps them; but bert-base-uncased has no piece for the emoji
+    raw, report = prepared(tmp_path, [(n, "a 🐶🐶 🐱 and a 🦊") for n in names])
+    out = tmp_path / "processed" / "captions.json"
+    with pytest.raises(ValueError) as error:
+        preprocess(PreprocessConfig(), "bert-base-uncased", raw, report, out)
+    message = str(error.value)
+    assert "50% of the 60 caption WordPieces are [UNK]" in message
+    assert "'bert-base-uncased'" in message and "a [UNK] [UNK] and a [UNK]" in message
+    assert not out.exists()
+
+
+def test_the_unknown_check_catches_the_five_token_vocabulary_of_an_unreachable_hub(tmp_path):
+    # what BertTokenizer.from_pretrained("bert-base-uncased") returns offline: every word [UNK]
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    ids = tokenizer.encode("a dog runs", add_special_tokens=False)
+    splits = {"train": [{"captions": ["a dog runs"], "tokens": [[2, *ids, 3]]}]}
+    with pytest.raises(ValueError, match=r"100% of the 3 caption WordPieces are \[UNK\]"):
+        check_unknown_pieces(splits, tokenizer, "bert-base-uncased")
+
+
+@pytest.mark.parametrize(
+    "fractions, empty", [({"val_fraction": 0.0}, "val"), ({"test_fraction": 0.04}, "test")]
+)
+def test_preprocess_refuses_an_empty_split(tmp_path, fractions, empty):
+    raw, report = prepared(tmp_path)
+    out = tmp_path / "processed" / "captions.json"
+    out.parent.mkdir()
+    out.write_text("{}")  # an earlier run's output: gone, so nothing stale is read later
+    with pytest.raises(ValueError, match=rf"the {empty} split\(s\) would hold no images \(10 "):
+        preprocess(PreprocessConfig(**fractions), "packaged", raw, report, out)
+    assert not out.exists()
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def workspace(root: Path, tokens: list[list[int]], features: np.ndarray | None = None) -> dict:
+    """What train reads, for a tiny model: config, processed captions (the same `tokens` for
+    every image of train and val), features (random unless given) and encoder weights."""
+    config = preset("tiny")
+    config.save(root / "config.json")
+    splits = {
+        split: [
+            {"image": f"{split}{i}.png", "captions": ["x"] * len(tokens), "tokens": tokens}
+            for i in range(4)
+        ]
+        for split in ("train", "val")
+    }
+    (root / "captions.json").write_text(json.dumps({"splits": splits}))
+    features_dir = root / "features"
+    features_dir.mkdir()
+    index = {"encoder": "tiny", "splits": {s: [e["image"] for e in v] for s, v in splits.items()}}
+    (features_dir / "index.json").write_text(json.dumps(index))
+    for split in splits:
+        grid = features if features is not None else np.random.rand(4, 16, 32)
+        np.save(features_dir / f"{split}.npy", grid.astype(np.float16))
+    torch.save(ImageEncoder("tiny").backbone.state_dict(), features_dir / "encoder.pth")
+    return dict(
+        config_path=root / "config.json",
+        processed_path=root / "captions.json",
+        features_dir=features_dir,
+        resume_dir=root / "resume",
+        model_path=root / "model.pth",
+        metrics_path=root / "train.json",
+        history_path=root / "history.csv",
+    )
+
+
+@pytest.mark.parametrize(
+    "tokens, features, message",
+    [
+        ([[101, 102], [101, 102, 0]], None, "every caption is empty"),
+        ([[101, 1037, 102], [101, 1037, 1037, 102]], None, r"1 distinct WordPiece \(id \[1037\]\)"),
+        ([[101, 100, 100, 1037, 102]], None, "67% of the WordPieces are \\[UNK\\]"),
+        ([[101, 1037, 2417, 102]], np.full((4, 16, 32), np.nan), "NaN or infinity"),
+        ([[101, 1037, 2417, 102]], np.ones((4, 16, 32)), "all 4 images have identical features"),
+    ],
+)
+def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, features, message):
+    paths = workspace(tmp_path, tokens, features)
+    with pytest.raises(ValueError, match=rf"the train split \(.*captions\.json.*\): .*{message}"):
+        train(TrainConfig(epochs=1, device="cpu"), **paths)
+    assert not paths["model_path"].exists() and not paths["resume_dir"].exists()
+
+
+def test_data_that_is_fine_passes():
+    tokens = torch.tensor([[101, 1037, 2417, 102], [101, 2417, 3600, 102]])
+    check_learnable("train", tokens, torch.rand(2, 16, 32).half(), preset("tiny"), "here")

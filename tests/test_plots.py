@@ -1,0 +1,136 @@
+"""`dvc plots show` draws loss and learning rate per epoch, and the page renders with no network.
+
+The page DVC writes is opened in headless Chromium with every request that is not the file
+itself refused: vega, vega-lite and vega-embed must come from the page (docs/plots/offline.html,
+the template .dvc/config names), not from a CDN.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import shutil
+
+import browser
+import pytest
+from fixtures_pipeline import ROOT, dvc, git, project_copy
+
+HISTORY = [  # metrics/train_history.csv as train writes it
+    {
+        "epoch": epoch,
+        "train_loss": round(3.0 / epoch + 0.5, 5),
+        "val_loss": round(3.2 / epoch + 0.7, 5),
+        "lr": round(3e-4 * (1 - (epoch - 1) / 6), 8),
+        "seconds": 38.0 + epoch,
+    }
+    for epoch in range(1, 7)
+]
+
+
+@pytest.fixture(scope="module")
+def page_file(tmp_path_factory):
+    """`dvc plots show` in a clone with a training history: the page it writes."""
+    repo = project_copy(tmp_path_factory.mktemp("plots"))
+    (repo / "metrics").mkdir(exist_ok=True)
+    with (repo / "metrics" / "train_history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(HISTORY[0]))
+        writer.writeheader()
+        writer.writerows(HISTORY)
+    out = dvc(repo, "plots", "show")
+    page = repo / "dvc_plots" / "index.html"
+    assert page.as_uri() in out
+    assert git(repo, "status", "--porcelain", "--", "dvc_plots") == ""  # ignored, not to commit
+    return page
+
+
+def test_the_template_carries_the_vendored_libraries_unchanged():
+    template = (ROOT / "docs" / "plots" / "offline.html").read_text(encoding="utf-8")
+    found = re.findall(
+        r"<!-- (vega[-a-z]*) ([0-9.]+) \(([^,]+), sha256 ([0-9a-f]{64})\); BSD-3-Clause, "
+        r"docs/plots/(LICENSE\.[-a-z]+) -->\n<script>\n(.*?)\n</script>",
+        template,
+        re.S,
+    )
+    assert [(name, version) for name, version, *_ in found] == [
+        ("vega", "6.4.0"),
+        ("vega-lite", "6.5.0"),
+        ("vega-embed", "7.3.0"),
+    ]
+    for name, _, _, sha256, license_file, code in found:
+        assert hashlib.sha256(code.encode()).hexdigest() == sha256, name
+        assert (
+            "Redistribution and use in source and binary forms"
+            in (ROOT / "docs" / "plots" / license_file).read_text()
+        )
+    assert "{plot_divs}" in template and "{scripts}" not in template  # no CDN script tags
+    assert "cdn.jsdelivr" not in template
+
+
+@pytest.mark.skipif(shutil.which(browser.CHROMIUM) is None, reason="no chromium (.ci/run)")
+def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    html = page_file.read_text(encoding="utf-8")
+    assert "cdn.jsdelivr" not in html and "<script src=" not in html
+
+    requests = []
+
+    def only_the_page(route):
+        requests.append(route.request.url)
+        if route.request.url == page_file.as_uri():
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as playwright:
+        chromium = browser.launch(playwright)  # Debian's, no name resolution but loopback
+        try:
+            page = chromium.new_page(viewport={"width": 1000, "height": 450})
+            page.route("**/*", only_the_page)
+            page.goto(page_file.as_uri())
+            page.wait_for_function("window.plots && window.plots.length === 2", timeout=30_000)
+            charts = page.evaluate(CHARTS)
+            page.screenshot(path=str(tmp_path / "plots.png"))
+        finally:
+            chromium.close()
+
+    assert requests == [page_file.as_uri()]  # nothing else was even asked for
+    assert [c["id"] for c in charts] == ["Loss_per_epoch", "Learning_rate_per_epoch"]
+    loss, lr = charts
+    assert {"Loss per epoch", "epoch", "loss", "train_loss", "val_loss"} <= set(loss["texts"])
+    assert {"Learning rate per epoch", "epoch", "learning rate"} <= set(lr["texts"])
+    for chart in charts:
+        assert not {"seconds", "step"} & set(chart["texts"]), chart["texts"]
+
+    # the series drawn: one line per field, a point per epoch, the values of the CSV
+    epochs = len(HISTORY)
+    assert sorted(line["label"].split("field: ")[-1] for line in loss["lines"]) == [
+        "train_loss",
+        "val_loss",
+    ]
+    assert len(lr["lines"]) == 1
+    for line in loss["lines"] + lr["lines"]:
+        assert line["points"] == epochs
+    for field in ("train_loss", "val_loss"):
+        drawn = {float(r["epoch"]): float(r[field]) for r in loss["data"] if r["field"] == field}
+        assert drawn == {row["epoch"]: row[field] for row in HISTORY}
+    assert {float(r["epoch"]): float(r["lr"]) for r in lr["data"]} == {
+        row["epoch"]: row["lr"] for row in HISTORY
+    }
+
+
+# Per chart: its div's id, every SVG text, the line marks actually drawn (the first layer: the
+# template repeats it for the hover highlight) and the data the chart was given.
+CHARTS = """() => Array.from(document.querySelectorAll('.vega-embed')).map(embed => {
+  const view = window.plots.find(v => embed.contains(v.container()));
+  const paths = Array.from(embed.querySelectorAll('g.mark-line.layer_0_layer_0_marks path'));
+  return {
+    id: embed.closest('[id]').id,
+    texts: Array.from(embed.querySelectorAll('svg text')).map(t => t.textContent),
+    lines: paths.map(p => ({
+      label: p.getAttribute('aria-label') || '',
+      points: (p.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length,
+    })),
+    data: view.data('source_0'),
+  };
+})"""
