@@ -14,13 +14,11 @@ end to end (a check of the script, not of a GPU).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,23 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the tests' model helpers
 
 import torch  # noqa: E402
-from fixtures_model import caption_tokens, fit, picture, tiny  # noqa: E402
-from ts.context import Context, RequestProcessor  # noqa: E402
+from fixtures_model import (  # noqa: E402
+    PICTURE_CAPTIONS,
+    archive_handler,
+    caption_tokens,
+    fit,
+    picture,
+    tiny,
+)
+from ts.context import RequestProcessor  # noqa: E402
 
 from model import decode_caption, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
 from training.package import build_archive  # noqa: E402
 from training.params import pick_device  # noqa: E402
-
-CAPTIONS = [
-    "a red circle",
-    "a blue square",
-    "a green triangle",
-    "two yellow squares",
-    "a black circle",
-    "an orange square",
-    "a purple triangle",
-    "a white background",
-]
 
 
 def png(i: int) -> bytes:
@@ -56,32 +50,6 @@ def png(i: int) -> bytes:
 def captions(model, pixels: torch.Tensor, device: torch.device, tokenizer, beams: int) -> list:
     out = model.to(device).generate(pixels.to(device), num_beams=beams, max_length=12)
     return [decode_caption(tokenizer, t) for t in out.tokens]
-
-
-def load_handler(model_path: Path, workdir: Path, gpu_id: int | None):
-    """The archive's handler as a TorchServe worker runs it (gpu_id as TorchServe assigns)."""
-    serve = {"num_beams": {"default": 1, "max": 3}, "max_length": {"default": 12, "max": 40}}
-    archive = build_archive(model_path, workdir / "store", serve)
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(workdir / "unpacked")
-    model_dir = workdir / "unpacked"
-    spec = importlib.util.spec_from_file_location(
-        "imgtocap_handler", model_dir / "imgtocap_handler.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    context = Context("imgtocap", str(model_dir), manifest, 8, gpu_id, "0.12.0")
-    context.metrics = type("Metrics", (), {"add_time": lambda *args, **kwargs: None})()
-    context.model_yaml_config = {"maxWorkers": 1}
-    # as in a fresh worker, the archive's own `model/` is imported: set this process's aside
-    ours = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "model"}
-    for name in ours:
-        del sys.modules[name]
-    handler = module.ImgtocapHandler()
-    handler.initialize(context)
-    sys.modules.update(ours)
-    return handler, context
 
 
 def main() -> int:
@@ -97,7 +65,7 @@ def main() -> int:
     pixels = torch.stack(
         [model.preprocess(picture(i, size=64)) for i in range(16)]
     )  # (16, 3, S, S)
-    tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=8)  # (8, T)
+    tokens = caption_tokens(tokenizer, PICTURE_CAPTIONS, max_tokens=8)  # (8, T)
     grid = model.encode_image(pixels[:8])
     fit(
         model,
@@ -105,7 +73,7 @@ def main() -> int:
         tokens,
         lr=1e-2,
         steps=800,
-        until=lambda m: captions(m, pixels[:8], cpu, tokenizer, 1) == CAPTIONS,
+        until=lambda m: captions(m, pixels[:8], cpu, tokenizer, 1) == PICTURE_CAPTIONS,
     )
 
     failed = False
@@ -127,9 +95,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "model.pth")
         load_checkpoint(Path(tmp) / "model.pth")  # the archive's checkpoint loads on its own
-        handler, context = load_handler(
-            Path(tmp) / "model.pth", Path(tmp), 0 if device.type == "cuda" else None
-        )
+        serve = {"num_beams": {"default": 1, "max": 3}, "max_length": {"default": 12, "max": 40}}
+        archive = build_archive(Path(tmp) / "model.pth", Path(tmp) / "store", serve)
+        gpu_id = 0 if device.type == "cuda" else None
+        handler, context, _ = archive_handler(archive, Path(tmp), batch_size=8, gpu_id=gpu_id)
         bodies = [{"body": png(i)} for i in range(16)]
         context.request_processor = [RequestProcessor({}) for _ in bodies]
         answers = [json.loads(a)["caption"] for a in handler.handle(bodies, context)]

@@ -1,10 +1,15 @@
-"""Test helpers for the model: a tiny captioner, a training loop, distinct little pictures,
-padded caption batches, a PNG that lies about its size, and a model store to serve."""
+"""Test helpers for the model: a tiny captioner, a training loop, distinct little pictures and
+captions for them, padded caption batches, a PNG that lies about its size, a model store to
+serve, and an archive's handler loaded as a TorchServe worker loads it."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import struct
+import sys
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from ts.context import Context
 
 from model import Captioner, decode_caption, encode_caption, preset, save_checkpoint
 from training.package import build_archive
@@ -63,6 +69,19 @@ def picture(i: int, size: int = 32) -> Image.Image:
     return image
 
 
+# Eight captions for picture(0) ... picture(7), one each, for a tiny model to memorise.
+PICTURE_CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "two yellow squares",
+    "a black circle",
+    "an orange square",
+    "a purple triangle",
+    "a white background",
+]
+
+
 def caption_tokens(tokenizer, captions: list[str], max_tokens: int) -> torch.Tensor:
     """Captions -> [CLS] ... [SEP] token ids (B, T), padded with [PAD] (id 0)."""
     ids = [encode_caption(tokenizer, c, max_tokens=max_tokens) for c in captions]
@@ -107,3 +126,44 @@ def model_store(
     build_archive(checkpoint, directory, serve)
     checkpoint.unlink()
     return directory
+
+
+class NoMetrics:
+    """Stands in for TorchServe's metrics cache: the handler records one time per batch."""
+
+    def __init__(self):
+        self.times = []
+
+    def add_time(self, name, value, idx=None, unit="ms"):
+        self.times.append((name, value, unit))
+
+
+def archive_handler(archive: Path, workdir: Path, batch_size: int, gpu_id: int | None = None):
+    """(handler, context, its model_dir): the archive's handler initialised in this process as a
+    fresh TorchServe worker runs it (its own `model/` imported, `gpu_id` as TorchServe assigns);
+    this process's `model` modules and sys.path are put back afterwards."""
+    model_dir = workdir / "unpacked"
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(model_dir)
+    spec = importlib.util.spec_from_file_location(
+        "imgtocap_handler", model_dir / "imgtocap_handler.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    context = Context("imgtocap", str(model_dir), manifest, batch_size, gpu_id, "0.12.0")
+    context.metrics = NoMetrics()
+    context.model_yaml_config = {"maxWorkers": 1}
+    ours = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "model"}
+    path = list(sys.path)
+    for name in ours:
+        del sys.modules[name]
+    try:
+        handler = module.ImgtocapHandler()
+        handler.initialize(context)
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "model"]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+        sys.path[:] = path
+    return handler, context, model_dir

@@ -1,17 +1,15 @@
 """The archive's handler in this process (no TorchServe): request formats, options, errors per item."""
 
 import base64
-import importlib.util
 import io
 import json
-import sys
-import zipfile
 
 import numpy as np
 import pytest
 import torch
+from fixtures_model import archive_handler
 from PIL import Image
-from ts.context import Context, RequestProcessor
+from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
 from training.package import build_archive
@@ -23,16 +21,6 @@ SERVE = {
     "max_image_bytes": 100_000,
     "cpu_threads": 1,  # a tiny model: more threads only contend
 }
-
-
-class Metrics:
-    """Stands in for TorchServe's metrics cache: the handler records one time per batch."""
-
-    def __init__(self):
-        self.times = []
-
-    def add_time(self, name, value, idx=None, unit="ms"):
-        self.times.append((name, value, unit))
 
 
 def png(seed: int) -> bytes:
@@ -49,31 +37,8 @@ def served(tmp_path_factory):
     save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
     registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
     archive = build_archive(tmp / "model.pth", tmp / "store", SERVE, registered)
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(tmp / "unpacked")
-    model_dir = tmp / "unpacked"
-    spec = importlib.util.spec_from_file_location(
-        "imgtocap_handler", model_dir / "imgtocap_handler.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    context = Context("imgtocap", str(model_dir), manifest, 4, None, "0.12.0")
-    context.metrics = Metrics()
-    context.model_yaml_config = {"maxWorkers": 1}
-    # As in a fresh worker: no `model` imported yet. Put this process's copy back afterwards.
-    ours = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "model"}
-    path, threads = list(sys.path), torch.get_num_threads()
-    for name in ours:
-        del sys.modules[name]
-    try:
-        handler = module.ImgtocapHandler()
-        handler.initialize(context)
-    finally:
-        for name in [n for n in sys.modules if n.split(".")[0] == "model"]:
-            del sys.modules[name]
-        sys.modules.update(ours)
-        sys.path[:] = path
+    threads = torch.get_num_threads()
+    handler, context, model_dir = archive_handler(archive, tmp, batch_size=4)
     assert handler.lib.__file__ == str(model_dir / "model" / "__init__.py")
     yield handler, context, load_checkpoint(tmp / "model.pth")
     torch.set_num_threads(threads)  # initialize() set the worker's

@@ -25,7 +25,7 @@ import fixtures_model
 import pytest
 import requests
 import torch
-from fixtures_model import caption_tokens, fit, png_claiming
+from fixtures_model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
@@ -47,16 +47,6 @@ SERVE_PARAMS = {
     "max_image_bytes": 2**20,  # the handler's cap ...
 }
 MAX_REQUEST_SIZE = 2 * 2**20  # ... sits below TorchServe's
-CAPTIONS = [
-    "a red circle",
-    "a blue square",
-    "a green triangle",
-    "two yellow squares",
-    "a black circle",
-    "an orange square",
-    "a purple triangle",
-    "a white background",
-]
 
 
 # --- the model and the pictures ---------------------------------------------------------------
@@ -77,17 +67,17 @@ def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
     """Whether greedy decoding gives every picture its own caption."""
     model.eval()
     out = model.generate(pixels, num_beams=1, max_length=12)
-    return [decode_caption(tokenizer, t) for t in out.tokens] == CAPTIONS
+    return [decode_caption(tokenizer, t) for t in out.tokens] == PICTURE_CAPTIONS
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
-    """A tiny captioner that memorised CAPTIONS for the eight pictures, and its checkpoint."""
+    """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, and its checkpoint."""
     torch.manual_seed(0)
     model = fixtures_model.tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)
-    tokens = caption_tokens(tokenizer, CAPTIONS, max_tokens=8)  # (8, T)
+    tokens = caption_tokens(tokenizer, PICTURE_CAPTIONS, max_tokens=8)  # (8, T)
     # ~100 steps usually; the bound only stops a runaway. CPUs round differently (CI's once
     # needed more than 100 steps): the tests rely on the memorisation, so it is checked, not
     # assumed from a step count
@@ -175,7 +165,7 @@ def test_a_jpeg_and_a_png_get_their_captions(server, caption_of):
         body = response.json()
         assert body["caption"] == caption_of(data)
         assert body["num_beams"] == 1 and body["max_length"] == 12  # the archive's defaults
-    assert server.caption(encoded(picture(1), "PNG")).json()["caption"] == CAPTIONS[1]
+    assert server.caption(encoded(picture(1), "PNG")).json()["caption"] == PICTURE_CAPTIONS[1]
 
 
 def test_parameters_from_form_fields_json_and_query_string(server, caption_of):
@@ -335,7 +325,7 @@ def test_attention_on_request_per_word_over_the_grid(server, tiny, tokenizer):
     for response in (form, as_json):
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["caption"] == CAPTIONS[4] == plain.json()["caption"]
+        assert body["caption"] == PICTURE_CAPTIONS[4] == plain.json()["caption"]
         grid = model.encoder.spec.grid
         assert body["attention"]["grid"] == [grid, grid]
         tokens = body["attention"]["tokens"]

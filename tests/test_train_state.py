@@ -65,7 +65,7 @@ def ws(template, tmp_path, monkeypatch) -> Path:
     """A fresh copy of the workspace, the current directory, tracking off."""
     root = shutil.copytree(template, tmp_path / "ws")
     monkeypatch.chdir(root)
-    monkeypatch.setattr(tracking, "start", lambda *args, **kwargs: None)
+    monkeypatch.setattr(tracking, "start_training", lambda *args, **kwargs: None)
     return root
 
 
