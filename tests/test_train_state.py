@@ -27,7 +27,14 @@ from training import resume, tracking
 from training import train as train_module
 from training.define import define
 from training.params import ModelParams
-from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH, TRAIN_LOCK
+from training.paths import (
+    FEATURES_DIR,
+    PROCESSED_PATH,
+    RAW_DIR,
+    REPORT_PATH,
+    TRAIN_LOCK,
+    TRAIN_VIEWS,
+)
 from training.preprocess import PreprocessConfig, preprocess
 from training.process import exclusive
 from training.synthetic import write_synthetic
@@ -137,6 +144,12 @@ def change_val_features(root: Path) -> None:
     np.save(path, np.load(path) * 2)
 
 
+def change_train_views(root: Path) -> None:
+    path = root / FEATURES_DIR / TRAIN_VIEWS
+    assert path.is_file()  # the template's transform encoded views (transform.views default)
+    np.save(path, np.load(path) * 2)
+
+
 def change_encoder_weights(root: Path) -> None:
     path = root / FEATURES_DIR / "encoder.pth"
     weights = torch.load(path, weights_only=True)
@@ -145,8 +158,8 @@ def change_encoder_weights(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [None, change_val_features, change_encoder_weights, "model code"],
-    ids=["nothing", "val features", "encoder weights", "model code"],
+    [None, change_val_features, change_train_views, change_encoder_weights, "model code"],
+    ids=["nothing", "val features", "train views", "encoder weights", "model code"],
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
     code = shutil.copytree(ROOT / "model", ws / "model_code")
