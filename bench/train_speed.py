@@ -98,7 +98,8 @@ def main() -> None:
     tokens = torch.randint(1000, 1000 + args.output_vocab - 10, (B, args.tokens), device=device)
     tokens[:, 0], tokens[:, -1] = config.bos_id, config.eos_id
     rows = torch.arange(B, device=device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     model.train()
 
     def step() -> None:
