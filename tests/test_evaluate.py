@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from model import (
 from training import attention_plot, samples, tracking
 from training import evaluate as evaluate_module
 from training.augment import PERTURBATIONS
-from training.captions import read_captions
+from training.captions import SCENES_FILE, read_captions
 from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
 from training.model_card import CardFacts
@@ -220,6 +221,15 @@ def test_robustness_report_scores_the_captions_of_every_perturbed_copy(ws, token
         assert ws["metrics"][f"robust_{name}"] == pytest.approx(rate, abs=1e-4)
     rates = [ws["metrics"][f"robust_{name}"] for name in PERTURBATIONS]
     assert ws["metrics"]["robust_min"] == min(rates)
+
+
+def test_without_scenes_there_is_no_robustness_report_and_its_output_is_empty(ws, tmp_path):
+    raw = shutil.copytree(ws["raw"], tmp_path / "raw", ignore=shutil.ignore_patterns(SCENES_FILE))
+    (tmp_path / "out" / "robustness.jsonl").parent.mkdir()
+    (tmp_path / "out" / "robustness.jsonl").write_text("stale\n")  # from an earlier run
+    metrics = run_evaluate(ws["root"], raw, tmp_path / "out", PARAMS)
+    assert not [key for key in metrics if key.startswith(("robust_", "content_"))]
+    assert (tmp_path / "out" / "robustness.jsonl").read_text() == ""  # DVC's output, always
 
 
 def test_sample_grid_is_a_png_of_the_expected_size(ws):
