@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """The `train:` section of params.yaml."""
 
-    epochs: int = 16
+    epochs: int = 20
     batch_size: int = 64  # captions per step
     captions_per_image: int | None = 1  # per image per epoch, drawn anew each epoch; None: all
     lr: float = 3e-4
