@@ -63,6 +63,18 @@ def mlflow_store(mp: pytest.MonkeyPatch, uri: str):
         mlflow.set_tracking_uri(None)  # unset: the next test's environment decides
 
 
+@contextlib.contextmanager
+def tracking_off(ws):
+    """MLflow pointed at a port nothing listens on (yielded), then back at the workspace's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"):
+        yield port
+    ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
+
+
 def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenizer) -> None:
     """Overfit the model towards grid[i] -> captions[i] (not to perfection: a few seconds)."""
     tokens = caption_tokens(tokenizer, captions, max_tokens=PARAMS["max_length"] + 1)  # (B, T)
@@ -227,7 +239,8 @@ def test_without_scenes_there_is_no_robustness_report_and_its_output_is_empty(ws
     raw = shutil.copytree(ws["raw"], tmp_path / "raw", ignore=shutil.ignore_patterns(SCENES_FILE))
     (tmp_path / "out" / "robustness.jsonl").parent.mkdir()
     (tmp_path / "out" / "robustness.jsonl").write_text("stale\n")  # from an earlier run
-    metrics = run_evaluate(ws["root"], raw, tmp_path / "out", PARAMS)
+    with tracking_off(ws):  # the workspace's run and registry stay as the other tests expect
+        metrics = run_evaluate(ws["root"], raw, tmp_path / "out", PARAMS)
     assert not [key for key in metrics if key.startswith(("robust_", "content_"))]
     assert (tmp_path / "out" / "robustness.jsonl").read_text() == ""  # DVC's output, always
 
@@ -332,14 +345,9 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
 
 
 def test_unreachable_tracking_server_warns_and_the_stage_succeeds(ws, caplog):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = ws["root"] / "out_unreachable"
-    with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"), caplog.at_level(logging.WARNING):
+    with tracking_off(ws) as port, caplog.at_level(logging.WARNING):
         metrics = run_evaluate(ws["root"], ws["raw"], out, {**PARAMS, "grid_images": 2})
-    ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
     assert metrics["bleu4"] == ws["metrics"]["bleu4"]
     assert (out / "samples.png").is_file() and (out / "predictions.jsonl").is_file()
     assert f"127.0.0.1:{port} does not answer" in caplog.text
