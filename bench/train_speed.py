@@ -195,7 +195,9 @@ def main() -> None:
     B = args.batch_size
     batch = random_batch(config, spec, B, args.tokens, args.output_vocab, device)
     grid = batch[0]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cfg = TrainConfig(batch_size=B)
     model.train()

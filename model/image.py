@@ -96,8 +96,7 @@ def to_tensor(
     import torch
 
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
-    x = x.permute(2, 0, 1)  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean_t) / std_t
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    # normalised before the transpose: elementwise ops on a transposed view are 5x slower
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)

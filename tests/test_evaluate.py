@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from model import (
 )
 from training import attention_plot, samples, tracking
 from training import evaluate as evaluate_module
-from training.captions import read_captions
+from training.augment import PERTURBATIONS
+from training.captions import SCENES_FILE, read_captions
 from training.evaluate import EvalParams, evaluate
 from training.metrics import warm_up
 from training.model_card import CardFacts
@@ -59,6 +61,18 @@ def mlflow_store(mp: pytest.MonkeyPatch, uri: str):
         yield
     finally:
         mlflow.set_tracking_uri(None)  # unset: the next test's environment decides
+
+
+@contextlib.contextmanager
+def tracking_off(ws):
+    """MLflow pointed at a port nothing listens on (yielded), then back at the workspace's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"):
+        yield port
+    ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
 
 
 def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenizer) -> None:
@@ -196,6 +210,41 @@ def test_content_accuracy_is_the_fraction_of_correct_predictions(ws):
     assert saved["decode_seconds"] > 0 and saved["captions_per_second"] > 0
 
 
+def test_robustness_report_scores_the_captions_of_every_perturbed_copy(ws, tokenizer):
+    lines = [json.loads(x) for x in (ws["out"] / "robustness.jsonl").read_text().splitlines()]
+    assert [line["perturbation"] for line in lines] == [
+        p for p in PERTURBATIONS for _ in ws["test"]
+    ]
+    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    for name, mirrored in PERTURBATIONS.items():
+        mine = [line for line in lines if line["perturbation"] == name]
+        assert [line["image"] for line in mine] == ws["test"]
+        copies = torch.from_numpy(np.load(ws["root"] / "features" / "robust" / f"{name}.npy"))
+        out = model.generate(grid=copies.float(), num_beams=2, max_length=20, length_penalty=1.0)
+        assert [line["caption"] for line in mine] == [
+            decode_caption(tokenizer, t) for t in out.tokens
+        ]
+        for line in mine:  # a mirrored copy is checked against the mirrored scene
+            scene = ws["scenes"][line["image"]]
+            expected = scene.mirrored() if mirrored else scene
+            assert line["relation"] == expected.relation
+            assert line["correct"] == content_correct(line["caption"], expected)
+        rate = sum(line["correct"] for line in mine) / len(mine)
+        assert ws["metrics"][f"robust_{name}"] == pytest.approx(rate, abs=1e-4)
+    rates = [ws["metrics"][f"robust_{name}"] for name in PERTURBATIONS]
+    assert ws["metrics"]["robust_min"] == min(rates)
+
+
+def test_without_scenes_there_is_no_robustness_report_and_its_output_is_empty(ws, tmp_path):
+    raw = shutil.copytree(ws["raw"], tmp_path / "raw", ignore=shutil.ignore_patterns(SCENES_FILE))
+    (tmp_path / "out" / "robustness.jsonl").parent.mkdir()
+    (tmp_path / "out" / "robustness.jsonl").write_text("stale\n")  # from an earlier run
+    with tracking_off(ws):  # the workspace's run and registry stay as the other tests expect
+        metrics = run_evaluate(ws["root"], raw, tmp_path / "out", PARAMS)
+    assert not [key for key in metrics if key.startswith(("robust_", "content_"))]
+    assert (tmp_path / "out" / "robustness.jsonl").read_text() == ""  # DVC's output, always
+
+
 def test_sample_grid_is_a_png_of_the_expected_size(ws):
     with Image.open(ws["out"] / "samples.png") as image:
         assert image.format == "PNG"
@@ -260,6 +309,7 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
         "evaluation/predictions.jsonl",
         "evaluation/samples.png",
         "evaluation/attention.png",
+        "evaluation/robustness.jsonl",
     }
 
     assert run.data.tags[tracking.EVALUATED] == "true"
@@ -295,14 +345,9 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
 
 
 def test_unreachable_tracking_server_warns_and_the_stage_succeeds(ws, caplog):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = ws["root"] / "out_unreachable"
-    with mlflow_store(ws["mp"], f"http://127.0.0.1:{port}"), caplog.at_level(logging.WARNING):
+    with tracking_off(ws) as port, caplog.at_level(logging.WARNING):
         metrics = run_evaluate(ws["root"], ws["raw"], out, {**PARAMS, "grid_images": 2})
-    ws["mp"].setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws['root'] / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{ws['root'] / 'mlflow.db'}")
     assert metrics["bleu4"] == ws["metrics"]["bleu4"]
     assert (out / "samples.png").is_file() and (out / "predictions.jsonl").is_file()
     assert f"127.0.0.1:{port} does not answer" in caplog.text

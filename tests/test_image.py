@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from fixtures_model import png_claiming
 from PIL import Image
 
@@ -108,3 +109,15 @@ def test_preprocess_resizes_the_whole_image_and_normalises():
     x = preprocess(rgb(400, 100), "efficientnet_lite0")
     assert x.shape == (3, 224, 224)
     assert x[0, :, :100].mean() > 0.5 and x[0, :, 124:].mean() < -0.9  # no crop: both halves kept
+
+
+def test_preprocess_is_the_normalised_resized_pixels_channel_first():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    x = preprocess(image, "resnet50")  # (3, 224, 224)
+    pixels = np.asarray(image.resize((224, 224), Image.Resampling.BICUBIC), np.float32) / 255
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std  # the old formula
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.equal(x, expected)  # bit for bit: training, evaluation and serving agree

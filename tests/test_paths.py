@@ -39,6 +39,7 @@ FILES = {
             paths.EVAL_METRICS_PATH,
             paths.PREDICTIONS_PATH,
             paths.SAMPLES_PATH,
+            paths.ROBUSTNESS_PATH,
             paths.ATTENTION_PATH,
             paths.CARD_PATH,
             paths.REGISTERED_PATH,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import colorsys
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageColor
 
 from training.captions import read_captions
 from training.synthetic import (
+    COLOUR_RANGES,
     COLOURS,
     SHAPES,
+    SIZES,
     Scene,
     SceneObject,
     content_breakdown,
@@ -19,6 +22,7 @@ from training.synthetic import (
     load_scenes,
     make_captions,
     make_scene,
+    shade,
     write_synthetic,
 )
 
@@ -66,6 +70,7 @@ def test_layout_counts_and_mix(dataset):
 
 
 def test_objects_fit_do_not_overlap_and_the_relation_is_unambiguous():
+    assert SIZES["large"][1] > 0.5  # two of the largest cannot sit side by side: drawn again
     for index in range(2000):
         rng = np.random.default_rng([1, index])
         size = (64, 224, 384)[index % 3]
@@ -91,12 +96,66 @@ def test_sizes_are_clearly_different(dataset):
     sides = {"small": [], "large": []}
     for scene in load_scenes(dataset).values():
         for o in scene.objects:
-            sides[o.size].append(o.bbox[2] - o.bbox[0])
-    assert max(sides["small"]) * 1.75 < min(sides["large"])
+            sides[o.size].append((o.bbox[2] - o.bbox[0]) / scene.canvas)
+    assert max(sides["small"]) < 0.6 * min(sides["large"])
+    # and they span the ranges: from a tenth of the canvas to over half of it
+    assert min(sides["small"]) < 0.11 and max(sides["large"]) > 0.5
+
+
+def hsv(rgb) -> tuple[float, float, float]:
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    return h * 360, s, v
+
+
+def colour_of(rgb, slack: float = 0.0) -> list[str]:
+    """The colour names whose ranges hold an RGB value (saturation and value +-slack, hue
+    +-100 slack degrees)."""
+    h, s, v = hsv(rgb)
+    names = []
+    for name, ((h0, h1), (s0, s1), (v0, v1)) in COLOUR_RANGES.items():
+        in_hue = any(h0 - slack * 100 <= hue <= h1 + slack * 100 for hue in (h, h - 360))
+        s_slack = slack + 1 / max(1.0, 255 * v)  # 8-bit rounding moves a dark one's saturation
+        if in_hue and s0 - s_slack <= s <= s1 + s_slack and v0 - slack <= v <= v1 + slack:
+            names.append(name)
+    return names
+
+
+def test_colour_ranges_are_apart_and_hold_what_other_programs_call_these_colours():
+    # CSS named colours and matplotlib's default cycle, as another program would draw them
+    named = {
+        "red": ["red", "firebrick", "crimson", "#d62728"],
+        "orange": ["orange", "darkorange", "#ff7f0e"],
+        "yellow": ["yellow", "gold"],
+        "green": ["green", "lime", "forestgreen", "#2ca02c"],
+        "blue": ["blue", "navy", "royalblue", "dodgerblue", "#1f77b4"],
+        "purple": ["purple", "indigo", "rebeccapurple", "#9467bd"],
+        "black": ["black", "#202020"],
+    }
+    for colour, names in named.items():
+        for name in names:
+            assert colour_of(ImageColor.getrgb(name)) == [colour], name
+        assert colour_of(COLOURS[colour]) == [colour]
+    rng = np.random.default_rng(0)
+    for colour in COLOUR_RANGES:  # every shade drawn is unambiguous, even 2% off its range
+        for _ in range(300):
+            assert colour_of(shade(colour, rng), slack=0.02) == [colour]
+
+
+def test_canvas_sizes_vary_within_the_range(tmp_path):
+    write_synthetic(tmp_path, num_images=30, image_size=[128, 384], seed=2)
+    scenes = load_scenes(tmp_path)
+    sides = set()
+    for name, scene in scenes.items():
+        with Image.open(tmp_path / "Images" / name) as image:
+            assert image.size == (scene.canvas, scene.canvas)  # square, as scenes.json says
+        sides.add(scene.canvas)
+        assert all(0 <= v <= scene.canvas for o in scene.objects for v in o.bbox)
+    assert min(sides) >= 128 and max(sides) <= 384 and len(sides) > 20
 
 
 def test_pixels_show_the_scene_on_a_light_background(dataset):
-    for name, scene in list(load_scenes(dataset).items())[:40]:
+    backgrounds = []
+    for name, scene in list(load_scenes(dataset).items())[:60]:
         pixels = np.asarray(Image.open(dataset / "Images" / name).convert("RGB")).astype(int)
         covered = np.zeros(pixels.shape[:2], bool)
         for o in scene.objects:
@@ -104,10 +163,13 @@ def test_pixels_show_the_scene_on_a_light_background(dataset):
             covered[y0:y1, x0:x1] = True
             # a point inside every shape: for the upright triangle, low in its box
             cx, cy = (x0 + x1) // 2, (y0 + 3 * y1) // 4
-            assert np.abs(pixels[cy, cx] - COLOURS[o.colour]).max() <= 12, (name, o)
+            assert colour_of(pixels[cy, cx], slack=0.03) == [o.colour], (name, o, pixels[cy, cx])
         background = pixels[~covered]
-        assert background.min() >= 195  # light
-        assert (background.max(axis=1) - background.min(axis=1)).max() <= 15  # not saturated
+        assert np.percentile(background, 1) >= 188  # light (noise aside)
+        spread = background.max(axis=1) - background.min(axis=1)
+        assert spread.max() <= 2 * 10 + 1  # a tint, never saturated
+        backgrounds.append(background.mean())
+    assert max(backgrounds) > 250 and min(backgrounds) < 210  # white to light grey
 
 
 def test_five_distinct_captions_each_naming_everything_and_parsing_back(dataset):
@@ -131,6 +193,22 @@ def test_five_distinct_captions_each_naming_everything_and_parsing_back(dataset)
         for caption in make_captions(scene, rng):
             assert content_correct(caption, scene), (caption, scene)
             assert content_breakdown(caption, scene)["size"] in (None, True)
+
+
+def test_mirrored_and_scaled_scenes():
+    rng = np.random.default_rng(4)
+    for index in range(200):
+        scene = make_scene(rng, 200, 1 + index % 2)
+        mirrored = scene.mirrored()
+        assert mirrored.mirrored() == scene
+        flip = {"left of": "right of", "right of": "left of"}
+        assert mirrored.relation == flip.get(scene.relation, scene.relation)
+        for o, m in zip(scene.objects, mirrored.objects):
+            assert m.centre == (200 - o.centre[0], o.centre[1])
+        big = scene.scaled(500)
+        assert big.canvas == 500 and big.relation == scene.relation
+        for o, b in zip(scene.objects, big.objects):
+            assert abs(b.centre[0] - 2.5 * o.centre[0]) <= 2 and b.bbox[2] <= 500
 
 
 RED_CIRCLE = SceneObject("red", "circle", "large", (20, 80, 100, 160))

@@ -24,7 +24,7 @@ from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_def
 
 from training import resume, tracking
 from training import train as train_module
-from training.paths import FEATURES_DIR, TRAIN_LOCK
+from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.process import exclusive
 from training.train import TrainConfig, train
 
@@ -114,6 +114,12 @@ def change_val_features(root: Path) -> None:
     np.save(path, np.load(path) * 2)
 
 
+def change_train_views(root: Path) -> None:
+    path = root / FEATURES_DIR / TRAIN_VIEWS
+    assert path.is_file()  # the template's transform encoded views (transform.views default)
+    np.save(path, np.load(path) * 2)
+
+
 def change_encoder_weights(root: Path) -> None:
     path = root / FEATURES_DIR / "encoder.pth"
     weights = torch.load(path, weights_only=True)
@@ -122,8 +128,8 @@ def change_encoder_weights(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [None, change_val_features, change_encoder_weights, "model code"],
-    ids=["nothing", "val features", "encoder weights", "model code"],
+    [None, change_val_features, change_train_views, change_encoder_weights, "model code"],
+    ids=["nothing", "val features", "train views", "encoder weights", "model code"],
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
     code = shutil.copytree(ROOT / "model", ws / "model_code")

@@ -42,10 +42,12 @@ from training.paths import (
     PROCESSED_PATH,
     RAW_DIR,
     REGISTERED_PATH,
+    ROBUSTNESS_PATH,
     RUN_FILE,
     SAMPLES_PATH,
 )
 from training.registry import Registered, register_model
+from training.robustness import robustness_report
 from training.samples import Sample, render_grid
 from training.synthetic import load_scenes
 
@@ -97,12 +99,15 @@ def evaluate(
     params: Mapping[str, Any] | None = None,
     out_card: str | Path | None = None,
     out_registered: str | Path | None = None,
+    out_robustness: str | Path | None = None,
 ) -> dict[str, Any]:
     """Caption the test split; write metrics, predictions, the sample grid and the attention
     figure (`out_attention`, default attention.png beside the grid); return the metrics.
 
     `params` (all of params.yaml) is recorded with the run and names the dataset; the model
     card and the registered version are written to `out_card` / `out_registered` when given.
+    Synthetic data also gets the robustness report (training.robustness), its captions in
+    `out_robustness` (default: robustness.jsonl beside the predictions).
     """
     model_path, raw_dir = Path(model_path), Path(raw_dir)
     device = pick_device(cfg.device)
@@ -121,9 +126,22 @@ def evaluate(
 
     metrics: dict[str, Any] = caption_metrics(predictions, references)
     flags: dict[str, dict[str, bool | None]] = {}
+    out_robustness = Path(out_robustness or Path(out_predictions).with_name(ROBUSTNESS_PATH.name))
+    out_robustness.parent.mkdir(parents=True, exist_ok=True)
+    out_robustness.write_text("")  # stays empty without perturbed copies (a DVC output always)
     if (raw_dir / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
-        rates, flags = content_metrics(predictions, load_scenes(raw_dir))
+        scenes = load_scenes(raw_dir)
+        rates, flags = content_metrics(predictions, scenes)
         metrics.update(rates)
+        metrics.update(
+            robustness_report(
+                Path(features_dir),
+                images,
+                scenes,
+                lambda copies: _caption(model, tokenizer, copies, cfg, device)[0],
+                out_robustness,
+            )
+        )
     metrics = {key: round(value, 4) for key, value in metrics.items()}
     metrics.update(
         num_images=len(images),
@@ -146,6 +164,7 @@ def evaluate(
     log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
     outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid), out_attention]
+    outputs += [out_robustness] if out_robustness.stat().st_size else []
     facts = _card_facts(model, Path(processed_path), raw_dir, test, metrics, cfg, params or {})
     registered = track(
         model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg, facts, params or {}
@@ -404,6 +423,7 @@ def main() -> None:
         params=params,
         out_card=CARD_PATH,
         out_registered=REGISTERED_PATH,
+        out_robustness=ROBUSTNESS_PATH,
     )
 
 

@@ -16,10 +16,13 @@ REPORT_PATH = Path("reports/validation.json")
 PROCESSED_DIR = Path("data/processed")
 PROCESSED_PATH = PROCESSED_DIR / "captions.json"
 
-# transform: `<split>.npy` features (n, N, C) fp16, their index, and the encoder weights used
+# transform: `<split>.npy` features (n, N, C) fp16, their index, and the encoder weights used;
+# the training views (n, views, N, C) and one (n, N, C) file per perturbed copy of the test split
 FEATURES_DIR = Path("data/features")
 FEATURES_INDEX = "index.json"
 ENCODER_WEIGHTS = "encoder.pth"
+TRAIN_VIEWS = "train_views.npy"
+ROBUST_DIR = "robust"
 
 # define
 CONFIG_PATH = Path("artifacts/model/config.json")
@@ -40,6 +43,7 @@ TRAIN_LOCK = RESUME_DIR / "train.lock"
 EVAL_METRICS_PATH = Path("metrics/eval.json")
 PREDICTIONS_PATH = Path("reports/predictions.jsonl")
 SAMPLES_PATH = Path("reports/samples.png")
+ROBUSTNESS_PATH = Path("reports/robustness.jsonl")  # every perturbed test caption
 ATTENTION_PATH = Path("reports/attention.png")
 CARD_PATH = Path("reports/model_card.md")
 REGISTERED_PATH = Path("artifacts/model/registered.json")  # the version package stamps

@@ -6,18 +6,25 @@ templates, name every object's colour and shape and, with two objects, where the
 relative to the second. Everything is drawn from `numpy.random.default_rng([seed, index])`,
 so image i is the same whatever `num_images` is, and the same seed writes the same bytes.
 
+What varies, so that a drawing from another program still looks familiar: the canvas side
+(`image_size: [lo, hi]`), each colour's shade (a range of hue, saturation and value around
+the name, wide enough for the named colours of CSS and matplotlib), object sides from 10% to
+55% of the canvas, the background (white to light grey, slightly tinted, sometimes noisy) and
+the edges (anti-aliased or hard, as a plain ImageDraw call draws them).
+
 `content_correct(caption, scene)` parses a caption back into objects and a relation and checks
 them against the scene: the evaluation's content accuracy.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ from training.captions import IMAGES_DIR, SCENES_FILE, write_captions
 
 log = logging.getLogger(__name__)
 
-# Far apart in hue or lightness, none close to the light background.
+# A typical shade of each colour; `COLOUR_RANGES` says which shades are drawn.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 150, 55),
@@ -39,18 +46,32 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 125, 20),
     "black": (25, 25, 25),
 }
+# (hue in degrees, saturation, value) ranges, each in HSV's [0, 1] but hue. Hues stay >= 7
+# degrees apart between colours, and black is darker than any coloured shade; the ranges hold
+# CSS's red, green, lime, blue, navy, purple, orange, gold and yellow and matplotlib's tab:*.
+COLOUR_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
+    "red": ((-12, 6), (0.7, 1.0), (0.55, 1.0)),
+    "orange": ((18, 40), (0.8, 1.0), (0.85, 1.0)),
+    "yellow": ((47, 60), (0.7, 1.0), (0.85, 1.0)),
+    "green": ((100, 145), (0.6, 1.0), (0.4, 1.0)),
+    "blue": ((200, 245), (0.55, 1.0), (0.45, 1.0)),
+    "purple": ((262, 302), (0.4, 1.0), (0.4, 0.85)),
+    "black": ((0, 360), (0.0, 0.25), (0.0, 0.18)),
+}
 SHAPES = ("circle", "square", "triangle")
 # Side of the object's square bounding box as a fraction of the canvas: at 224 px small is
-# 29-42 px and large 76-96 px, so even the largest small one is under half the smallest large.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.19), "large": (0.34, 0.43)}
+# 22-45 px and large 76-123 px, so even the largest small one is under 0.6 of the smallest large.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.10, 0.20), "large": (0.34, 0.55)}
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 _MARGIN = 0.03  # of the canvas, kept free at the border
 _GAP = 0.04  # of the canvas, at least between the two boxes along the relation's axis
 _CROSS_RATIO = 0.4  # off-axis centre offset at most this times the on-axis one (22 deg)
-_JITTER = 10  # per-channel colour jitter, small next to the distance between colours
-_SUPERSAMPLE = 4  # draw big, then box-filter down: anti-aliased edges
+_SUPERSAMPLE = (1, 2, 4)  # draw this many times bigger, then box-filter down (1: hard edges)
+_BACKGROUND = (200, 255)  # grey level of the canvas ...
+_TINT = 10  # ... plus at most this per channel: light, never saturated
+_NOISE = (0.3, 4.0)  # this fraction of images get grey noise of std up to 4 levels
 
 # Wording. Every phrase below must stay parseable by `parse_caption`.
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
@@ -95,9 +116,18 @@ class SyntheticConfig:
     """`data.synthetic` in params.yaml."""
 
     num_images: int = 2500
-    image_size: int = 224
+    # canvas side in pixels: [lo, hi] draws each image's side from that range; one number fixes it
+    image_size: int | list[int] = field(default_factory=lambda: [128, 384])
     seed: int = 0
     one_object_fraction: float = 0.4
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        pair = isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)
+        if type(size) is not int and not pair:
+            raise ValueError(
+                f"data.synthetic.image_size must be an integer or [lo, hi], got {size!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,14 +147,19 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """What an image shows: 1 or 2 objects and, for 2, how objects[0] lies relative to [1]."""
+    """What an image shows: 1 or 2 objects and, for 2, how objects[0] lies relative to [1].
+
+    `canvas` is the image's side in pixels (None: not recorded).
+    """
 
     objects: tuple[SceneObject, ...]
     relation: str | None = None
+    canvas: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as stored in scenes.json."""
         return {
+            "canvas": self.canvas,
             "objects": [
                 {
                     "colour": o.colour,
@@ -145,7 +180,32 @@ class Scene:
             SceneObject(o["colour"], o["shape"], o["size"], tuple(o["bbox"]))
             for o in data["objects"]
         )
-        return cls(objects, data.get("relation"))
+        return cls(objects, data.get("relation"), data.get("canvas"))
+
+    def mirrored(self) -> Scene:
+        """The scene flipped left to right: boxes mirrored, "left of" and "right of" swapped."""
+        if self.canvas is None:
+            raise ValueError("mirroring a scene needs its canvas size")
+        objects = tuple(
+            replace(
+                o, bbox=(self.canvas - o.bbox[2], o.bbox[1], self.canvas - o.bbox[0], o.bbox[3])
+            )
+            for o in self.objects
+        )
+        relation = {"left of": "right of", "right of": "left of"}.get(self.relation, self.relation)
+        return Scene(objects, relation, self.canvas)
+
+    def scaled(self, canvas: int) -> Scene:
+        """The same scene on a canvas of side `canvas`: every box scaled, kept square."""
+        if self.canvas is None:
+            raise ValueError("scaling a scene needs its canvas size")
+        k = canvas / self.canvas
+        objects = []
+        for o in self.objects:
+            x0, y0 = round(o.bbox[0] * k), round(o.bbox[1] * k)
+            side = max(1, round((o.bbox[2] - o.bbox[0]) * k))
+            objects.append(replace(o, bbox=(x0, y0, x0 + side, y0 + side)))
+        return Scene(tuple(objects), self.relation, canvas)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -154,31 +214,33 @@ class Scene:
 def make_scene(rng: np.random.Generator, image_size: int, num_objects: int) -> Scene:
     """Random scene with 1 or 2 distinct objects placed so the relation is unambiguous."""
     first = _random_kind(rng)
+    margin = round(_MARGIN * image_size)
     if num_objects == 1:
         size = _side(rng, first[2], image_size)
-        margin = round(_MARGIN * image_size)
         x0 = int(rng.integers(margin, image_size - margin - size + 1))
         y0 = int(rng.integers(margin, image_size - margin - size + 1))
-        return Scene((SceneObject(*first, (x0, y0, x0 + size, y0 + size)),))
+        return Scene((SceneObject(*first, (x0, y0, x0 + size, y0 + size)),), None, image_size)
     second = _random_kind(rng)
     while second[:2] == first[:2]:  # same colour and shape: a caption could not tell them apart
         second = _random_kind(rng)
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
-    size_a, size_b = _side(rng, first[2], image_size), _side(rng, second[2], image_size)
+    room = image_size - 2 * margin - round(_GAP * image_size)
+    size_a, size_b = room + 1, 0
+    while size_a + size_b > room:  # two large ones must fit side by side: draw again
+        size_a, size_b = _side(rng, first[2], image_size), _side(rng, second[2], image_size)
     box_a, box_b = _place_pair(rng, size_a, size_b, relation, image_size)
-    return Scene((SceneObject(*first, box_a), SceneObject(*second, box_b)), relation)
+    return Scene((SceneObject(*first, box_a), SceneObject(*second, box_b)), relation, image_size)
 
 
 def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Render a scene on a light, slightly tinted solid background."""
-    grey = int(rng.integers(205, 246))
-    background = tuple(int(np.clip(grey + rng.integers(-6, 7), 0, 250)) for _ in range(3))
-    s = _SUPERSAMPLE
+    """Render a scene on a light, slightly tinted background, sometimes with mild grey noise."""
+    grey = int(rng.integers(_BACKGROUND[0], _BACKGROUND[1] + 1))
+    background = tuple(int(np.clip(grey + rng.integers(-_TINT, _TINT + 1), 0, 255)) for _ in "rgb")
+    s = int(rng.choice(_SUPERSAMPLE))
     image = Image.new("RGB", (image_size * s, image_size * s), background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        base = np.array(COLOURS[obj.colour])
-        fill = tuple(int(v) for v in np.clip(base + rng.integers(-_JITTER, _JITTER + 1, 3), 0, 255))
+        fill = shade(obj.colour, rng)
         x0, y0, x1, y1 = (v * s for v in obj.bbox)
         if obj.shape == "circle":
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
@@ -186,7 +248,21 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
         else:  # upright isosceles triangle filling the box: base at the bottom, apex on top
             draw.polygon(((x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1) / 2, y0)), fill=fill)
-    return image.reduce(s)
+    image = image.reduce(s) if s > 1 else image
+    if rng.random() < _NOISE[0]:  # grey noise: the same on every channel, so no tint appears
+        noise = rng.normal(0, rng.uniform(0.5, _NOISE[1]), (image_size, image_size, 1))
+        pixels = np.asarray(image, dtype=np.float32) + noise
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image
+
+
+def shade(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random RGB shade of a colour name, from its hue/saturation/value ranges."""
+    (h0, h1), (s0, s1), (v0, v1) = COLOUR_RANGES[colour]
+    rgb = colorsys.hsv_to_rgb(
+        (rng.uniform(h0, h1) % 360) / 360, rng.uniform(s0, s1), rng.uniform(v0, v1)
+    )
+    return tuple(int(round(255 * c)) for c in rgb)
 
 
 def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
@@ -210,15 +286,20 @@ def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
 def write_synthetic(
     out_dir: Path,
     num_images: int = 2500,
-    image_size: int = 224,
+    image_size: int | Sequence[int] = (128, 384),
     seed: int = 0,
     one_object_fraction: float = 0.4,
 ) -> int:
-    """Write the synthetic dataset in the raw layout (plus scenes.json); returns image count."""
-    if num_images < 1 or image_size < 64:
+    """Write the synthetic dataset in the raw layout (plus scenes.json); returns image count.
+
+    `image_size`: the canvas side, or [lo, hi] to draw each image's side from.
+    """
+    lo, hi = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if num_images < 1 or not 64 <= lo <= hi:
         raise ValueError(
-            f"data.synthetic needs num_images >= 1 and image_size >= 64 (two large shapes must "
-            f"fit side by side), got num_images={num_images}, image_size={image_size}"
+            f"data.synthetic needs num_images >= 1 and image_size >= 64 (one number, or "
+            f"[lo, hi] with 64 <= lo <= hi: two large shapes must fit side by side), got "
+            f"num_images={num_images}, image_size={image_size}"
         )
     images_dir = out_dir / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +308,11 @@ def write_synthetic(
     for index in tqdm(range(num_images), desc="synthetic images", unit="img"):
         rng = np.random.default_rng([seed, index])
         num_objects = 1 if rng.random() < one_object_fraction else 2
-        scene = make_scene(rng, image_size, num_objects)
+        side = int(rng.integers(lo, hi + 1))
+        scene = make_scene(rng, side, num_objects)
         name = f"shapes_{index:05d}.png"
-        # PNG: lossless, so pixels are exact everywhere, and flat colours compress to ~2 KB.
-        draw_scene(scene, image_size, rng).save(images_dir / name, format="PNG")
+        # PNG: lossless, so pixels are exact everywhere, and flat colours compress to a few KB.
+        draw_scene(scene, side, rng).save(images_dir / name, format="PNG")
         scenes[name] = scene.to_dict()
         rows.extend((name, caption) for caption in make_captions(scene, rng))
     write_captions(out_dir, rows)

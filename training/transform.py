@@ -4,43 +4,74 @@ The encoder never trains, so its output is a pure function of the image: computi
 (fp16, ~125-200 KB per image) makes every training epoch and every change of training params
 cheap. DVC re-runs this stage only when the images, the splits or the encoder change.
 
-Output: `data/features/<split>.npy` (n_images, N, C) float16, row i = index["splits"][split][i],
-`data/features/index.json` (encoder, grid, channels, splits) and `data/features/encoder.pth`,
-the encoder weights used, which training starts from so the model matches its features.
-Which encoder: params.yaml `model:` (preset, encoder, pretrained; ResNet-50's file from
-`model.weights`, training.weights); how: `transform:` (device, batch size, processes).
+Augmentation keeps that property: `views` augmented copies of every training image
+(training.augment: zoom, shift, flip, JPEG, blur, noise, brightness, contrast, tint) are
+encoded here once, and each epoch the trainer draws one of them (or the image itself) per
+image. For the synthetic data, the test split's perturbed copies (training.augment.PERTURBATIONS:
+JPEG, down/up-scaled, padded, cropped, brightness, another canvas, flipped) are encoded here
+too, for the evaluate stage's robustness report. Validation and test features are never
+augmented.
+
+Output (float16 grids (N, C) per image; row i of a split = index["splits"][split][i]):
+`data/features/<split>.npy` (n_images, N, C); `train_views.npy` (n_train, views, N, C) with
+`index["views"]["flipped"]` (n_train, views) saying which are mirrored; `robust/<name>.npy`
+(n_test, N, C) per perturbation; `index.json` (encoder, grid, channels, splits, views,
+robustness) and `encoder.pth`, the encoder weights used, which training starts from so the
+model matches its features. Which encoder: params.yaml `model:` (preset, encoder, pretrained;
+ResNet-50's file from `model.weights`, training.weights); how: `transform:` (device, batch
+size, views, seed, robustness, augment).
 
 `nproc_per_node` > 1: the stage re-launches itself under torchrun (training/distributed.py) and
-the ranks share the batches (batch k is rank k mod world size's), each encoding on its own GPU
-and decoding its own images, every rank writing its rows into the one memory-mapped store rank 0
-created: each batch holds the same images as in one process, so on a CPU the store is the
-same, byte for byte. One machine: the ranks share its filesystem.
+the ranks share the batches of every store (batch k is rank k mod world size's): each rank
+prepares every image (decoding, augmenting: cheap next to the encoder) but preprocesses and
+encodes only its own batches, on its own GPU, writing its rows into the one memory-mapped store
+rank 0 created. Each batch holds the same images as in one process, so on a CPU the stores are
+the same, byte for byte. One machine: the ranks share its filesystem.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from model.encoders import ImageEncoder, preprocess
+from model.encoders import SPECS, ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
 from training import distributed
-from training.captions import IMAGES_DIR
+from training.augment import (
+    PERTURBATIONS,
+    AugmentConfig,
+    augmented_view,
+    objects_box,
+    perturb,
+    rng_for,
+)
+from training.captions import IMAGES_DIR, SCENES_FILE
 from training.distributed import World
 from training.params import ModelParams, from_section, load_params, pick_device, stage_main
-from training.paths import ENCODER_WEIGHTS, FEATURES_DIR, FEATURES_INDEX, PROCESSED_PATH, RAW_DIR
+from training.paths import (
+    ENCODER_WEIGHTS,
+    FEATURES_DIR,
+    FEATURES_INDEX,
+    PROCESSED_PATH,
+    RAW_DIR,
+    ROBUST_DIR,
+    TRAIN_VIEWS,
+)
 from training.process import die_with_dvc, die_with_launcher
+from training.synthetic import Scene, load_scenes
 from training.weights import needed, weight_files
 
 log = logging.getLogger(__name__)
@@ -51,17 +82,23 @@ RANKS_TIMEOUT_S = 1800
 
 @dataclass(frozen=True)
 class TransformConfig:
-    """The `transform` section of params.yaml: where and how many images are encoded at once."""
+    """The `transform` section of params.yaml: where and how images are encoded, which copies."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = 4  # images per forward pass: 4 costs half the CPU of 32 (cache-sized)
     nproc_per_node: int = 1  # processes sharing the images (one per GPU), under torchrun
+    views: int = 2  # augmented views of every training image, encoded besides it; 0: none
+    seed: int = 0  # of the views' and the perturbed test copies' random draws
+    robustness: bool = True  # encode the perturbed test copies (synthetic data only)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"transform.batch_size must be >= 1, got {self.batch_size}")
         if self.nproc_per_node < 1:
             raise ValueError(f"transform.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        if self.views < 0:
+            raise ValueError(f"transform.views must be >= 0, got {self.views}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> TransformConfig:
@@ -93,9 +130,10 @@ def transform(
     pretrained: bool = True,
     weights: Path | None = None,
 ) -> dict:
-    """Encode every image of every split with `encoder_name` (from `weights` for resnet50, at
-    random unless `pretrained`) into `out_dir`; returns the index. Under torchrun: this rank's
-    share of the batches, into the store rank 0 creates."""
+    """Encode every image of every split, the training views and the perturbed test copies
+    with `encoder_name` (from `weights` for resnet50, at random unless `pretrained`) into
+    `out_dir`; returns the index. Under torchrun: this rank's share of the batches, into the
+    stores rank 0 creates."""
     world = World.from_env()
     device = distributed.device_for(pick_device(cfg.device), world)
     distributed.join(world, torch.device("cpu"), RANKS_TIMEOUT_S)  # barriers only: gloo
@@ -103,48 +141,130 @@ def transform(
         split: [entry["image"] for entry in entries]
         for split, entries in json.loads(processed_path.read_text())["splits"].items()
     }
+    scenes = load_scenes(raw_dir) if (raw_dir / SCENES_FILE).is_file() else None
     encoder = build_encoder(encoder_name, device, pretrained, weights)
-    spec = encoder.spec
-    # Traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster on a CPU; the
-    # features differ from eager ones by ~1e-5, far below their fp16 storage precision.
-    example = torch.zeros(2, 3, spec.image_size, spec.image_size, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
-        frozen = torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
+    writer = _FeatureWriter(_frozen(encoder, device), encoder_name, cfg.batch_size, device, world)
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def originals(names: list[str]) -> Iterator[Image.Image]:
+        return (open_image(raw_dir / IMAGES_DIR / name) for name in names)
+
     for split, images in splits.items():
-        shape = (len(images), spec.grid**2, spec.channels)
-        if world.main:
-            np.lib.format.open_memmap(out_dir / f"{split}.npy", "w+", np.float16, shape).flush()
-        distributed.barrier(world)  # the file exists at its full size: each rank fills its rows
-        features = np.load(out_dir / f"{split}.npy", mmap_mode="r+")
-        batches = range(0, len(images), cfg.batch_size)[world.rank :: world.size]
-        for start in tqdm(batches, desc=f"encode {split}", unit="batch", disable=not world.main):
-            names = images[start : start + cfg.batch_size]
-            pixels = torch.stack(
-                [preprocess(open_image(raw_dir / IMAGES_DIR / n), encoder_name) for n in names]
-            )  # (b, 3, S, S)
-            grid = frozen(pixels.to(device))  # (b, N, C)
-            features[start : start + len(names)] = grid.half().cpu().numpy()
-        features.flush()
-        del features
-    distributed.barrier(world)  # every rank's rows are written
-    distributed.leave(world)
-    index = {
+        writer.write(out_dir / f"{split}.npy", (len(images),), originals(images), split)
+    index: dict[str, Any] = {
         "encoder": encoder_name,
-        "grid": spec.grid,
-        "channels": spec.channels,
+        "grid": encoder.spec.grid,
+        "channels": encoder.spec.channels,
         "dtype": "float16",
         "splits": splits,
     }
-    if world.main:
-        (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
-        # training starts from exactly these weights (a random `tiny` encoder included)
-        torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
-        log.info("features: %s", {s: len(v) for s, v in splits.items()})
+    train, test = splits.get("train", []), splits.get("test", [])
+    if cfg.views and train:
+        flipped = np.zeros((len(train), cfg.views), bool)  # filled as the views are drawn
+        side = encoder.spec.image_size
+        views = _views(cfg, train, originals(train), scenes or {}, flipped, side)
+        writer.write(out_dir / TRAIN_VIEWS, flipped.shape, views, "train views")
+        index["views"] = {
+            "count": cfg.views,
+            "seed": cfg.seed,
+            "augment": dataclasses.asdict(cfg.augment),
+            "flipped": flipped.astype(int).tolist(),
+        }
+    if cfg.robustness and scenes and test:
+        if world.main:
+            (out_dir / ROBUST_DIR).mkdir(exist_ok=True)
+        for k, name in enumerate(PERTURBATIONS):
+            copies = (
+                perturb(name, image, scenes[image_name], rng_for(cfg.seed, image_name, 1000 + k))[0]
+                for image_name, image in zip(test, originals(test))
+            )
+            writer.write(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copies, name)
+        index["robustness"] = {"seed": cfg.seed, "perturbations": list(PERTURBATIONS)}
+    elif cfg.robustness and test:
+        log.info("no scenes.json in %s: no perturbed test copies (synthetic data only)", raw_dir)
+    distributed.barrier(world)  # every rank's rows are written
+    distributed.leave(world)
+    if not world.main:
+        return index
+    (out_dir / FEATURES_INDEX).write_text(json.dumps(index) + "\n")
+    # training starts from exactly these weights (a random `tiny` encoder included)
+    torch.save(encoder.backbone.state_dict(), out_dir / ENCODER_WEIGHTS)
+    log.info(
+        "features: %s, %d views per training image, %d perturbed test copies",
+        {s: len(v) for s, v in splits.items()},
+        index.get("views", {}).get("count", 0),
+        len(index.get("robustness", {}).get("perturbations", [])),
+    )
     return index
+
+
+def _frozen(encoder: ImageEncoder, device: torch.device) -> torch.jit.ScriptModule:
+    """The encoder traced and frozen (BatchNorm folded into the convolutions): ~1.5x faster
+    on a CPU; its features differ from eager ones by ~1e-5, far below fp16 precision."""
+    size = encoder.spec.image_size
+    example = torch.zeros(2, 3, size, size, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # fixed shapes: padding may freeze
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation (torch is pinned)
+        return torch.jit.optimize_for_inference(torch.jit.trace(encoder, example))
+
+
+@dataclass(frozen=True)
+class _FeatureWriter:
+    """Runs the frozen encoder over images, in batches, into a float16 .npy file; under
+    torchrun, this rank's batches into the file rank 0 creates."""
+
+    frozen: torch.jit.ScriptModule
+    encoder: str
+    batch_size: int
+    device: torch.device
+    world: World = distributed.ONE_PROCESS
+
+    def write(self, path: Path, shape: tuple[int, ...], images: Iterable[Image.Image], what: str):
+        """Encode `images` (prod(shape) of them, through the model's one preprocessing
+        function) into `path`, an array of `shape` + (N, C): batch k by rank k mod world size."""
+        spec = SPECS[self.encoder]
+        cell = (spec.grid**2, spec.channels)
+        if self.world.main:
+            np.lib.format.open_memmap(path, "w+", np.float16, (*shape, *cell)).flush()
+        distributed.barrier(self.world)  # the file exists at its full size: each rank fills rows
+        features = np.load(path, mmap_mode="r+")
+        rows = features.reshape(-1, *cell)  # (n, N, C): a view of the file
+        batch: list[Image.Image] = []
+        done = 0
+        progress = tqdm(images, total=len(rows), desc=f"encode {what}", unit="img",
+                        disable=not self.world.main)  # fmt: skip
+        for image in progress:
+            batch.append(image)
+            if len(batch) == self.batch_size or done + len(batch) == len(rows):
+                if (done // self.batch_size) % self.world.size == self.world.rank:
+                    pixels = torch.stack([preprocess(im, self.encoder) for im in batch])
+                    grid = self.frozen(pixels.to(self.device))  # (b, N, C)
+                    rows[done : done + len(batch)] = grid.half().cpu().numpy()
+                done, batch = done + len(batch), []
+        if done != len(rows):
+            raise RuntimeError(f"{path}: {done} images encoded, {len(rows)} expected")
+        features.flush()
+        del features, rows
+
+
+def _views(
+    cfg: TransformConfig,
+    names: list[str],
+    images: Iterable[Image.Image],
+    scenes: Mapping[str, Scene],
+    flipped: np.ndarray,
+    side: int,
+) -> Iterator[Image.Image]:
+    """`cfg.views` augmented views of each image in turn, made at most `side` pixels large
+    (the encoder's input); flipped[i, v] records a mirror."""
+    for i, (name, image) in enumerate(zip(names, images)):
+        keep = objects_box(scenes.get(name))  # None without a scene: crops stay on the image
+        for v in range(cfg.views):
+            rng = rng_for(cfg.seed, name, v)
+            view, flipped[i, v] = augmented_view(image, cfg.augment, rng, keep, side)
+            yield view
 
 
 @stage_main
