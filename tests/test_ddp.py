@@ -284,9 +284,17 @@ def test_sharded_transform_writes_the_one_process_store_byte_for_byte(workspace,
     shutil.rmtree(root / "data/features")
     p = run_stage(root, "transform")
     assert "torchrun" in p.stderr
-    for name in ("train.npy", "val.npy", "test.npy", "index.json"):
-        a, b = (r / "data/features" / name for r in (workspace, root))
-        assert a.read_bytes() == b.read_bytes(), name
+    stores = [
+        sorted(str(f.relative_to(r / "data/features")) for f in (r / "data/features").rglob("*.*"))
+        for r in (workspace, root)
+    ]
+    assert stores[0] == stores[1]
+    # the splits, the augmented training views and the perturbed test copies alike
+    assert {"train.npy", "train_views.npy", "robust/jpeg.npy"} <= set(stores[0]), stores[0]
+    for name in stores[0]:
+        if name != "encoder.pth":
+            a, b = (r / "data/features" / name for r in (workspace, root))
+            assert a.read_bytes() == b.read_bytes(), name
     e1, e2 = (
         torch.load(r / "data/features/encoder.pth", weights_only=True) for r in (workspace, root)
     )
