@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -181,3 +182,31 @@ def trainer_env(root: Path, **extra: str) -> dict[str, str]:
     env = environment(root)
     env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}")
     return {**env, "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+def imgtocap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `imgtocap` console script's code in a fresh process (the installed script runs the
+    same), `env` added to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for_epoch(
+    proc: subprocess.Popen, state: Path, epoch: int, timeout_s: float, poll_s: float = 0.1
+) -> None:
+    """Until the trainer under `proc` saved the resume state of `epoch` (or later) in `state`
+    (artifacts/resume), `proc` ended, or `timeout_s` passed."""
+    import torch
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        saved = list(state.glob("*/last.pth"))
+        if saved and torch.load(saved[0], weights_only=True)["epoch"] >= epoch:
+            return
+        time.sleep(poll_s)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import setuptools
 from fixtures_model import picture, tiny
+from fixtures_pipeline import imgtocap
 from PIL import Image
 
 from model import decode_caption, load_checkpoint, open_image, save_checkpoint
@@ -22,17 +21,6 @@ from training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "imgtocap = training.cli:main"
-
-
-def imgtocap(*args: str) -> subprocess.CompletedProcess:
-    """The console script's code in a fresh process (the installed script runs the same)."""
-    return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_setup_py_installs_the_console_script(monkeypatch):

@@ -32,6 +32,7 @@ from fixtures_pipeline import (
     project_copy,
     set_params,
     trainer_env,
+    wait_for_epoch,
     workspace_after_define,
 )
 
@@ -335,12 +336,7 @@ def test_a_killed_rank_stops_the_job_and_dvc_repro_resumes(tmp_path):
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        saved = list(state.glob("*/last.pth"))
-        if saved and torch.load(saved[0], weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_epoch(proc, state, 2, timeout_s=240, poll_s=0.05)
     assert proc.poll() is None, "training finished before a rank could be killed"
     stage = psutil.Process(proc.pid).children(recursive=True)
     ranks = ranks_of(psutil.Process(proc.pid))

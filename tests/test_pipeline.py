@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from fixtures_pipeline import (
     project_copy,
     ran,
     set_params,
+    wait_for_epoch,
 )
 from PIL import Image
 
@@ -240,12 +240,7 @@ def test_killed_dvc_stops_its_trainer_which_resumes_and_matches_a_straight_run(t
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        saved = list(state.glob("*/last.pth"))
-        if saved and torch.load(saved[0], weights_only=True)["epoch"] >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_epoch(proc, state, 3, timeout_s=300)
     assert proc.poll() is None, "training finished before it could be interrupted"
     stage = psutil.Process(proc.pid).children(recursive=True)
     assert any("training.train" in " ".join(p.cmdline()) for p in stage)

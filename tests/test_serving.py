@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import requests
 import torch
 from fixtures_model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
+from fixtures_pipeline import imgtocap
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
@@ -333,18 +333,6 @@ def test_attention_on_request_per_word_over_the_grid(server, tiny, tokenizer):
         weights = torch.tensor([t["weights"] for t in tokens])  # (T, N)
         torch.testing.assert_close(weights, want.attention[0], atol=5e-5, rtol=0)
     assert "attention" not in plain.json()  # not asked: the response as before
-
-
-def imgtocap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The `imgtocap` console script's code, in its own process."""
-    return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokenizer, tmp_path):
