@@ -23,19 +23,20 @@ size, views, seed, robustness, augment).
 
 `nproc_per_node` > 1: the stage re-launches itself under torchrun (training/distributed.py) and
 the ranks share the batches of every store (batch k is rank k mod world size's): each rank
-prepares every image (decoding, augmenting: cheap next to the encoder) but preprocesses and
-encodes only its own batches, on its own GPU, writing its rows into the one memory-mapped store
-rank 0 created. Each batch holds the same images as in one process, so on a CPU the stores are
+decodes, augments and encodes only the images of its own batches, on its own GPU, writing its
+rows into the one memory-mapped store rank 0 created (which views are mirrored is gathered from
+every rank for the index). Each batch holds the same images as in one process, so on a CPU the stores are
 the same, byte for byte. One machine: the ranks share its filesystem.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ from training.paths import (
     TRAIN_VIEWS,
 )
 from training.process import die_with_dvc, die_with_launcher
-from training.synthetic import Scene, load_scenes
+from training.synthetic import load_scenes
 from training.weights import needed, weight_files
 
 log = logging.getLogger(__name__)
@@ -147,11 +148,16 @@ def transform(
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def originals(names: list[str]) -> Iterator[Image.Image]:
-        return (open_image(raw_dir / IMAGES_DIR / name) for name in names)
+    @functools.lru_cache(maxsize=1)  # a training image's views are made one after another
+    def original(name: str) -> Image.Image:
+        return open_image(raw_dir / IMAGES_DIR / name)
 
     for split, images in splits.items():
-        writer.write(out_dir / f"{split}.npy", (len(images),), originals(images), split)
+
+        def image(i: int, names: list[str] = images) -> Image.Image:
+            return original(names[i])
+
+        writer.write(out_dir / f"{split}.npy", (len(images),), image, split)
     index: dict[str, Any] = {
         "encoder": encoder_name,
         "grid": encoder.spec.grid,
@@ -161,10 +167,18 @@ def transform(
     }
     train, test = splits.get("train", []), splits.get("test", [])
     if cfg.views and train:
-        flipped = np.zeros((len(train), cfg.views), bool)  # filled as the views are drawn
+        flipped = np.zeros((len(train), cfg.views), bool)  # this rank's, filled as views are made
         side = encoder.spec.image_size
-        views = _views(cfg, train, originals(train), scenes or {}, flipped, side)
-        writer.write(out_dir / TRAIN_VIEWS, flipped.shape, views, "train views")
+
+        def view(i: int) -> Image.Image:  # item i: view i % views of training image i // views
+            n, v = divmod(i, cfg.views)
+            keep = objects_box((scenes or {}).get(train[n]))  # None: crops stay on the image
+            rng = rng_for(cfg.seed, train[n], v)
+            drawn, flipped[n, v] = augmented_view(original(train[n]), cfg.augment, rng, keep, side)
+            return drawn
+
+        writer.write(out_dir / TRAIN_VIEWS, flipped.shape, view, "train views")
+        flipped = np.logical_or.reduce(distributed.gather(flipped, world))  # every rank's views
         index["views"] = {
             "count": cfg.views,
             "seed": cfg.seed,
@@ -175,11 +189,12 @@ def transform(
         if world.main:
             (out_dir / ROBUST_DIR).mkdir(exist_ok=True)
         for k, name in enumerate(PERTURBATIONS):
-            copies = (
-                perturb(name, image, scenes[image_name], rng_for(cfg.seed, image_name, 1000 + k))[0]
-                for image_name, image in zip(test, originals(test))
-            )
-            writer.write(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copies, name)
+
+            def copy(i: int, name: str = name, k: int = k) -> Image.Image:
+                rng = rng_for(cfg.seed, test[i], 1000 + k)
+                return perturb(name, original(test[i]), scenes[test[i]], rng)[0]
+
+            writer.write(out_dir / ROBUST_DIR / f"{name}.npy", (len(test),), copy, name)
         index["robustness"] = {"seed": cfg.seed, "perturbations": list(PERTURBATIONS)}
     elif cfg.robustness and test:
         log.info("no scenes.json in %s: no perturbed test copies (synthetic data only)", raw_dir)
@@ -221,9 +236,12 @@ class _FeatureWriter:
     device: torch.device
     world: World = distributed.ONE_PROCESS
 
-    def write(self, path: Path, shape: tuple[int, ...], images: Iterable[Image.Image], what: str):
-        """Encode `images` (prod(shape) of them, through the model's one preprocessing
-        function) into `path`, an array of `shape` + (N, C): batch k by rank k mod world size."""
+    def write(
+        self, path: Path, shape: tuple[int, ...], item: Callable[[int], Image.Image], what: str
+    ):
+        """Encode items 0 .. prod(shape) - 1 (`item(i)` makes one) through the model's one
+        preprocessing function into `path`, an array of `shape` + (N, C). Batch k is rank
+        k mod world size's: a rank makes only the items of its own batches."""
         spec = SPECS[self.encoder]
         cell = (spec.grid**2, spec.channels)
         if self.world.main:
@@ -231,40 +249,13 @@ class _FeatureWriter:
         distributed.barrier(self.world)  # the file exists at its full size: each rank fills rows
         features = np.load(path, mmap_mode="r+")
         rows = features.reshape(-1, *cell)  # (n, N, C): a view of the file
-        batch: list[Image.Image] = []
-        done = 0
-        progress = tqdm(images, total=len(rows), desc=f"encode {what}", unit="img",
-                        disable=not self.world.main)  # fmt: skip
-        for image in progress:
-            batch.append(image)
-            if len(batch) == self.batch_size or done + len(batch) == len(rows):
-                if (done // self.batch_size) % self.world.size == self.world.rank:
-                    pixels = torch.stack([preprocess(im, self.encoder) for im in batch])
-                    grid = self.frozen(pixels.to(self.device))  # (b, N, C)
-                    rows[done : done + len(batch)] = grid.half().cpu().numpy()
-                done, batch = done + len(batch), []
-        if done != len(rows):
-            raise RuntimeError(f"{path}: {done} images encoded, {len(rows)} expected")
+        starts = range(0, len(rows), self.batch_size)[self.world.rank :: self.world.size]
+        for start in tqdm(starts, desc=f"encode {what}", unit="batch", disable=not self.world.main):
+            end = min(start + self.batch_size, len(rows))
+            pixels = torch.stack([preprocess(item(i), self.encoder) for i in range(start, end)])
+            rows[start:end] = self.frozen(pixels.to(self.device)).half().cpu().numpy()  # (b, N, C)
         features.flush()
         del features, rows
-
-
-def _views(
-    cfg: TransformConfig,
-    names: list[str],
-    images: Iterable[Image.Image],
-    scenes: Mapping[str, Scene],
-    flipped: np.ndarray,
-    side: int,
-) -> Iterator[Image.Image]:
-    """`cfg.views` augmented views of each image in turn, made at most `side` pixels large
-    (the encoder's input); flipped[i, v] records a mirror."""
-    for i, (name, image) in enumerate(zip(names, images)):
-        keep = objects_box(scenes.get(name))  # None without a scene: crops stay on the image
-        for v in range(cfg.views):
-            rng = rng_for(cfg.seed, name, v)
-            view, flipped[i, v] = augmented_view(image, cfg.augment, rng, keep, side)
-            yield view
 
 
 @stage_main
