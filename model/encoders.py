@@ -1,5 +1,10 @@
 """Frozen image encoders: pixels (B, 3, S, S) -> grid features (B, N, C); pooled = grid mean.
 
+A grid cell holds the CNN's last stage and, average-pooled onto the same grid, a middle stage
+(stride 8-16). The last stage of an ImageNet classifier keeps what an object is and drops
+much of its colour: a linear probe reads a lone shape's colour from the cell under it 84% of
+the time from Lite0's last stage and 98% from its stride-16 stage (bench/probe_layers.py).
+
 Each encoder has ONE preprocessing function (`preprocess`) that training, evaluation and
 serving all call. Architectures are defined here (no third-party model code at serving
 time); pretrained weights are loaded only when training starts (`load_pretrained`).
@@ -23,18 +28,25 @@ class EncoderSpec:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    channels: int  # C of the grid features
+    last_channels: int  # of the last stage, at stride S / grid
+    mid_channels: int  # of the middle stage, pooled onto the grid
     grid: int  # the grid is grid x grid cells: N = grid**2
+
+    @property
+    def channels(self) -> int:
+        """C of the grid features: the last stage's channels, then the middle stage's."""
+        return self.last_channels + self.mid_channels
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SPECS = {
-    "resnet50": EncoderSpec(224, _IMAGENET_MEAN, _IMAGENET_STD, channels=2048, grid=7),
-    # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
-    "efficientnet_lite0": EncoderSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), channels=1280, grid=7),
-    "tiny": EncoderSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), channels=32, grid=4),
+    # layer4 + layer2 (stride 8, after 7 of its 16 blocks)
+    "resnet50": EncoderSpec(224, _IMAGENET_MEAN, _IMAGENET_STD, 2048, 512, grid=7),
+    # the 1x1 head + stage 4 (stride 16, after 8 of 16 blocks); trained on inputs in [-1, 1]
+    "efficientnet_lite0": EncoderSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1280, 80, grid=7),
+    "tiny": EncoderSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, 16, grid=4),
 }
 
 
@@ -60,8 +72,9 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.backbone(pixels)  # (B, C, h, w)
-        return fmap.flatten(2).transpose(1, 2)  # (B, N, C)
+        last, mid = self.backbone(pixels)  # (B, C1, g, g), (B, C2, k*g, k*g)
+        mid = F.adaptive_avg_pool2d(mid, last.shape[-2:])  # (B, C2, g, g): k x k means
+        return torch.cat([last, mid], dim=1).flatten(2).transpose(1, 2)  # (B, N, C1 + C2)
 
 
 def pooled(grid: torch.Tensor) -> torch.Tensor:
@@ -86,9 +99,9 @@ def _resnet50() -> nn.Module:
                 self.add_module(name, getattr(net, name))
 
         def forward(self, x):
-            for module in self.children():
-                x = module(x)
-            return x
+            x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))  # (B, 256, S/4, S/4)
+            mid = self.layer2(x)  # (B, 512, S/8, S/8)
+            return self.layer4(self.layer3(mid)), mid  # (B, 2048, S/32, S/32)
 
     return _Trunk()
 
@@ -145,6 +158,8 @@ _LITE0_BLOCKS = [
     (1, 3, 1, 6, 192, 320),
 ]
 
+_LITE0_MID = 7  # the last block of the 80-channel stage
+
 
 class _EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 up to its last 1x1 conv; parameter names match the published weights."""
@@ -165,22 +180,30 @@ class _EfficientNetLite0(nn.Module):
         self._conv_head = _SameConv2d(320, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 32, S/2, S/2)
-        for block in self._blocks:
+        for i, block in enumerate(self._blocks):
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))  # (B, 1280, S/32, S/32)
+            if i == _LITE0_MID:
+                mid = x  # (B, 80, S/16, S/16)
+        return F.relu6(self._bn1(self._conv_head(x))), mid  # (B, 1280, S/32, S/32)
 
 
-def _tiny() -> nn.Module:
-    """Three random strided convs: 32x32 -> a 4x4 grid of 32 channels."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1),
-        nn.GELU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.GELU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1),
-    )
+class _Tiny(nn.Sequential):
+    """Three random strided convs: 32x32 -> a 4x4 grid of 32 channels; the first's 16 at 16x16."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self[1](self[0](x))  # (B, 16, 16, 16)
+        return self[4](self[3](self[2](mid))), mid  # (B, 32, 4, 4)
 
 
-_BACKBONES = {"resnet50": _resnet50, "efficientnet_lite0": _EfficientNetLite0, "tiny": _tiny}
+_BACKBONES = {"resnet50": _resnet50, "efficientnet_lite0": _EfficientNetLite0, "tiny": _Tiny}

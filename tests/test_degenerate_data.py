@@ -13,13 +13,15 @@ import torch
 from transformers import BertTokenizer
 
 from model import preset
-from model.encoders import ImageEncoder
+from model.encoders import SPECS, ImageEncoder
 from training.captions import write_captions
 from training.datachecks import check_learnable, check_unknown_pieces
 from training.preprocess import PreprocessConfig, preprocess
 from training.synthetic import write_synthetic
 from training.train import TrainConfig, train
 from training.validate import validate
+
+CELL = (SPECS["tiny"].grid ** 2, SPECS["tiny"].channels)  # (N, C) of a tiny grid
 
 
 def prepared(root: Path, captions: list[tuple[str, str]] | None = None, images: int = 10):
@@ -86,10 +88,14 @@ def workspace(root: Path, tokens: list[list[int]], features: np.ndarray | None =
     (root / "captions.json").write_text(json.dumps({"splits": splits}))
     features_dir = root / "features"
     features_dir.mkdir()
-    index = {"encoder": "tiny", "splits": {s: [e["image"] for e in v] for s, v in splits.items()}}
+    index = {
+        "encoder": "tiny",
+        "channels": CELL[1],
+        "splits": {s: [e["image"] for e in v] for s, v in splits.items()},
+    }
     (features_dir / "index.json").write_text(json.dumps(index))
     for split in splits:
-        grid = features if features is not None else np.random.rand(4, 16, 32)
+        grid = features if features is not None else np.random.rand(4, *CELL)
         np.save(features_dir / f"{split}.npy", grid.astype(np.float16))
     torch.save(ImageEncoder("tiny").backbone.state_dict(), features_dir / "encoder.pth")
     return dict(
@@ -109,8 +115,8 @@ def workspace(root: Path, tokens: list[list[int]], features: np.ndarray | None =
         ([[101, 102], [101, 102, 0]], None, "every caption is empty"),
         ([[101, 1037, 102], [101, 1037, 1037, 102]], None, r"1 distinct WordPiece \(id \[1037\]\)"),
         ([[101, 100, 100, 1037, 102]], None, "67% of the WordPieces are \\[UNK\\]"),
-        ([[101, 1037, 2417, 102]], np.full((4, 16, 32), np.nan), "NaN or infinity"),
-        ([[101, 1037, 2417, 102]], np.ones((4, 16, 32)), "all 4 images have identical features"),
+        ([[101, 1037, 2417, 102]], np.full((4, *CELL), np.nan), "NaN or infinity"),
+        ([[101, 1037, 2417, 102]], np.ones((4, *CELL)), "all 4 images have identical features"),
     ],
 )
 def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, features, message):
@@ -122,4 +128,4 @@ def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, featur
 
 def test_data_that_is_fine_passes():
     tokens = torch.tensor([[101, 1037, 2417, 102], [101, 2417, 3600, 102]])
-    check_learnable("train", tokens, torch.rand(2, 16, 32).half(), preset("tiny"), "here")
+    check_learnable("train", tokens, torch.rand(2, *CELL).half(), preset("tiny"), "here")

@@ -101,8 +101,8 @@ def test_presets_fit_their_pretrained_checkpoints(monkeypatch, name):
     monkeypatch.setattr(pretrained, "encoder_state", encoder_layout)
     new = pretrained.load_pretrained(captioner)
     assert {"cross_attn" if ".cross_attn." in n else n.split(".")[0] for n in new} == starts_random
-    if name == "seed":  # the brief's projection 2048 -> 768 and fusion 1536 -> vocab
-        assert captioner.image_proj.weight.shape == (768, 2048)
+    if name == "seed":  # the brief's projection 2048 (+ layer2's 512) -> 768, fusion 1536 -> vocab
+        assert captioner.image_proj.weight.shape == (768, 2048 + 512)
         assert captioner.fuse.weight.shape == (30522, 1536)
 
 
@@ -193,9 +193,13 @@ def test_efficientnet_lite0_matches_the_published_implementation():
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
     encoder = ImageEncoder("efficientnet_lite0")
     encoder.backbone.load_state_dict(encoder_state("efficientnet_lite0"))
+    mids = []  # the package's stage-4 output, the middle features the grid carries
+    reference._blocks[7].register_forward_hook(lambda module, args, out: mids.append(out))
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        expected = reference.extract_features(pixels).flatten(2).transpose(1, 2)  # (B, 49, 1280)
+        last = reference.extract_features(pixels)  # (B, 1280, 7, 7)
+        mid = torch.nn.functional.avg_pool2d(mids[0], 2)  # (B, 80, 14, 14) -> (B, 80, 7, 7)
+    expected = torch.cat([last, mid], 1).flatten(2).transpose(1, 2)  # (B, 49, 1360)
     torch.testing.assert_close(encoder(pixels), expected)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import encode_caption, normalize_caption, open_image
-from model.encoders import ImageEncoder, preprocess
+from model.encoders import SPECS, ImageEncoder, preprocess
 from training.augment import (
     PERTURBATIONS,
     augmented_view,
@@ -26,6 +26,7 @@ from training.train import CaptionData
 from training.transform import TransformConfig, transform
 
 VIEWS = 3
+CELL = (SPECS["tiny"].grid ** 2, SPECS["tiny"].channels)  # (N, C) of a tiny grid
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_views_are_the_encoded_augmentations_of_each_training_image(ws):
     features = ws["root"] / "features"
     views = np.load(features / "train_views.npy")
     train = ws["splits"]["train"]
-    assert views.shape == (len(train), VIEWS, 16, 32) and views.dtype == np.float16
+    assert views.shape == (len(train), VIEWS, *CELL) and views.dtype == np.float16
     flipped = np.array(ws["index"]["views"]["flipped"], dtype=bool)
     assert flipped.shape == (len(train), VIEWS) and 0 < flipped.sum() < flipped.size
     for i, name in enumerate(train):
@@ -103,7 +104,7 @@ def test_perturbed_test_copies_are_encoded_for_the_robustness_report(ws):
     test = ws["splits"]["test"]
     for k, name in enumerate(PERTURBATIONS):
         copies = np.load(features / "robust" / f"{name}.npy")
-        assert copies.shape == (len(test), 16, 32)
+        assert copies.shape == (len(test), *CELL)
         made = [
             perturb(
                 name, open_image(ws["raw"] / "Images" / i), ws["scenes"][i], rng_for(3, i, 1000 + k)

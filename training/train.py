@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
+from model.encoders import SPECS
 from model.io import atomic_write
 from model.pretrained import load_pretrained
 from training import augment, distributed, resume, tracking
@@ -373,6 +374,12 @@ def train(
         raise ValueError(
             f"features in {features_dir} come from {index['encoder']} but the model uses "
             f"{config.encoder}: run `dvc repro` so transform recomputes them"
+        )
+    if index.get("channels") != SPECS[config.encoder].channels:  # an older encoder's layout
+        raise ValueError(
+            f"features in {features_dir} have {index.get('channels')} channels, the "
+            f"{config.encoder} encoder gives {SPECS[config.encoder].channels}: run `dvc repro` "
+            "so transform recomputes them"
         )
     processed = json.loads(processed_path.read_text())
     train_data = CaptionData(processed, features_dir, "train", config.pad_id)
