@@ -71,12 +71,19 @@ class Captioner(nn.Module):
 
     def image_context(self, grid: torch.Tensor) -> torch.Tensor:
         """Grid features (B, N, C) -> what the decoder reads: memory (B, N, H) or pooled (B, H)."""
-        grid = grid.to(self.image_proj.weight)
+        grid = self.balanced(grid.to(self.image_proj.weight))
         if self.config.fusion == "concat":
             return self.image_proj(pooled(grid))  # (B, H)
         g = self.encoder.spec.grid
         pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(g * g, -1)  # (N, H)
         return self.image_norm(self.image_proj(grid) + pos)  # (B, N, H)
+
+    def balanced(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, N, C): the middle stage's channels normalised per cell, times `mid_scale`."""
+        last = self.encoder.spec.last_channels
+        mid = grid[..., last:]  # (B, N, C2)
+        mid = F.layer_norm(mid, mid.shape[-1:]) * self.config.mid_scale
+        return torch.cat([grid[..., :last], mid], dim=-1)  # (B, N, C1 + C2)
 
     # --- text side ------------------------------------------------------------------------
 

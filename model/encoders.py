@@ -1,7 +1,7 @@
 """Frozen image encoders: pixels (B, 3, S, S) -> grid features (B, N, C); pooled = grid mean.
 
-A grid cell holds the CNN's last stage and, average-pooled onto the same grid and normalised
-per cell, a middle stage (stride 8-16). The last stage of an ImageNet classifier keeps what an object is and drops
+A grid cell holds the CNN's last stage and, average-pooled onto the same grid, a middle stage
+(stride 8-16); the captioner balances the two (`CaptionerConfig.mid_scale`). The last stage of an ImageNet classifier keeps what an object is and drops
 much of its colour: a linear probe reads a lone shape's colour from the cell under it 84% of
 the time from Lite0's last stage and 98% from its stride-16 stage (bench/probe_layers.py).
 
@@ -73,12 +73,8 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         last, mid = self.backbone(pixels)  # (B, C1, g, g), (B, C2, k*g, k*g)
-        mid = F.adaptive_avg_pool2d(mid, last.shape[-2:]).flatten(2).transpose(1, 2)  # (B, N, C2)
-        # A middle stage is a residual stream, ~9x the last stage's scale (Lite0: RMS 5.6 vs
-        # 0.63): normalised per cell, so that it neither swamps the positions added after the
-        # projection nor multiplies its effective learning rate (Adam's steps are per weight).
-        mid = F.layer_norm(mid, mid.shape[-1:])
-        return torch.cat([last.flatten(2).transpose(1, 2), mid], dim=2)  # (B, N, C1 + C2)
+        mid = F.adaptive_avg_pool2d(mid, last.shape[-2:])  # (B, C2, g, g): k x k means
+        return torch.cat([last, mid], dim=1).flatten(2).transpose(1, 2)  # (B, N, C1 + C2)
 
 
 def pooled(grid: torch.Tensor) -> torch.Tensor:
