@@ -28,7 +28,7 @@ class CaptionerConfig:
     # this before the projection; 0 drops them (the last stage alone). The stage is a residual
     # stream ~9x the last stage's scale: raw, it swamps the positions added after projecting
     # and multiplies its effective learning rate (Adam steps per weight). README: Results.
-    mid_scale: float = 2.5
+    mid_scale: float = 1.0
     # decoder shape (BERT layout)
     vocab_size: int = 30522
     hidden_size: int = 384

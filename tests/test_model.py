@@ -203,6 +203,31 @@ def test_efficientnet_lite0_matches_the_published_implementation():
     torch.testing.assert_close(encoder(pixels), expected)
 
 
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_the_middle_stage_enters_normalised_and_scaled(fusion):
+    """The middle stage's channels reach the projection normalised per cell (its scale, ~9x
+    the last stage's in Lite0, does not matter) and times mid_scale; 0 leaves it out."""
+    model = tiny(fusion=fusion).eval()
+    grid, _ = random_batch(model)
+    last = model.encoder.spec.last_channels
+    louder = grid.clone()
+    louder[..., last:] = louder[..., last:] * 9 + 3  # another scale and offset per cell
+    torch.testing.assert_close(
+        model.image_context(louder), model.image_context(grid), atol=1e-4, rtol=1e-4
+    )
+    model.config.mid_scale = 2.5
+    mid = model.balanced(grid)[..., last:]  # (B, N, C2)
+    expected = torch.full(mid.shape[:-1], 2.5**2)  # unit variance per cell, times 2.5 squared
+    torch.testing.assert_close(mid.square().mean(-1), expected, rtol=1e-4, atol=0)
+
+    model.config.mid_scale = 0.0
+    other = grid.clone()
+    other[..., last:] = torch.randn_like(other[..., last:])
+    torch.testing.assert_close(model.image_context(other), model.image_context(grid))
+    with pytest.raises(ValueError, match="mid_scale must be >= 0"):
+        preset("tiny", mid_scale=-1)
+
+
 def test_the_public_api_loads_on_first_use():
     import model
 
