@@ -138,7 +138,7 @@ def beam_search(
                     if token == config.eos_id or last:
                         if rank < K:  # as in HF: a finished hypothesis must rank in the top K
                             row = b * K + beam
-                            seq = tokens[row, 1:].tolist() + [token]
+                            seq = tokens[row].tolist() + [token]  # [CLS] ... token
                             normed = score / (t + 1) ** length_penalty
                             finished[b].append(_Ended(normed, seq, t, row))
                         continue
@@ -175,8 +175,7 @@ def beam_search(
         attention = []
         for h, ids in zip(best, captions):
             path = _back_track(steps, parents, h.step, h.row)  # (h.step + 1, N): one per token
-            start = int(h.seq[:1] == [config.bos_id])  # what `strip` cut off the front
-            attention.append(path[start : start + len(ids)].float().cpu())
+            attention.append(path[: len(ids)].float().cpu())
     return Generation(captions, [h.score for h in best], attention)
 
 
@@ -203,9 +202,9 @@ def _back_track(
 
 
 def strip(ids: list[int], config: CaptionerConfig) -> list[int]:
-    """Drop the leading [CLS]; cut at the first [SEP]."""
-    if ids and ids[0] == config.bos_id:
-        ids = ids[1:]
+    """A sequence as generated ([CLS] first) -> its caption: no [CLS], cut at the first [SEP].
+    Only the [CLS] that starts it goes: a model may generate one too (full output vocabulary)."""
+    ids = ids[1:]
     return ids[: ids.index(config.eos_id)] if config.eos_id in ids else ids
 
 

@@ -15,7 +15,7 @@ MAX_LENGTH = 9
 def scrambled(model):
     """The model with its decoder-side matrices redrawn large (std 0.5, seeded): BERT's 0.02
     init barely lets the image matter, so every image would get the same caption."""
-    torch.manual_seed(3)  # a seed whose captions end at 3+ different steps in every case
+    torch.manual_seed(6)  # a seed whose captions end at 7 different steps in every case
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("encoder") and p.dim() == 2:

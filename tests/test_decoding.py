@@ -162,3 +162,18 @@ def test_beam_search_keeps_going_while_a_running_beam_can_still_win():
     out = beam_search(TableState(table, config), config, num_beams=2, max_length=6)
     assert out.tokens == [[A, A, A]]
     assert out.scores[0] == pytest.approx(-0.013 / 4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_generated_cls_stays_in_the_caption(num_beams):
+    """[CLS] is an ordinary output of a full-vocabulary model: generated first, it is the
+    caption's first token (beam search once dropped it, returning tokens it never scored)."""
+    config = preset("tiny", vocab_size=6, pad_id=0, bos_id=1, eos_id=2)
+    CLS, A, E = 1, 3, 2
+    table = {(): {CLS: -0.01, A: -3.0}, (CLS,): {A: -0.01}, (CLS, A): {E: -0.01}}
+    state = TableState(table, config)
+    if num_beams == 1:
+        out = greedy(state, config, max_length=6)
+    else:
+        out = beam_search(state, config, num_beams=num_beams, max_length=6)
+    assert out.tokens == [[CLS, A]]
