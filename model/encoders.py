@@ -1,9 +1,10 @@
 """Frozen image encoders: pixels (B, 3, S, S) -> grid features (B, N, C); pooled = grid mean.
 
 A grid cell holds the CNN's last stage and, average-pooled onto the same grid, a middle stage
-(stride 8-16); the captioner balances the two (`CaptionerConfig.mid_scale`). The last stage of an ImageNet classifier keeps what an object is and drops
-much of its colour: a linear probe reads a lone shape's colour from the cell under it 84% of
-the time from Lite0's last stage and 98% from its stride-16 stage (bench/probe_layers.py).
+(stride 8-16); the captioner balances the two (`CaptionerConfig.mid_scale`). The last stage of
+an ImageNet classifier keeps what an object is and drops much of its colour: a linear probe
+reads a lone shape's colour from the cell under it far better from Lite0's stride-16 stage
+than from its head (bench/probe_layers.py).
 
 Each encoder has ONE preprocessing function (`preprocess`) that training, evaluation and
 serving all call. Architectures are defined here (no third-party model code at serving

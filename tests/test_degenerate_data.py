@@ -126,6 +126,17 @@ def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, featur
     assert not paths["model_path"].exists() and not paths["resume_dir"].exists()
 
 
+def test_train_refuses_features_of_an_older_encoder_layout(tmp_path):
+    """Features from before the grid carried the middle stage: train says to re-run transform."""
+    paths = workspace(tmp_path, [[101, 1037, 2417, 102]])
+    index_path = paths["features_dir"] / "index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "channels": SPECS["tiny"].last_channels}))
+    with pytest.raises(ValueError, match="have 32 channels, the tiny encoder gives 48.*dvc repro"):
+        train(TrainConfig(epochs=1, device="cpu"), **paths)
+    assert not paths["model_path"].exists()
+
+
 def test_data_that_is_fine_passes():
     tokens = torch.tensor([[101, 1037, 2417, 102], [101, 2417, 3600, 102]])
     check_learnable("train", tokens, torch.rand(2, *CELL).half(), preset("tiny"), "here")
