@@ -17,6 +17,7 @@ colour: that is why the grid cell carries a middle stage too (model/encoders.py)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")  # the dataset writer's progress bar: not a table
 
 from model.encoders import ImageEncoder, preprocess  # noqa: E402
 from model.image import open_image  # noqa: E402
