@@ -26,8 +26,9 @@ class CaptionerConfig:
     fusion: str = "cross_attention"
     # The grid's middle-stage channels (model.encoders) are normalised per cell and scaled by
     # this before the projection; 0 drops them (the last stage alone). The stage is a residual
-    # stream ~9x the last stage's scale: raw, it swamps the positions added after projecting
-    # and multiplies its effective learning rate (Adam steps per weight). README: Results.
+    # stream ~9x the last stage's scale: raw, it multiplies its effective learning rate (Adam
+    # steps per weight) and relations suffered; larger scales trade relations for colours
+    # (README: Results).
     mid_scale: float = 1.0
     # decoder shape (BERT layout)
     vocab_size: int = 30522
