@@ -35,20 +35,26 @@ from training.captions import IMAGES_DIR  # noqa: E402
 from training.synthetic import load_scenes, write_synthetic  # noqa: E402
 
 
-def stage_maps(backbone, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every stage's output of Lite0 (the last block of each width) and its 1x1 head."""
-    maps, x = {}, F.relu6(backbone._bn0(backbone._conv_stem(pixels)))
-    blocks = backbone._blocks
+def stage_maps(encoder: ImageEncoder, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every stage's output of Lite0 (the last block of each width), its 1x1 head, and the
+    model's own grid cells, from one pass of the encoder (hooks on the stages' last blocks)."""
+    blocks, maps, hooks = encoder.backbone._blocks, {}, []
     for i, block in enumerate(blocks):
-        x = block(x)
-        last_of_stage = i + 1 == len(blocks) or blocks[i + 1]._project_conv.out_channels != (
-            block._project_conv.out_channels
-        )
-        if last_of_stage:
-            maps[f"block {i} ({x.shape[1]} ch, stride {224 // x.shape[-1]})"] = x
-    maps[f"head ({backbone._bn1.num_features} ch, stride 32)"] = F.relu6(
-        backbone._bn1(backbone._conv_head(x))
-    )
+        width = block._project_conv.out_channels
+        if i + 1 == len(blocks) or blocks[i + 1]._project_conv.out_channels != width:
+
+            def keep(module, args, out, i=i):
+                maps[f"block {i} ({out.shape[1]} ch, stride {224 // out.shape[-1]})"] = out
+
+            hooks.append(block.register_forward_hook(keep))
+    try:
+        cells = encoder(pixels).transpose(1, 2).unflatten(2, (7, 7))  # (B, C, 7, 7)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last = encoder.spec.last_channels
+    maps[f"head ({last} ch, stride 32)"] = cells[:, :last]
+    maps["the model's grid cell (head + stage 4)"] = cells
     return maps  # name -> (B, C, h, w)
 
 
@@ -104,21 +110,19 @@ def main() -> None:
             centres = torch.tensor(
                 [[c / scenes[n].canvas for c in scenes[n].objects[0].centre] for n in batch]
             )
-            for name, fmap in stage_maps(encoder.backbone, pixels).items():
-                grid = F.adaptive_avg_pool2d(fmap, 7)  # what a 7x7 grid cell holds of it
+            for name, fmap in stage_maps(encoder, pixels).items():
                 features.setdefault(name, []).append(cell(fmap, centres))
-                features.setdefault(name + " on the 7x7 grid", []).append(cell(grid, centres))
-            cells = encoder(pixels).transpose(1, 2).unflatten(2, (7, 7))  # (B, C, 7, 7)
-            features.setdefault("the model's grid cell (head + stage 4)", []).append(
-                cell(cells, centres)
-            )
+                if fmap.shape[-1] != 7:
+                    grid = F.adaptive_avg_pool2d(fmap, 7)  # what a 7x7 grid cell holds of it
+                    features.setdefault(name + " on the 7x7 grid", []).append(cell(grid, centres))
     colours = sorted({scenes[n].objects[0].colour for n in names})
     shapes = sorted({scenes[n].objects[0].shape for n in names})
     colour = torch.tensor([colours.index(scenes[n].objects[0].colour) for n in names])
     shape = torch.tensor([shapes.index(scenes[n].objects[0].shape) for n in names])
     train = torch.rand(len(names), generator=torch.Generator().manual_seed(0)) < 0.8
     print(
-        f"{len(names)} one-object scenes, {int(train.sum())} to fit, {int((~train).sum())} held out\n"
+        f"{len(names)} one-object scenes, {int(train.sum())} to fit, "
+        f"{int((~train).sum())} held out\n"
     )
     print("| features of the cell under the object | colour | shape |")
     print("|---|---:|---:|")

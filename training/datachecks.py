@@ -1,11 +1,14 @@
 """Refusals of data a model cannot learn from, for the stages that would otherwise train on it.
 
 A stage that produced garbage must stop (non-zero exit, a message saying what to fix), never
-hand it on: preprocess checks the tokenised captions, train checks what it is about to fit.
+hand it on: preprocess checks the tokenised captions, train checks what it is about to fit,
+train and evaluate check that the cached features are the model encoder's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.tokenizer import EXPECTED
@@ -88,4 +91,23 @@ def check_learnable(
         raise ValueError(
             f"{where}: all {len(grid)} images have identical features: the encoder sees no "
             "difference between them (identical or blank images?)"
+        )
+
+
+def check_features(index: Mapping[str, Any], encoder: str, features_dir: Path) -> None:
+    """Raise unless the feature store's index (data/features/index.json) describes features of
+    `encoder` in its current layout: another encoder's, or an older layout's channels (before
+    the grid carried the middle stage), would be read as garbage."""
+    from model.encoders import SPECS  # torch: not for preprocess, which imports this module
+
+    if index["encoder"] != encoder:
+        raise ValueError(
+            f"{features_dir} holds {index['encoder']!r} features but the model uses the "
+            f"{encoder!r} encoder: run `dvc repro` so transform and train agree"
+        )
+    channels = SPECS[encoder].channels
+    if index.get("channels") != channels:
+        raise ValueError(
+            f"features in {features_dir} have {index.get('channels')} channels, the {encoder} "
+            f"encoder gives {channels}: run `dvc repro` so transform recomputes them"
         )

@@ -28,6 +28,7 @@ from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
 from training import registry, tracking
 from training.attention_plot import evaluate_attention
 from training.captions import IMAGES_DIR, SCENES_FILE
+from training.datachecks import check_features
 from training.metrics import caption_metrics, content_metrics
 from training.model_card import CardFacts, model_card
 from training.params import from_section, load_params, pick_device, stage_main
@@ -338,11 +339,7 @@ def _test_features(features_dir: Path, images: list[str], model: Captioner) -> n
         raise FileNotFoundError(f"{index_path} or {array_path} missing: run `dvc repro transform`")
     index = json.loads(index_path.read_text(encoding="utf-8"))
     spec = model.encoder.spec
-    if index["encoder"] != model.config.encoder:
-        raise ValueError(
-            f"{features_dir} holds {index['encoder']!r} features but the model uses the "
-            f"{model.config.encoder!r} encoder: run `dvc repro` so transform and train agree"
-        )
+    check_features(index, model.config.encoder, features_dir)
     features = np.load(array_path, mmap_mode="r")
     if features.shape[1:] != (spec.grid * spec.grid, spec.channels):
         raise ValueError(

@@ -14,9 +14,9 @@ runs per workspace, and it stops when the `dvc` that started it is gone (trainin
 Past one process (`nproc_per_node`, `nnodes`): the stage re-launches itself under torchrun
 (training/distributed.py) and trains with DistributedDataParallel. The global batch stays
 `batch_size` captions in the same (seed, epoch) order; each rank takes a contiguous part of its
-images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the gradient of
-the whole batch's mean loss, as one process computes it: the loss curve is the one-process
-curve up to float rounding (and dropout masks, which each rank draws for its own captions).
+images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the
+gradient of the whole batch's mean loss, as one process computes it: the loss curve is the
+one-process curve up to float rounding (and dropout masks, which each rank draws for its own captions).
 Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow; every rank
 gets the same validation loss bits, so all take the same early-stopping decision. One process
 computes exactly what it computed before DDP existed.
@@ -44,12 +44,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
-from model.encoders import SPECS
 from model.io import atomic_write
 from model.pretrained import load_pretrained
 from training import augment, distributed, resume, tracking
 from training.augment import mirror_ids, mirror_tokens
-from training.datachecks import check_learnable
+from training.datachecks import check_features, check_learnable
 from training.distributed import ONE_PROCESS, World
 from training.params import ModelParams, from_section, load_params, pick_device, stage_main
 from training.paths import (
@@ -370,17 +369,7 @@ def train(
     distributed.join(world, device, cfg.ddp_timeout_s)
     config = CaptionerConfig.load(config_path)
     index = json.loads((features_dir / FEATURES_INDEX).read_text())
-    if index["encoder"] != config.encoder:
-        raise ValueError(
-            f"features in {features_dir} come from {index['encoder']} but the model uses "
-            f"{config.encoder}: run `dvc repro` so transform recomputes them"
-        )
-    if index.get("channels") != SPECS[config.encoder].channels:  # an older encoder's layout
-        raise ValueError(
-            f"features in {features_dir} have {index.get('channels')} channels, the "
-            f"{config.encoder} encoder gives {SPECS[config.encoder].channels}: run `dvc repro` "
-            "so transform recomputes them"
-        )
+    check_features(index, config.encoder, features_dir)
     processed = json.loads(processed_path.read_text())
     train_data = CaptionData(processed, features_dir, "train", config.pad_id)
     val_data = CaptionData(processed, features_dir, "val", config.pad_id)

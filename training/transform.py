@@ -25,8 +25,8 @@ size, views, seed, robustness, augment).
 the ranks share the batches of every store (batch k is rank k mod world size's): each rank
 decodes, augments and encodes only the images of its own batches, on its own GPU, writing its
 rows into the one memory-mapped store rank 0 created (which views are mirrored is gathered from
-every rank for the index). Each batch holds the same images as in one process, so on a CPU the stores are
-the same, byte for byte. One machine: the ranks share its filesystem.
+every rank for the index). Each batch holds the same images as in one process, so on a CPU the
+stores are the same, byte for byte. One machine: the ranks share its filesystem.
 """
 
 from __future__ import annotations
