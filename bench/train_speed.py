@@ -4,11 +4,12 @@
 
 The architecture of a preset with random weights (speed does not depend on their values, and
 nothing downloads), run the way the pipeline runs it: the transform stage's traced, frozen
-encoder; the train stage's step (bf16 autocast on CUDA, AdamW, gradient clipping) on batches
-of `--batch-size` captions of `--tokens` tokens over a `--output-vocab`-word output vocabulary;
-the evaluate stage's beam search. Then multiplies by Flickr8k's sizes: 8,091 images to
-encode, 6,000 training images x 5 captions per epoch, 1,000 test images. Prints a table with
-each phase's peak memory (allocated on a GPU; on a CPU, the process's peak RSS so far).
+encoder; the train stage's step (AdamW, gradient clipping; `--precision auto fp32` times both
+of train.precision's modes, taking turns) on batches of `--batch-size` captions of `--tokens`
+tokens over a `--output-vocab`-word output vocabulary; the evaluate stage's beam search. Then
+multiplies by Flickr8k's sizes: 8,091 images to encode, 6,000 training images x 5 captions per
+epoch, 1,000 test images. Prints a table with each phase's peak memory (allocated on a GPU;
+on a CPU, the process's peak RSS so far).
 
     .venv/bin/python bench/train_speed.py --scaling 2 [--preset offline] [--threads 1]
 
@@ -41,7 +42,7 @@ from model import build_captioner, preset  # noqa: E402
 from training import distributed  # noqa: E402
 from training.distributed import World  # noqa: E402
 from training.params import pick_device  # noqa: E402
-from training.train import TrainConfig, train_step  # noqa: E402
+from training.train import PRECISIONS, TrainConfig, train_step, uses_bf16  # noqa: E402
 
 FLICKR8K = {"images": 8091, "train_captions": 6000 * 5, "test_images": 1000}
 
@@ -99,7 +100,7 @@ def scaling_worker(args, out: Path) -> None:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    cfg = TrainConfig(batch_size=args.batch_size)
+    cfg = TrainConfig(batch_size=args.batch_size, precision=args.precision[0])
 
     def step() -> None:
         train_step(net, optimizer, scheduler, batch, cfg, device, world, config.pad_id)
@@ -123,6 +124,7 @@ def scaling(args) -> None:
     forwarded = ["--preset", args.preset, "--device", args.device, "--threads", str(args.threads)]
     forwarded += ["--batch-size", str(args.batch_size), "--tokens", str(args.tokens)]
     forwarded += ["--output-vocab", str(args.output_vocab), "--steps", str(args.steps)]
+    forwarded += ["--precision", args.precision[0]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     times: dict[int, list[float]] = {1: [], args.scaling: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +156,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="captions per training step")
     parser.add_argument("--tokens", type=int, default=16, help="[CLS] + caption + [SEP]")
     parser.add_argument("--output-vocab", type=int, default=7000, help="Flickr8k: ~7k WordPieces")
+    parser.add_argument(
+        "--precision", nargs="+", default=["auto"], choices=PRECISIONS, help="train.precision(s)"
+    )
     parser.add_argument("--encode-batch", type=int, default=32, help="the transform stage's")
     parser.add_argument("--eval-batch", type=int, default=32, help="params.yaml evaluate")
     parser.add_argument("--num-beams", type=int, default=3)
@@ -199,13 +204,16 @@ def main() -> None:
         [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    cfg = TrainConfig(batch_size=B)
     model.train()
+    step_s: dict[str, list[float]] = {p: [] for p in args.precision}
+    for _ in range(args.repeats):  # the precisions take turns: the machine's load hits all alike
+        for precision in args.precision:
+            cfg = TrainConfig(batch_size=B, precision=precision)
 
-    def step() -> None:  # the train stage's step: features on the device, captions on the CPU
-        train_step(model, optimizer, scheduler, batch, cfg, device, pad_id=config.pad_id)
+            def step(cfg: TrainConfig = cfg) -> None:  # features on the device, captions on the CPU
+                train_step(model, optimizer, scheduler, batch, cfg, device, pad_id=config.pad_id)
 
-    step_s = timed(step, device, args.repeats)
+            step_s[precision].append(timed(step, device, 1))
     train_peak = peak_memory(device)
     model.eval()
 
@@ -237,10 +245,14 @@ def main() -> None:
         f"{FLICKR8K['images'] * encode_s / 60:.1f} min for {FLICKR8K['images']:,} images | "
         f"{encode_peak} |"
     )
-    print(
-        f"| train | {1000 * step_s:.0f} ms / step of {B} captions | "
-        f"{epoch_steps * step_s / 60:.1f} min / epoch ({epoch_steps:.0f} steps) | {train_peak} |"
-    )
+    for precision, times in step_s.items():
+        seconds = statistics.median(times)
+        mode = "bf16 autocast" if uses_bf16(device, precision) else "fp32"
+        print(
+            f"| train (`{precision}`: {mode}) | {1000 * seconds:.0f} ms / step of {B} captions | "
+            f"{epoch_steps * seconds / 60:.1f} min / epoch ({epoch_steps:.0f} steps) | "
+            f"{train_peak} |"
+        )
     print(
         f"| evaluate (beam {args.num_beams}, {args.max_length} tokens, batches of "
         f"{len(eval_grid)}) | {1000 * decode_s:.1f} ms / image | "

@@ -1,7 +1,10 @@
 """Frozen image encoders: pixels (B, 3, S, S) -> grid features (B, N, C); pooled = grid mean.
 
-A grid cell holds the CNN's last stage and, average-pooled onto the same grid, a middle stage
-(stride 8-16); the captioner balances the two (`CaptionerConfig.mid_scale`). The last stage of
+A grid cell holds the CNN's last stage and a middle stage (stride 8-16) brought onto the same
+grid: Lite0's stride-16 stage with its 2x2 sub-cells stacked into the cell's channels (space to
+depth: a small object's colour is not averaged with the background around it), ResNet-50's
+stride-8 stage as the mean of its 4x4 sub-cells (stacked, 8,192 channels a cell). The captioner
+balances the two (`CaptionerConfig.mid_scale`). The last stage of
 an ImageNet classifier keeps what an object is and drops much of its colour: a linear probe
 reads a lone shape's colour from the cell under it far better from Lite0's stride-16 stage
 than from its head (bench/probe_layers.py).
@@ -30,8 +33,9 @@ class EncoderSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     last_channels: int  # of the last stage, at stride S / grid
-    mid_channels: int  # of the middle stage, pooled onto the grid
+    mid_channels: int  # of the middle stage, as it lands on the grid
     grid: int  # the grid is grid x grid cells: N = grid**2
+    mid_stacked: bool = False  # the middle stage's sub-cells stacked (space to depth), else mean
 
     @property
     def channels(self) -> int:
@@ -45,8 +49,11 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 SPECS = {
     # layer4 + layer2 (stride 8, after 7 of its 16 blocks)
     "resnet50": EncoderSpec(224, _IMAGENET_MEAN, _IMAGENET_STD, 2048, 512, grid=7),
-    # the 1x1 head + stage 4 (stride 16, after 8 of 16 blocks); trained on inputs in [-1, 1]
-    "efficientnet_lite0": EncoderSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1280, 80, grid=7),
+    # the 1x1 head + stage 4 (stride 16, after 8 of 16 blocks: 80 channels x 2x2 sub-cells);
+    # trained on inputs in [-1, 1]
+    "efficientnet_lite0": EncoderSpec(
+        224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1280, 4 * 80, grid=7, mid_stacked=True
+    ),
     "tiny": EncoderSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, 16, grid=4),
 }
 
@@ -74,7 +81,10 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         last, mid = self.backbone(pixels)  # (B, C1, g, g), (B, C2, k*g, k*g)
-        mid = F.adaptive_avg_pool2d(mid, last.shape[-2:])  # (B, C2, g, g): k x k means
+        if self.spec.mid_stacked:
+            mid = F.pixel_unshuffle(mid, mid.shape[-1] // last.shape[-1])  # (B, C2*k*k, g, g)
+        else:
+            mid = F.adaptive_avg_pool2d(mid, last.shape[-2:])  # (B, C2, g, g): k x k means
         return torch.cat([last, mid], dim=1).flatten(2).transpose(1, 2)  # (B, N, C1 + C2)
 
 

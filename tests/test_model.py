@@ -198,8 +198,10 @@ def test_efficientnet_lite0_matches_the_published_implementation():
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         last = reference.extract_features(pixels)  # (B, 1280, 7, 7)
-        mid = torch.nn.functional.avg_pool2d(mids[0], 2).flatten(2).transpose(1, 2)  # (B, 49, 80)
-    expected = torch.cat([last.flatten(2).transpose(1, 2), mid], 2)  # (B, 49, 1360)
+        sub = mids[0].unflatten(2, (7, 2)).unflatten(4, (7, 2))  # (B, 80, 7, 2, 7, 2)
+        # (B, 49, 320): cell (r, c) holds channel k's 2x2 sub-cells, row by row, per channel
+        mid = sub.permute(0, 2, 4, 1, 3, 5).reshape(2, 49, 320)
+    expected = torch.cat([last.flatten(2).transpose(1, 2), mid], 2)  # (B, 49, 1600)
     torch.testing.assert_close(encoder(pixels), expected)
 
 

@@ -70,11 +70,15 @@ from training.weights import WeightsConfig, needed, weight_files
 log = logging.getLogger(__name__)
 
 
+# train.precision: auto is bf16 autocast where the device computes it natively, else fp32.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """The `train:` section of params.yaml."""
 
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 64  # captions per step
     captions_per_image: int | None = 1  # per image per epoch, drawn anew each epoch; None: all
     lr: float = 3e-4
@@ -83,9 +87,10 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-    patience: int = 3
+    patience: int = 10
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs)
     num_threads: int = 0
     nproc_per_node: int = 1  # processes on this machine, one per GPU; > 1: DDP under torchrun
     nnodes: int = 1  # machines; > 1: node 0 runs `dvc repro`, the others the stage (README)
@@ -93,6 +98,10 @@ class TrainConfig:
     ddp_timeout_s: int = 300  # a rank waiting this long for the others fails the whole job
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError(
                 f"train.nproc_per_node ({self.nproc_per_node}) and train.nnodes ({self.nnodes}) "
@@ -282,10 +291,15 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
 
 @torch.no_grad()
 def validation_loss(
-    model: Captioner, data: CaptionData, batch_size: int, device, world: World = ONE_PROCESS
+    model: Captioner,
+    data: CaptionData,
+    batch_size: int,
+    device,
+    world: World = ONE_PROCESS,
+    precision: str = "fp32",
 ) -> float:
     """Token-weighted mean cross-entropy (no label smoothing) over a split, the ranks sharing
-    each batch; every rank gets the same value."""
+    each batch, in the training steps' precision; every rank gets the same value."""
     model.eval()
     summed = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait
     count = 0
@@ -294,19 +308,31 @@ def validation_loss(
         count += targets
         n = int((tokens[:, 1:] != data.pad_id).sum())  # this rank's targets
         if n:
-            _, loss = model(grid.to(device), tokens.to(device), rows=rows.to(device))
+            with autocast(device, precision):
+                _, loss = model(grid.to(device), tokens.to(device), rows=rows.to(device))
             summed += loss.double() * n  # as one process always summed it: float64
     return distributed.total(summed, world).item() / max(count, 1)
 
 
-# Mixed precision per device type: bf16 on CUDA (no loss scaling needed); elsewhere fp32.
-AUTOCAST = {"cuda": torch.bfloat16}
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: CUDA GPUs from Ampere on, and CPUs with AMX or
+    AVX512-BF16 (oneDNN's bf16 matmul is ~6x fp32 on AMX; elsewhere bf16 is emulated, slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: may go away
+    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """The autocast context a training step runs in on `device` (disabled where fp32)."""
-    dtype = AUTOCAST.get(device.type)
-    return torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether training steps on `device` run under bf16 autocast for `train.precision`."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> torch.autocast:
+    """The autocast context a training step runs in: bf16 where `uses_bf16` (weights,
+    optimizer state and the loss stay fp32; no loss scaling needed), else disabled (fp32)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def train_step(
@@ -330,7 +356,7 @@ def train_step(
     (grid, tokens, rows), targets = shard(batch, world, pad_id)
     grid = grid.to(device, non_blocking=True)
     tokens, rows = tokens.to(device, non_blocking=True), rows.to(device, non_blocking=True)
-    with autocast(device):
+    with autocast(device, cfg.precision):
         if world.size == 1:  # the mean loss itself: one process trains as it always did
             _, share = net(grid, tokens, cfg.label_smoothing, rows)
         else:  # a rank with no captions in this batch adds 0 (and takes part in the all-reduce)
@@ -429,11 +455,12 @@ def train(
         net = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     log.info(
-        "%d train / %d val captions, %d steps per epoch, device %s%s",
+        "%d train / %d val captions, %d steps per epoch, device %s (%s)%s",
         len(train_data),
         len(val_data),
         steps_per_epoch,
         device,
+        "bf16 autocast" if uses_bf16(device, cfg.precision) else "fp32",
         f", {world.size} processes (DDP)" if world.size > 1 else "",
     )
     for epoch in range(state["epoch"], cfg.epochs):
@@ -458,7 +485,7 @@ def train(
                 # rank 0's share scaled up: the loss shown, roughly; the history has the exact one
                 batches.set_postfix(loss=f"{running.item() * world.size / step:.3f}")
         train_loss = distributed.total(running, world).item() / steps_per_epoch
-        val_loss = validation_loss(model, val_data, cfg.batch_size, device, world)
+        val_loss = validation_loss(model, val_data, cfg.batch_size, device, world, cfg.precision)
         seconds = time.perf_counter() - started
         row = {
             "epoch": epoch + 1,
