@@ -3,9 +3,10 @@
 Draws one-object scenes of the embedded dataset (training/synthetic.py, its own seed), runs the
 pretrained EfficientNet-Lite0 over them through the model's one preprocessing function, and
 takes, for every stage, the feature vector of the cell under the object's centre: at the
-stage's own resolution and average-pooled onto the 7x7 grid the decoder reads. A softmax
-regression (standardised inputs, L2, full-batch L-BFGS) fits the colour on 80% of the scenes
-and is scored on the rest; the same for the shape. Prints a Markdown table.
+stage's own resolution, average-pooled onto the 7x7 grid the decoder reads and, for the
+stride-16 stages, with each grid cell's 2x2 sub-cells stacked (what the grid holds of stage
+4). A softmax regression (standardised inputs, L2, full-batch L-BFGS) fits the colour on 80% of
+the scenes and is scored on the rest; the same for the shape. Prints a Markdown table.
 
     .venv/bin/python bench/probe_layers.py            # ~1 minute on 2 CPU cores
     .venv/bin/python bench/probe_layers.py --images 3000
@@ -115,6 +116,11 @@ def main() -> None:
                 if fmap.shape[-1] != 7:
                     grid = F.adaptive_avg_pool2d(fmap, 7)  # what a 7x7 grid cell holds of it
                     features.setdefault(name + " on the 7x7 grid", []).append(cell(grid, centres))
+                if fmap.shape[-1] == 14:  # its 2x2 sub-cells stacked, as the model's grid holds
+                    grid = F.pixel_unshuffle(fmap, 2)  # (B, 4C, 7, 7)
+                    features.setdefault(name + " stacked onto the grid", []).append(
+                        cell(grid, centres)
+                    )
     colours = sorted({scenes[n].objects[0].colour for n in names})
     shapes = sorted({scenes[n].objects[0].shape for n in names})
     colour = torch.tensor([colours.index(scenes[n].objects[0].colour) for n in names])

@@ -3,11 +3,11 @@
 A grid cell holds the CNN's last stage and a middle stage (stride 8-16) brought onto the same
 grid: Lite0's stride-16 stage with its 2x2 sub-cells stacked into the cell's channels (space to
 depth: a small object's colour is not averaged with the background around it), ResNet-50's
-stride-8 stage as the mean of its 4x4 sub-cells (stacked, 8,192 channels a cell). The captioner
-balances the two (`CaptionerConfig.mid_scale`). The last stage of
-an ImageNet classifier keeps what an object is and drops much of its colour: a linear probe
-reads a lone shape's colour from the cell under it far better from Lite0's stride-16 stage
-than from its head (bench/probe_layers.py).
+stride-8 stage as the mean of its 4x4 sub-cells (stacked, they would make 8,192 channels). The
+captioner balances the two (`CaptionerConfig.mid_scale`). The last stage of an ImageNet
+classifier keeps what an object is and drops much of its colour: a linear probe reads a lone
+shape's colour from the cell under it far better from Lite0's stride-16 stage than from its
+head (bench/probe_layers.py).
 
 Each encoder has ONE preprocessing function (`preprocess`) that training, evaluation and
 serving all call. Architectures are defined here (no third-party model code at serving
