@@ -16,10 +16,10 @@ Past one process (`nproc_per_node`, `nnodes`): the stage re-launches itself unde
 `batch_size` captions in the same (seed, epoch) order; each rank takes a contiguous part of its
 images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the
 gradient of the whole batch's mean loss, as one process computes it: the loss curve is the
-one-process curve up to float rounding (and dropout masks, which each rank draws for its own captions).
-Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow; every rank
-gets the same validation loss bits, so all take the same early-stopping decision. One process
-computes exactly what it computed before DDP existed.
+one-process curve up to float rounding (and dropout masks, which each rank draws for its own
+captions). Rank 0 alone reads and writes the resume state, checkpoints, outputs and MLflow;
+every rank gets the same validation loss bits, so all take the same early-stopping decision.
+One process computes exactly what it computed before DDP existed.
 """
 
 from __future__ import annotations
