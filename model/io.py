@@ -79,5 +79,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Cap
     config = CaptionerConfig.from_dict(checkpoint["config"])
     with torch.device("meta"):  # no random init of weights that are overwritten next
         model = Captioner(config)
+    found = checkpoint["state_dict"].get("image_proj.weight")
+    channels = model.encoder.spec.channels
+    if found is not None and found.shape[1] != channels:
+        raise ValueError(
+            f"{path} reads {found.shape[1]}-channel grid cells, but this version's "
+            f"{config.encoder} grid has {channels} (model/encoders.py): it was trained by an "
+            "earlier imgtocap; train it again (dvc repro) or use that version"
+        )
     model.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
     return model.to(device).eval()

@@ -49,6 +49,14 @@ def test_load_checkpoint_errors_are_actionable(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an imgtocap checkpoint"):
         load_checkpoint(tmp_path / "other.pth")
+    # trained when a grid cell had other channels (an earlier version of the encoder's grid)
+    save_checkpoint(tiny(), tmp_path / "old.pth")
+    checkpoint = torch.load(tmp_path / "old.pth", weights_only=True)
+    state = checkpoint["state_dict"]
+    state["image_proj.weight"] = state["image_proj.weight"][:, :40]
+    torch.save(checkpoint, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="reads 40-channel grid cells.* has 48 .*dvc repro"):
+        load_checkpoint(tmp_path / "old.pth")
 
 
 # Writes checkpoints of the tiny model, with ~32 MB of padding so each write takes a while,
