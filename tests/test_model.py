@@ -29,6 +29,8 @@ def test_config_rejects_unknown_and_invalid_values():
         CaptionerConfig.from_dict({"hiden_size": 10})
     with pytest.raises(ValueError, match="fusion='add' is not one of"):
         CaptionerConfig(fusion="add")
+    with pytest.raises(ValueError, match="projector='conv' is not one of"):
+        CaptionerConfig(projector="conv")
     with pytest.raises(ValueError, match="unknown preset 'huge'; available presets"):
         preset("huge")
     with pytest.raises(ValueError, match="output_vocab must contain eos_id=102"):
@@ -68,8 +70,8 @@ IMAGE_SIDE = {"image_proj", "row_emb", "col_emb", "image_norm", "cross_attn"}
 # start random once the named encoder and decoder checkpoints are loaded
 PROMISES = {
     "seed": ("concat", {"image_proj", "fuse"}),  # the brief's: all of BERT is pretrained
-    "base": ("cross_attention", IMAGE_SIDE),  # BERT's MLM head included
-    "offline": ("cross_attention", IMAGE_SIDE | {"head"}),  # MiniLM has no MLM head
+    "base": ("cross_attention", IMAGE_SIDE | {"image_mlp"}),  # BERT's MLM head included
+    "offline": ("cross_attention", IMAGE_SIDE | {"image_mlp", "head"}),  # MiniLM has no MLM head
     "tiny": ("cross_attention", IMAGE_SIDE | {"decoder", "head"}),  # random: for tests
 }
 
@@ -120,9 +122,11 @@ def test_causal_future_tokens_do_not_change_past_logits(fusion):
         assert not torch.allclose(perturbed[:, t + 1 :], logits[:, t + 1 :])
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp"])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_training_step_updates_decoder_and_never_the_encoder(fusion):
-    model = tiny(fusion, dropout=0.1).train()
+def test_training_step_updates_decoder_and_never_the_encoder(fusion, projector):
+    model = tiny(fusion, dropout=0.1, projector=projector).train()
+    assert (len(list(model.image_mlp.parameters())) > 0) == (projector == "mlp")
     assert not model.encoder.training, "the frozen encoder must stay in eval mode"
     pixels = torch.randn(4, 3, 32, 32)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
