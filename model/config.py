@@ -31,9 +31,9 @@ class CaptionerConfig:
     # steps per weight) and relations suffered; larger scales trade relations for colours
     # (README: Results).
     mid_scale: float = 1.0
-    # Grid cell -> decoder width: one linear layer (checkpoints saved before this field), or
-    # linear -> GELU -> linear, LLaVA-1.5's projector, which can read a feature (a hue at the
-    # orange/yellow boundary) that no one plane through the CNN's channels parts
+    # Grid cell -> decoder width: "linear" (one layer; checkpoints saved before this field) or
+    # "mlp": linear -> GELU -> linear, LLaVA-1.5's projector, so that what the decoder reads from
+    # a cell need not be one plane through the CNN's channels (README: Results)
     projector: str = "linear"
     # decoder shape (BERT layout)
     vocab_size: int = 30522
