@@ -16,10 +16,13 @@ from model.io import discard_partial_writes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp"])
 @pytest.mark.parametrize("output_vocab", [None, [102, 1037, 2417, 4418]])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_save_load_gives_identical_captions_offline(tmp_path, no_network, fusion, output_vocab):
-    model = tiny(fusion, output_vocab=output_vocab)
+def test_save_load_gives_identical_captions_offline(
+    tmp_path, no_network, fusion, output_vocab, projector
+):
+    model = tiny(fusion, output_vocab=output_vocab, projector=projector)
     pixels = torch.randn(3, 3, 32, 32)
     before = model.generate(pixels, num_beams=2, max_length=8)
     save_checkpoint(model, tmp_path / "model.pth", epoch=3)
@@ -41,6 +44,21 @@ def test_checkpoint_is_a_plain_weights_only_dict(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values())
     # the frozen encoder travels with the model: serving needs nothing else
     assert any(k.startswith("encoder.backbone.") for k in checkpoint["state_dict"])
+
+
+def test_a_checkpoint_from_before_the_projector_field_loads_with_one_linear_layer(tmp_path):
+    model = tiny(projector="linear")
+    save_checkpoint(model, tmp_path / "old.pth")
+    checkpoint = torch.load(tmp_path / "old.pth", weights_only=True)
+    del checkpoint["config"]["projector"]  # as every checkpoint saved before it was written
+    torch.save(checkpoint, tmp_path / "old.pth")
+
+    loaded = load_checkpoint(tmp_path / "old.pth")
+    assert loaded.config.projector == "linear"
+    pixels = torch.randn(2, 3, 32, 32)
+    assert (
+        loaded.generate(pixels, max_length=8).tokens == model.generate(pixels, max_length=8).tokens
+    )
 
 
 def test_load_checkpoint_errors_are_actionable(tmp_path):
