@@ -38,8 +38,8 @@ class PreprocessConfig:
     """The `preprocess` section of params.yaml."""
 
     max_tokens: int = 32  # [CLS] + caption + [SEP]; longer captions are truncated
-    val_fraction: float = 0.1  # of the images; Flickr8k's official splits win when present
-    test_fraction: float = 0.1
+    val_fraction: float = 0.05  # of the images; Flickr8k's official splits win when present
+    test_fraction: float = 0.05
     seed: int = 0  # of the shuffle that splits the images
 
     def __post_init__(self) -> None:

@@ -115,7 +115,7 @@ CAPTIONS_PER_IMAGE = 5
 class SyntheticConfig:
     """`data.synthetic` in params.yaml."""
 
-    num_images: int = 2500
+    num_images: int = 5000
     # canvas side in pixels: [lo, hi] draws each image's side from that range; one number fixes it
     image_size: int | list[int] = field(default_factory=lambda: [128, 384])
     seed: int = 0
@@ -285,7 +285,7 @@ def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
 
 def write_synthetic(
     out_dir: Path,
-    num_images: int = 2500,
+    num_images: int = 5000,
     image_size: int | Sequence[int] = (128, 384),
     seed: int = 0,
     one_object_fraction: float = 0.4,

@@ -78,7 +78,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class TrainConfig:
     """The `train:` section of params.yaml."""
 
-    epochs: int = 50
+    epochs: int = 20
     batch_size: int = 64  # captions per step
     captions_per_image: int | None = 1  # per image per epoch, drawn anew each epoch; None: all
     lr: float = 3e-4

@@ -88,7 +88,7 @@ class TransformConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 4  # images per forward pass: 4 costs half the CPU of 32 (cache-sized)
     nproc_per_node: int = 1  # processes sharing the images (one per GPU), under torchrun
-    views: int = 2  # augmented views of every training image, encoded besides it; 0: none
+    views: int = 3  # augmented views of every training image, encoded besides it; 0: none
     seed: int = 0  # of the views' and the perturbed test copies' random draws
     robustness: bool = True  # encode the perturbed test copies (synthetic data only)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
