@@ -24,6 +24,9 @@ from training.validate import validate
 CELL = (SPECS["tiny"].grid ** 2, SPECS["tiny"].channels)  # (N, C) of a tiny grid
 
 
+ONE_IN_TEN = {"val_fraction": 0.1, "test_fraction": 0.1}  # of prepared()'s 10 images: 1 each
+
+
 def prepared(root: Path, captions: list[tuple[str, str]] | None = None, images: int = 10):
     """A validated raw dataset under root (synthetic images, optionally other captions)."""
     raw = root / "raw"
@@ -40,7 +43,7 @@ def test_preprocess_refuses_captions_that_are_mostly_unknown_pieces(tmp_path):
     raw, report = prepared(tmp_path, [(n, "a 🐶🐶 🐱 and a 🦊") for n in names])
     out = tmp_path / "processed" / "captions.json"
     with pytest.raises(ValueError) as error:
-        preprocess(PreprocessConfig(), "bert-base-uncased", raw, report, out)
+        preprocess(PreprocessConfig(**ONE_IN_TEN), "bert-base-uncased", raw, report, out)
     message = str(error.value)
     assert "50% of the 60 caption WordPieces are [UNK]" in message
     assert "'bert-base-uncased'" in message and "a [UNK] [UNK] and a [UNK]" in message
@@ -66,7 +69,7 @@ def test_preprocess_refuses_an_empty_split(tmp_path, fractions, empty):
     out.parent.mkdir()
     out.write_text("{}")  # an earlier run's output: gone, so nothing stale is read later
     with pytest.raises(ValueError, match=rf"the {empty} split\(s\) would hold no images \(10 "):
-        preprocess(PreprocessConfig(**fractions), "packaged", raw, report, out)
+        preprocess(PreprocessConfig(**{**ONE_IN_TEN, **fractions}), "packaged", raw, report, out)
     assert not out.exists()
 
 
