@@ -110,3 +110,13 @@ def test_a_missing_checkpoint_says_what_to_pass(folder, tmp_path, monkeypatch, c
     assert (
         "no checkpoint at artifacts/model/model.pth: pass --checkpoint" in capsys.readouterr().err
     )
+
+
+def test_a_token_may_start_with_a_dash(folder, capsys):
+    """TorchServe's keys can start with "-": `--token -k3y` passes the key, as `--token=-k3y`."""
+    with pytest.raises(SystemExit):
+        main(["caption", str(folder), "--token", "-k3y_9"])  # read as a key: and no --url
+    assert "--token is for --url" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an option of caption's right after it: no key was given
+        main(["caption", str(folder), "--token", "--url", "http://127.0.0.1:9"])
+    assert "argument --token: expected one argument" in capsys.readouterr().err

@@ -50,8 +50,21 @@ class Job:
 
 def main(argv: list[str] | None = None) -> int:
     """The `imgtocap` console script."""
-    args = _parser().parse_args(argv)
-    return caption(args)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    return caption(parser.parse_args(_token_glued(argv, parser.caption_options)))
+
+
+def _token_glued(argv: list[str], options: frozenset[str]) -> list[str]:
+    """`--token -k3y` as `--token=-k3y`: a TorchServe key can start with "-", and argparse would
+    take it for an option and stop. One of caption's own options stays one (no key was given)."""
+    glued: list[str] = []
+    for arg in argv:
+        if glued and glued[-1] == "--token" and arg.startswith("-") and arg not in options:
+            glued[-1] = f"--token={arg}"
+        else:
+            glued.append(arg)
+    return glued
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N], locally")
     cap.add_argument("--attention", type=Path, metavar="DIR", help="write a heat-map PNG per image")
     cap.add_argument("--output", type=Path, metavar="FILE", help="JSON lines here, not stdout")
+    parser.caption_options = frozenset(cap._option_string_actions)  # type: ignore[attr-defined]
     return parser
 
 
