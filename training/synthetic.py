@@ -285,10 +285,10 @@ def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
 
 def write_synthetic(
     out_dir: Path,
-    num_images: int = 5000,
+    num_images: int = SyntheticConfig.num_images,  # its defaults (image_size: the same range)
     image_size: int | Sequence[int] = (128, 384),
-    seed: int = 0,
-    one_object_fraction: float = 0.4,
+    seed: int = SyntheticConfig.seed,
+    one_object_fraction: float = SyntheticConfig.one_object_fraction,
 ) -> int:
     """Write the synthetic dataset in the raw layout (plus scenes.json); returns image count.
 
