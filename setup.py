@@ -32,8 +32,8 @@ setup(
     ),
     package_data={"serve": ["config.properties"]},  # the runner's default config
     install_requires=requirements("train.txt"),
-    # `imgtocap caption PATH...`: in training/, not model/ (which every .mar ships) nor a new
-    # top-level package; it is a user-facing tool beside the stages, with their dependencies
-    entry_points={"console_scripts": ["imgtocap = training.cli:main"]},
+    # `imgtocap caption PATH...`: in serve/, beside the server it talks to; not model/ (which
+    # every .mar ships) nor training/ (the pipeline)
+    entry_points={"console_scripts": ["imgtocap = serve.cli:main"]},
     extras_require={"dev": requirements("dev.txt")},
 )

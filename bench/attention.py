@@ -25,17 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model import decode_caption, load_checkpoint, load_tokenizer  # noqa: E402
-from training.captions import IMAGES_DIR  # noqa: E402
-from training.evaluate import EvalParams  # noqa: E402
+from training.data.captions import IMAGES_DIR  # noqa: E402
+from training.data.synthetic import load_scenes, parse_caption  # noqa: E402
 from training.params import load_params  # noqa: E402
 from training.paths import FEATURES_DIR, FEATURES_INDEX, MODEL_PATH, RAW_DIR  # noqa: E402
-from training.synthetic import load_scenes, parse_caption  # noqa: E402
+from training.stages.evaluate import EvaluateConfig  # noqa: E402
 
 
 def main() -> None:
     model = load_checkpoint(ROOT / MODEL_PATH)
     tokenizer = load_tokenizer(model.config.tokenizer)
-    decoding = EvalParams.from_dict(load_params(ROOT / "params.yaml").get("evaluate")).decoding()
+    decoding = EvaluateConfig.from_dict(
+        load_params(ROOT / "params.yaml").get("evaluate")
+    ).decoding()
     names = json.loads((ROOT / FEATURES_DIR / FEATURES_INDEX).read_text())["splits"]["test"]
     features = torch.from_numpy(np.load(ROOT / FEATURES_DIR / "test.npy")).float()  # (n, N, C)
     scenes = load_scenes(ROOT / RAW_DIR)

@@ -37,8 +37,8 @@ from fixtures_model import (  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from model import decode_caption, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
-from training.package import build_archive  # noqa: E402
 from training.params import pick_device  # noqa: E402
+from training.stages.package import build_archive  # noqa: E402
 
 
 def png(i: int) -> bytes:

@@ -1,7 +1,7 @@
 """Out-of-distribution check: shapes drawn by a different program, captioned by a checkpoint.
 
 The synthetic dataset's spec (DESIGN.md) drawn with other code and other choices than
-training/synthetic.py: CSS colour names through PIL's ImageColor, plain ImageDraw calls with
+training/data/synthetic.py: CSS colour names through PIL's ImageColor, plain ImageDraw calls with
 no anti-aliasing, white or near-white backgrounds, equilateral triangles, canvases of 256 to
 640 pixels, objects placed by a simple grid layout. Each image is captioned as PNG and as
 JPEG (quality 75, Pillow's default), through the model's own `open_image` + `preprocess`, as
@@ -26,7 +26,7 @@ from PIL import Image, ImageColor, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import decode_caption, load_checkpoint, load_tokenizer, open_image  # noqa: E402
-from training.synthetic import Scene, SceneObject, content_breakdown, content_correct  # noqa: E402
+from training.data.synthetic import Scene, SceneObject, content_breakdown, content_correct  # noqa: E402
 
 # What another program would most likely call these colours: CSS names.
 CSS = {

@@ -1,6 +1,6 @@
 """Which layer of the frozen encoder still knows an object's colour? A linear probe per layer.
 
-Draws one-object scenes of the embedded dataset (training/synthetic.py, its own seed), runs the
+Draws one-object scenes of the embedded dataset (training/data/synthetic.py, its own seed), runs the
 pretrained EfficientNet-Lite0 over them through the model's one preprocessing function, and
 takes, for every stage, the feature vector of the cell under the object's centre: at the
 stage's own resolution, average-pooled onto the 7x7 grid the decoder reads and, for the
@@ -32,8 +32,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the dataset writer's progress bar:
 from model.encoders import ImageEncoder, preprocess  # noqa: E402
 from model.image import open_image  # noqa: E402
 from model.pretrained import encoder_state  # noqa: E402
-from training.captions import IMAGES_DIR  # noqa: E402
-from training.synthetic import load_scenes, write_synthetic  # noqa: E402
+from training.data.captions import IMAGES_DIR  # noqa: E402
+from training.data.synthetic import load_scenes, write_synthetic  # noqa: E402
 
 
 def stage_maps(encoder: ImageEncoder, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

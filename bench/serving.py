@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from model import build_captioner, load_checkpoint, open_image, preset, save_checkpoint
 from serve.runner import TorchServe  # noqa: E402
-from training.package import ServeParams, build_archive  # noqa: E402
+from training.stages.package import ServeConfig, build_archive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
@@ -64,7 +64,7 @@ PHOTOS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    defaults = ServeParams()  # batching on = params.yaml's defaults
+    defaults = ServeConfig()  # batching on = params.yaml's defaults
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument(
         "--delay-ms", type=int, nargs="+", default=[defaults.max_batch_delay_ms],

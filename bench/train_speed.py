@@ -13,7 +13,7 @@ on a CPU, the process's peak RSS so far).
 
     .venv/bin/python bench/train_speed.py --scaling 2 [--preset offline] [--threads 1]
 
-Instead: DDP's scaling. The train stage's step (`training.train.train_step`, DDP, the batch
+Instead: DDP's scaling. The train stage's step (`training.stages.train.train_step`, DDP, the batch
 sharded as the stage shards it) under real torchrun with 1 process and with N, each process
 limited to `--threads` threads (gloo on a CPU, NCCL with `--device cuda`, one GPU each), the
 same global batch; the two take turns for `--rounds` rounds so that a shared machine's load
@@ -40,9 +40,9 @@ import torch  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
 from training import distributed  # noqa: E402
-from training.distributed import World  # noqa: E402
 from training.params import pick_device  # noqa: E402
-from training.train import PRECISIONS, TrainConfig, train_step, uses_bf16  # noqa: E402
+from training.runtime.distributed import World  # noqa: E402
+from training.stages.train import PRECISIONS, TrainConfig, train_step, uses_bf16  # noqa: E402
 
 FLICKR8K = {"images": 8091, "train_captions": 6000 * 5, "test_images": 1000}
 
@@ -187,7 +187,7 @@ def main() -> None:
     on_cuda = device.type == "cuda"
     peak_memory(device)  # from here: the model's weights count in every phase
 
-    # transform: the traced, frozen encoder, as training/transform.py builds it
+    # transform: the traced, frozen encoder, as training/stages/transform.py builds it
     pixels = torch.randn(args.encode_batch, 3, spec.image_size, spec.image_size, device=device)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as in the transform stage
@@ -196,7 +196,7 @@ def main() -> None:
         encode_s = timed(lambda: frozen(pixels), device, args.repeats) / args.encode_batch
     encode_peak = peak_memory(device)
 
-    # train: one optimizer step, as training/train.py takes it
+    # train: one optimizer step, as training/stages/train.py takes it
     B = args.batch_size
     batch = random_batch(config, spec, B, args.tokens, args.output_vocab, device)
     grid = batch[0]

@@ -1,1 +1,1 @@
-"""imgtocap's TorchServe handler; it travels inside the .mar (training/package.py builds it)."""
+"""imgtocap's TorchServe handler; it travels inside the .mar (training/stages/package.py builds it)."""

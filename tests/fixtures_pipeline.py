@@ -141,13 +141,13 @@ def history(repo: Path) -> list[dict[str, str]]:
 def workspace_after_define(root: Path, num_images: int = 12) -> Path:
     """The pipeline's layout up to `define` in `root` (synthetic 64 px images, the tiny preset),
     built by calling the real stage functions, and params.yaml for the tiny preset on the CPU."""
-    from training.define import define
-    from training.params import ModelParams
+    from training.data.synthetic import write_synthetic
+    from training.params import ModelConfig
     from training.paths import FEATURES_DIR, PROCESSED_PATH, RAW_DIR, REPORT_PATH
-    from training.preprocess import PreprocessConfig, preprocess
-    from training.synthetic import write_synthetic
-    from training.transform import TransformConfig, transform
-    from training.validate import validate
+    from training.stages.define import define
+    from training.stages.preprocess import PreprocessConfig, preprocess
+    from training.stages.transform import TransformConfig, transform
+    from training.stages.validate import validate
 
     cwd = Path.cwd()
     os.chdir(root)
@@ -158,7 +158,7 @@ def workspace_after_define(root: Path, num_images: int = 12) -> Path:
         preprocess(split, "packaged", RAW_DIR, REPORT_PATH, PROCESSED_PATH)
         transform(TransformConfig(device="cpu"), "tiny", RAW_DIR, PROCESSED_PATH, FEATURES_DIR)
         define(
-            ModelParams(preset="tiny"),
+            ModelConfig(preset="tiny"),
             PROCESSED_PATH,
             Path("artifacts/model/config.json"),
             Path("metrics/model.json"),
@@ -178,7 +178,7 @@ def closed_port() -> int:
 
 
 def trainer_env(root: Path, **extra: str) -> dict[str, str]:
-    """`python -m training.train` as DVC starts it, tracking pointed at a closed port (off)."""
+    """`python -m training.stages.train` as DVC starts it, tracking pointed at a closed port (off)."""
     env = environment(root)
     env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}")
     return {**env, "PYTHONDONTWRITEBYTECODE": "1", **extra}
@@ -188,7 +188,7 @@ def imgtocap(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     """The `imgtocap` console script's code in a fresh process (the installed script runs the
     same), `env` added to this process's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args],
+        [sys.executable, "-m", "serve.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from training.checksums import file_sha256
+from training.data.checksums import file_sha256
 
 
 def write_resnet50(path: Path) -> str:

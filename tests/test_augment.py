@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import encode_caption
-from training.augment import (
+from training.data.augment import (
     CANVAS,
     PERTURBATIONS,
     AugmentConfig,
@@ -20,7 +20,7 @@ from training.augment import (
     rng_for,
     zoom_window,
 )
-from training.synthetic import (
+from training.data.synthetic import (
     content_breakdown,
     content_correct,
     draw_scene,

@@ -165,11 +165,11 @@ def test_offline_the_base_preset_stops_at_transform_with_the_paragraph(tmp_path)
     assert "transform" not in (repo / "dvc.lock").read_text()
     assert "transform" in json.loads(dvc(repo, "status", "--json", **env))
 
-    # the stage itself, as `python -m training.transform` by hand: the paragraph, nothing else
+    # the stage itself, as `python -m training.stages.transform` by hand: the paragraph, nothing else
     set_params(repo, {"model.preset": "base"})
     started = time.monotonic()
     stage = subprocess.run(
-        [sys.executable, "-m", "training.transform"],
+        [sys.executable, "-m", "training.stages.transform"],
         cwd=repo,
         env={**environment(repo), **env},
         capture_output=True,

@@ -16,11 +16,11 @@ from fixtures_pipeline import imgtocap
 from PIL import Image
 
 from model import decode_caption, load_checkpoint, open_image, save_checkpoint
-from training.attention_plot import figure_size
-from training.cli import main
+from serve.cli import main
+from training.evaluation.attention_plot import figure_size
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = "imgtocap = training.cli:main"
+SCRIPT = "imgtocap = serve.cli:main"
 
 
 def test_setup_py_installs_the_console_script(monkeypatch):
@@ -31,7 +31,7 @@ def test_setup_py_installs_the_console_script(monkeypatch):
     assert SCRIPT in declared["entry_points"]["console_scripts"]
     name, _, value = SCRIPT.partition(" = ")
     entry = importlib.metadata.EntryPoint(name, value, "console_scripts")
-    assert entry.load().__module__ == "training.cli"
+    assert entry.load().__module__ == "serve.cli"
     assert "training" in declared["packages"]
     run = imgtocap("caption", "--help")
     assert run.returncode == 0, run.stderr

@@ -36,10 +36,10 @@ from fixtures_pipeline import (
     workspace_after_define,
 )
 
-from training import distributed
-from training import train as train_module
-from training.distributed import World
-from training.train import TrainConfig, autocast, shard, train_step
+from training.runtime import distributed
+from training.runtime.distributed import World
+from training.stages import train as train_module
+from training.stages.train import TrainConfig, autocast, shard, train_step
 
 EPOCHS = 3
 # Max abs difference between the weights 1 and 2 processes trained (measured: 8.3e-7 after 3
@@ -92,16 +92,22 @@ def test_a_rank_without_captions_in_a_batch_adds_nothing_but_takes_its_step():
 
 
 def test_torchrun_command_lines(monkeypatch):
-    one = distributed.torchrun_args("training.train", 2)
-    assert one == ["--nproc-per-node=2", "--max-restarts=0", "--standalone", "-m", "training.train"]
+    one = distributed.torchrun_args("training.stages.train", 2)
+    assert one == [
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "--standalone",
+        "-m",
+        "training.stages.train",
+    ]
     monkeypatch.setenv("NODE_RANK", "1")
-    two = distributed.torchrun_args("training.train", 4, 2, "node0.example:29500")
+    two = distributed.torchrun_args("training.stages.train", 4, 2, "node0.example:29500")
     assert two[:2] == ["--nproc-per-node=4", "--max-restarts=0"]
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=static"} <= set(two)
     assert "--rdzv-endpoint=node0.example:29500" in two and "--standalone" not in two
     monkeypatch.setenv("NODE_RANK", "2")
     with pytest.raises(SystemExit, match="NODE_RANK='2': with nnodes 2 each machine needs"):
-        distributed.torchrun_args("training.train", 4, 2, "node0.example:29500")
+        distributed.torchrun_args("training.stages.train", 4, 2, "node0.example:29500")
 
 
 def test_train_params_for_several_processes_are_checked():
@@ -196,7 +202,7 @@ def copy_of(workspace: Path, dest: Path, **params) -> Path:
 
 def run_stage(root: Path, stage: str, env: dict[str, str] | None = None, timeout: int = 300):
     p = subprocess.run(
-        [sys.executable, "-m", f"training.{stage}"],
+        [sys.executable, "-m", f"training.stages.{stage}"],
         cwd=root,
         env=env or trainer_env(root),
         capture_output=True,
@@ -325,7 +331,7 @@ def ranks_of(proc: psutil.Process) -> dict[int, psutil.Process]:
             rank = child.environ().get("RANK")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if rank is not None and "training.train" in " ".join(child.cmdline()):
+        if rank is not None and "training.stages.train" in " ".join(child.cmdline()):
             ranks[int(rank)] = child
     return ranks
 
@@ -360,7 +366,7 @@ def test_a_killed_rank_stops_the_job_and_dvc_repro_resumes(tmp_path):
     out, _ = proc.communicate(timeout=120)
     stopped_s = time.monotonic() - killed
     assert proc.returncode != 0
-    assert "training.train stopped: a worker failed" in out, out[-4000:]
+    assert "training.stages.train stopped: a worker failed" in out, out[-4000:]
     assert "Signal 9 (SIGKILL)" in out and "rank      : 1" in out, out[-4000:]
     _, alive = psutil.wait_procs(stage, timeout=30)
     for orphan in alive:

@@ -14,12 +14,12 @@ from transformers import BertTokenizer
 
 from model import preset
 from model.encoders import SPECS, ImageEncoder
-from training.captions import write_captions
-from training.datachecks import check_learnable, check_unknown_pieces
-from training.preprocess import PreprocessConfig, preprocess
-from training.synthetic import write_synthetic
-from training.train import TrainConfig, train
-from training.validate import validate
+from training.data.captions import write_captions
+from training.data.datachecks import check_learnable, check_unknown_pieces
+from training.data.synthetic import write_synthetic
+from training.stages.preprocess import PreprocessConfig, preprocess
+from training.stages.train import TrainConfig, train
+from training.stages.validate import validate
 
 CELL = (SPECS["tiny"].grid ** 2, SPECS["tiny"].channels)  # (N, C) of a tiny grid
 

@@ -31,16 +31,17 @@ from model import (
     preset,
     save_checkpoint,
 )
-from training import attention_plot, samples, tracking
-from training import evaluate as evaluate_module
-from training.augment import PERTURBATIONS
-from training.captions import SCENES_FILE, read_captions
-from training.evaluate import EvalParams, evaluate
-from training.metrics import warm_up
-from training.model_card import CardFacts
-from training.samples import grid_size
-from training.synthetic import content_correct, load_scenes, write_synthetic
-from training.transform import TransformConfig, transform
+from training.data.augment import PERTURBATIONS
+from training.data.captions import SCENES_FILE, read_captions
+from training.data.synthetic import content_correct, load_scenes, write_synthetic
+from training.evaluation import attention_plot, samples
+from training.evaluation.metrics import warm_up
+from training.evaluation.samples import grid_size
+from training.stages import evaluate as evaluate_module
+from training.stages.evaluate import EvaluateConfig, evaluate
+from training.stages.transform import TransformConfig, transform
+from training.tracking import runs as tracking
+from training.tracking.model_card import CardFacts
 
 PARAMS = {
     "num_beams": 2,
@@ -85,7 +86,7 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
     """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
     eval.json, predictions.jsonl, samples.png, model_card.md and registered.json into `out`."""
     return evaluate(
-        EvalParams.from_dict(params),
+        EvaluateConfig.from_dict(params),
         root / "model" / "model.pth",
         root / "processed" / "captions.json",
         features or root / "features",
@@ -275,7 +276,7 @@ def test_attention_figure_shows_two_object_scenes_first_as_evaluation_captions_t
     model = load_checkpoint(ws["root"] / "model" / "model.pth")
     features = np.load(ws["root"] / "features" / "test.npy")
     out = ws["root"] / "attention-again.png"
-    decoding = EvalParams.from_dict(PARAMS).decoding()
+    decoding = EvaluateConfig.from_dict(PARAMS).decoding()
     attention_plot.evaluate_attention(
         model, tokenizer, ws["test"], features, ws["raw"], out, decoding, torch.device("cpu")
     )
@@ -360,7 +361,7 @@ def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monke
     monkeypatch.setattr(evaluate_module, "register_model", refuse)
     model_path = ws["root"] / "model" / "model.pth"
     files = [ws["out"] / "eval.json"]
-    cfg = EvalParams.from_dict(PARAMS)
+    cfg = EvaluateConfig.from_dict(PARAMS)
     metrics = {**ws["metrics"], "bleu4": 0.123}
     facts = CardFacts("synthetic", {}, 0, {}, "split", metrics, cfg.decoding())
     with caplog.at_level(logging.WARNING):

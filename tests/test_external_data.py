@@ -11,7 +11,7 @@ from fixtures_data import make_kaggle, make_karpathy, tiny_jpeg, zip_dir
 from fixtures_pipeline import dvc, project_copy, set_params
 
 from training.params import DataConfig
-from training.source import fingerprint
+from training.stages.source import fingerprint
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
-from training.package import build_archive
-from training.registry import Registered
+from training.stages.package import build_archive
+from training.tracking.registry import Registered
 
 SERVE = {
     "num_beams": {"default": 1, "max": 3},

@@ -23,13 +23,13 @@ from fixtures_data import (
     zip_dir,
 )
 
-from training import download as download_module
-from training.captions import read_captions
-from training.download import download
-from training.ingest import ingest
+from training.data import download as download_module
+from training.data.captions import read_captions
+from training.data.download import download
 from training.params import DataConfig
-from training.preprocess import PreprocessConfig, preprocess
-from training.validate import validate
+from training.stages.ingest import ingest
+from training.stages.preprocess import PreprocessConfig, preprocess
+from training.stages.validate import validate
 
 EXPECTED_ROWS = [(n, c) for n, caps in CAPTIONS.items() for c in caps]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.train import TrainConfig
+from training.stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,7 +93,7 @@ def test_node_zero_runs_dvc_and_every_node_a_gpu_per_process(objects, readme_par
     (container,) = pod["containers"]
     script = container["args"][0]
     assert 'if [ "$NODE_RANK" = 0 ]; then exec dvc repro train; fi' in script
-    assert script.strip().endswith("exec python -m training.train")
+    assert script.strip().endswith("exec python -m training.stages.train")
     assert container["workingDir"] == "/workspace"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import metrics
-from training.captions import read_captions
-from training.metrics import caption_metrics, content_metrics, ptb_tokenize
-from training.synthetic import load_scenes, make_captions, make_scene, write_synthetic
+from training.data.captions import read_captions
+from training.data.synthetic import load_scenes, make_captions, make_scene, write_synthetic
+from training.evaluation import metrics
+from training.evaluation.metrics import caption_metrics, content_metrics, ptb_tokenize
 
 SCORES = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
 

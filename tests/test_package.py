@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from model import Captioner, load_tokenizer, preset, save_checkpoint
-from training.package import ServeParams, build_archive
-from training.registry import Registered
+from training.stages.package import ServeConfig, build_archive
+from training.tracking.registry import Registered
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_the_archive_carries_code_weights_tokenizer_and_settings(checkpoint, tmp
         }
         settings = json.loads(mar.read("handler.json"))
         assert settings["num_beams"] == {"default": 1, "max": 2}
-        assert settings["max_length"] == ServeParams().max_length
+        assert settings["max_length"] == ServeConfig().max_length
         mar.extractall(tmp_path / "unpacked")
     # the captioner's code travels as a package (not spilled into the root), without caches
     assert {"model/__init__.py", "model/captioner.py", "model/image.py"} <= names

@@ -14,12 +14,12 @@ import yaml
 from fixtures_pipeline import ALWAYS, STAGES
 
 from model import preset
-from training.evaluate import EvalParams
-from training.package import ServeParams
-from training.params import DataConfig, ModelParams, ParamsError, load_params, stage_main
-from training.preprocess import PreprocessConfig
-from training.train import TrainConfig
-from training.transform import TransformConfig
+from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
+from training.stages.evaluate import EvaluateConfig
+from training.stages.package import ServeConfig
+from training.stages.preprocess import PreprocessConfig
+from training.stages.train import TrainConfig
+from training.stages.transform import TransformConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
@@ -27,10 +27,10 @@ SECTIONS = {
     "data": DataConfig,
     "preprocess": PreprocessConfig,
     "transform": TransformConfig,
-    "model": ModelParams,
+    "model": ModelConfig,
     "train": TrainConfig,
-    "evaluate": EvalParams,
-    "serve": ServeParams,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -63,21 +63,21 @@ def test_an_unknown_key_is_an_error_naming_it_and_the_known_ones(section):
         (DataConfig, {"folder": "pics/"}, r"data\.folder in params\.yaml must be a mapping"),
         (PreprocessConfig, {"test_fraction": 0.95}, r"val_fraction \+ test_fraction .* \[0, 1\)"),
         (TransformConfig, {"batch_size": 0}, r"transform\.batch_size must be >= 1"),
-        (ModelParams, {"preset": "huge"}, r"model in params\.yaml: unknown preset 'huge'"),
+        (ModelConfig, {"preset": "huge"}, r"model in params\.yaml: unknown preset 'huge'"),
         (
-            ModelParams,
+            ModelConfig,
             {"overrides": {"layers": 3}},
             r"unknown CaptionerConfig key\(s\) \['layers'\]",
         ),
-        (ModelParams, {"overrides": 3}, r"model\.overrides must be a mapping"),
+        (ModelConfig, {"overrides": 3}, r"model\.overrides must be a mapping"),
         (
-            ModelParams,
+            ModelConfig,
             {"output_vocab": "all"},
             r"model\.output_vocab is 'all'; use dataset or full",
         ),
-        (EvalParams, {"num_beams": 0}, r"evaluate\.num_beams must be an integer >= 1"),
+        (EvaluateConfig, {"num_beams": 0}, r"evaluate\.num_beams must be an integer >= 1"),
         (
-            ServeParams,
+            ServeConfig,
             {"max_batch_delay_ms": 0},
             r"_ms must be >= 1, got 0 \(TorchServe 0\.12 reads",
         ),
@@ -94,14 +94,14 @@ def test_integers_are_numbers_and_null_is_allowed_where_the_type_says():
 
 
 def test_the_model_section_resolves_to_a_captioner_config():
-    assert ModelParams.from_dict(PARAMS["model"]).captioner_config() == preset(
+    assert ModelConfig.from_dict(PARAMS["model"]).captioner_config() == preset(
         "offline", num_layers=3
     )
-    assert ModelParams(preset="tiny", fusion="concat", overrides=None).captioner_config() == (
+    assert ModelConfig(preset="tiny", fusion="concat", overrides=None).captioner_config() == (
         preset("tiny", fusion="concat")
     )
     # encoder / fusion given explicitly win over the same field in overrides
-    chosen = ModelParams(preset="tiny", encoder="tiny", overrides={"encoder": "resnet50"})
+    chosen = ModelConfig(preset="tiny", encoder="tiny", overrides={"encoder": "resnet50"})
     assert chosen.captioner_config().encoder == "tiny"
 
 
@@ -126,7 +126,7 @@ def test_params_yaml_sets_what_dvc_yaml_says_each_stage_reads():
 def test_a_stage_reports_a_params_mistake_in_one_line(stage, text, message, tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     done = subprocess.run(
-        [sys.executable, "-m", f"training.{stage}"],
+        [sys.executable, "-m", f"training.stages.{stage}"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -142,6 +142,6 @@ def test_a_stage_reports_a_params_mistake_in_one_line(stage, text, message, tmp_
 @pytest.mark.parametrize("stage", (ALWAYS, *STAGES))
 def test_every_stage_reports_params_mistakes_so(stage):
     # the torch stages take ~20 s to start here: that they are wrapped is checked, not run
-    main = importlib.import_module(f"training.{stage}").main
-    assert main.__wrapped__ and main.__module__ == f"training.{stage}"
+    main = importlib.import_module(f"training.stages.{stage}").main
+    assert main.__wrapped__ and main.__module__ == f"training.stages.{stage}"
     assert main.__code__ is stage_main(lambda: None).__code__

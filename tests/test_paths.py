@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from training import paths
+from training.dvcfile import CODE_ROOTS, stage_code
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -50,7 +51,7 @@ FILES = {
         {paths.ARCHIVE_PATH},
     ),
 }
-TORCH_FREE = ("training.source", "training.ingest", "training.validate")
+TORCH_FREE = ("training.stages.source", "training.stages.ingest", "training.stages.validate")
 
 
 def declared(entries: list | None) -> set[Path]:
@@ -68,11 +69,12 @@ def writes(stage: str) -> set[Path]:
 ALL_OUTS = {path for stage in STAGES for path in writes(stage)}
 
 
-def test_every_stage_is_a_training_module():
+def test_the_stages_folder_holds_exactly_the_dvc_stages():
     assert set(STAGES) == set(FILES)
     for stage, spec in STAGES.items():
-        assert spec["cmd"] == f"python -m training.{stage}"
-        assert (ROOT / "training" / f"{stage}.py").is_file()
+        assert spec["cmd"] == f"python -m training.stages.{stage}"
+    modules = {p.stem for p in (ROOT / "training" / "stages").glob("*.py")} - {"__init__"}
+    assert modules == set(STAGES)
 
 
 @pytest.mark.parametrize("stage", FILES)
@@ -86,7 +88,7 @@ def test_dvc_yaml_declares_exactly_the_files_the_stage_uses(stage):
 
 
 # The resumable training state: kept between runs, so never an output (an output DVC keeps,
-# `persist: true`, would keep the train stage out of the run cache: training/resume.py).
+# `persist: true`, would keep the train stage out of the run cache: training/runtime/resume.py).
 NOT_OUTPUTS = {paths.RESUME_DIR, paths.TRAIN_LOCK}
 
 
@@ -116,20 +118,108 @@ def test_the_resume_state_is_no_output_and_every_output_is_cached():
 
 def _imports(module: Path) -> set[str]:
     """Dotted names a module imports at any depth (`from training import x` -> training.x)."""
-    names = set()
-    for node in ast.walk(ast.parse(module.read_text())):
+    module_path = module.resolve()
+    names, tree = set(), ast.parse(module.read_text())
+    typing_only = {  # `if TYPE_CHECKING:` imports are for annotations: nothing runs them
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or node.level):
+            module = node.module or ""
+            if node.level:  # `from .decoder import x` in model/captioner.py -> model.decoder
+                package = module_path.relative_to(ROOT).parent.parts
+                package = package[: len(package) - node.level + 1]
+                module = ".".join([*package, *([module] if module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
     return names
 
 
 @pytest.mark.parametrize("stage", FILES)
 def test_no_stage_imports_another(stage):
-    others = {f"training.{other}" for other in FILES if other != stage}
-    assert not _imports(ROOT / "training" / f"{stage}.py") & others
+    others = {f"training.stages.{other}" for other in FILES if other != stage}
+    assert not _imports(ROOT / "training" / "stages" / f"{stage}.py") & others
+
+
+# Imported by stages, yet unable to change what a stage writes: where files lie (the paths are
+# deps themselves), reading params.yaml (params are deps by value: what it imports for their
+# dataclasses is not followed), the one-process guard and this list's own reader. A package's
+# `__init__.py` counts as the modules it re-exports.
+NOT_OUTPUT_CODE = {"training/paths.py", "training/params.py", "training/dvcfile.py"}
+NOT_OUTPUT_CODE |= {"training/runtime/process.py"}
+
+
+def _module_file(name: str) -> Path | None:
+    """The checkout's file for a dotted module name, or None for a third-party one."""
+    base = ROOT / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file() and candidate.parts[len(ROOT.parts)] in CODE_ROOTS:
+            return candidate
+    return None
+
+
+def _reexported(package: Path, name: str) -> Path | None:
+    """The module a package's `__init__.py` takes `name` from (model/ maps names lazily)."""
+    for node in ast.parse(package.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_SOURCES":
+            module = ast.literal_eval(node.value).get(name)
+            return package.with_name(f"{module}.py") if module else None
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and name in {alias.asname or alias.name for alias in node.names}
+        ):
+            return _module_file(node.module)
+    return None
+
+
+def _files(path: Path) -> set[Path]:
+    """The project files a module imports directly; a package's re-exports count as their source."""
+    found = set()
+    for name in _imports(path):
+        file = _module_file(name)
+        if file is None and "." in name:  # `from pkg import name`: a re-export of pkg's?
+            parent, _, attr = name.rpartition(".")
+            package = _module_file(parent)
+            if package is not None and package.name == "__init__.py":
+                file = _reexported(package, attr)
+        if file is not None and file.name != "__init__.py":
+            found.add(file)
+    return found
+
+
+def _closure(start: Path) -> set[Path]:
+    """Every project file `start` imports, at any depth, itself included."""
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if path.relative_to(ROOT).as_posix() not in NOT_OUTPUT_CODE:
+            todo += _files(path) - seen
+    return seen
+
+
+@pytest.mark.parametrize("stage", FILES)
+def test_a_stage_lists_the_code_it_imports(stage):
+    listed = stage_code(stage)
+    module = ROOT / "training" / "stages" / f"{stage}.py"
+    missing = sorted(
+        rel
+        for path in _closure(module)
+        if (rel := path.relative_to(ROOT).as_posix()) not in NOT_OUTPUT_CODE
+        and not any(path == code or code in path.parents for code in listed)
+    )
+    assert not missing, f"dvc.yaml's {stage} stage imports but does not list {missing}"
+    assert not [p for p in listed if not p.exists()], "dvc.yaml lists code that is not there"
 
 
 def test_ingest_and_validate_do_not_import_torch():

@@ -35,7 +35,7 @@ from fixtures_pipeline import (
 )
 from PIL import Image
 
-from training.samples import grid_size
+from training.evaluation.samples import grid_size
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +243,7 @@ def test_killed_dvc_stops_its_trainer_which_resumes_and_matches_a_straight_run(t
     wait_for_epoch(proc, state, 3, timeout_s=300)
     assert proc.poll() is None, "training finished before it could be interrupted"
     stage = psutil.Process(proc.pid).children(recursive=True)
-    assert any("training.train" in " ".join(p.cmdline()) for p in stage)
+    assert any("training.stages.train" in " ".join(p.cmdline()) for p in stage)
     proc.kill()
     proc.wait()
     _, orphans = psutil.wait_procs(stage, timeout=30)

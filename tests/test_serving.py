@@ -30,8 +30,8 @@ from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
 from serve.runner import TorchServe
-from training.attention_plot import figure_size
-from training.package import build_archive
+from training.evaluation.attention_plot import figure_size
+from training.stages.package import build_archive
 
 pytestmark = [
     pytest.mark.slow,

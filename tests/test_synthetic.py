@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageColor
 
-from training.captions import read_captions
-from training.synthetic import (
+from training.data.captions import read_captions
+from training.data.synthetic import (
     COLOUR_RANGES,
     COLOURS,
     SHAPES,

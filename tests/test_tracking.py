@@ -15,7 +15,8 @@ import mlflow
 import pytest
 from fixtures_pipeline import GIT, git_commit
 
-from training import registry, tracking
+from training.tracking import registry
+from training.tracking import runs as tracking
 
 PARAMS = {"data": {"source": "synthetic"}, "model": {"preset": "tiny"}, "evaluate": {"beams": 2}}
 

@@ -2,7 +2,7 @@
 second trainer in the same workspace, and a `dvc` killed under its trainer (real processes).
 
 The workspace is the pipeline's layout up to `define` (12 synthetic images, the tiny preset),
-built once by calling the real stage functions; the trainers run as `python -m training.train`
+built once by calling the real stage functions; the trainers run as `python -m training.stages.train`
 in it, as DVC runs them.
 """
 
@@ -22,11 +22,11 @@ import pytest
 import torch
 from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
-from training import resume, tracking
-from training import train as train_module
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
-from training.process import exclusive
-from training.train import TrainConfig, train
+from training.runtime.process import exclusive
+from training.stages import train as train_module
+from training.stages.train import TrainConfig, train
+from training.tracking import runs as tracking
 
 STATE = Path("artifacts/resume")
 
@@ -89,7 +89,7 @@ def test_a_truncated_resume_state_is_set_aside_and_training_starts_over(ws, capl
     damaged = last.read_bytes()[: last.stat().st_size // 2]  # a crash mid-write, a full disk
     last.write_bytes(damaged)
 
-    with caplog.at_level(logging.WARNING, logger="training.resume"):
+    with caplog.at_level(logging.WARNING, logger="training.runtime.resume"):
         metrics = run_train(epochs=4)
     assert metrics["epochs_run"] == 4 and epochs_run() == [1, 2, 3, 4]  # from scratch
     (warning,) = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
@@ -103,7 +103,7 @@ def test_a_state_whose_best_model_is_missing_is_not_resumed(ws, caplog):
     run_train(epochs=3, stop_after=1)
     (best,) = STATE.glob("*/best.pth")
     best.unlink()
-    with caplog.at_level(logging.WARNING, logger="training.resume"):
+    with caplog.at_level(logging.WARNING, logger="training.runtime.resume"):
         run_train(epochs=3)
     assert epochs_run() == [1, 2, 3]
     assert any("best.pth" in r.getMessage() for r in caplog.records)
@@ -133,7 +133,7 @@ def change_encoder_weights(root: Path) -> None:
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
     code = shutil.copytree(ROOT / "model", ws / "model_code")
-    monkeypatch.setattr(resume, "CODE", (code, ROOT / "training" / "train.py"))
+    monkeypatch.setattr(train_module, "stage_code", lambda stage: (code,))
     run_train(epochs=3, stop_after=1)
     if change == "model code":
         (code / "decoder.py").write_text((code / "decoder.py").read_text() + "\n# changed\n")
@@ -152,7 +152,7 @@ def start_trainer(root: Path, log: Path) -> subprocess.Popen:
     set_params(root, {"train.epochs": 10_000, "train.patience": 10_000})
     with log.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "training.train"],
+            [sys.executable, "-m", "training.stages.train"],
             cwd=root,
             env=trainer_env(root),
             stdout=out,
@@ -175,7 +175,7 @@ def test_a_second_trainer_in_the_workspace_refuses_and_names_the_first(ws, tmp_p
         wait_for_an_epoch(ws, first)
         assert json.loads((ws / TRAIN_LOCK).read_text())["pid"] == first.pid
         second = subprocess.run(
-            [sys.executable, "-m", "training.train"],
+            [sys.executable, "-m", "training.stages.train"],
             cwd=ws,
             env=trainer_env(ws),
             capture_output=True,
@@ -198,7 +198,7 @@ def test_a_second_trainer_in_the_workspace_refuses_and_names_the_first(ws, tmp_p
 DVC_STANDIN = "import subprocess, sys; subprocess.run([sys.argv[1], '-c', sys.argv[2]])"
 # A stage that would run for two minutes; what the trainer's main() does first, then sleep.
 STAGE = (
-    "import logging, time; from training.process import die_with_dvc; logging.basicConfig(); "
+    "import logging, time; from training.runtime.process import die_with_dvc; logging.basicConfig(); "
     "print(die_with_dvc(poll_s=0.2).pid, flush=True); time.sleep(120)"
 )
 

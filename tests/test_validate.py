@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from training.captions import (
+from training.data.captions import (
     CaptionRow,
     parse_caption_lines,
     read_captions,
     valid_rows,
     write_captions,
 )
-from training.synthetic import write_synthetic
-from training.validate import main, validate
+from training.data.synthetic import write_synthetic
+from training.stages.validate import main, validate
 
 
 def broken_dataset(root: Path) -> tuple[Path, int]:
@@ -145,7 +145,7 @@ def test_valid_rows_refuses_a_stale_report(tmp_path):
     assert len(valid_rows(raw, tmp_path / "v.json")) == 15
     with (raw / "captions.txt").open("a") as f:
         f.write("shapes_00000.png,one more caption\n")
-    with pytest.raises(ValueError, match="run `python -m training.validate` again"):
+    with pytest.raises(ValueError, match="run `python -m training.stages.validate` again"):
         valid_rows(raw, tmp_path / "v.json")
 
 
@@ -174,7 +174,7 @@ def test_captions_file_round_trip_and_errors(tmp_path):
         read_captions(tmp_path)
     with pytest.raises(ValueError, match="comma"):
         write_captions(tmp_path, [("a,b.jpg", "x")])
-    with pytest.raises(FileNotFoundError, match="training.ingest"):
+    with pytest.raises(FileNotFoundError, match="training.stages.ingest"):
         read_captions(tmp_path / "nowhere")
 
 
@@ -244,7 +244,7 @@ def test_quoting_problems_are_reported_and_quoted_rows_kept(tmp_path):
 
 
 def test_a_failed_validation_stops_preprocess_run_by_hand(tmp_path, monkeypatch):
-    from training import preprocess
+    from training.stages import preprocess
 
     broken_dataset(tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text("data:\n  on_invalid: fail\n")
@@ -255,6 +255,6 @@ def test_a_failed_validation_stops_preprocess_run_by_hand(tmp_path, monkeypatch)
     stale = tmp_path / "data" / "processed" / "captions.json"  # from an earlier, passed run
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
-    with pytest.raises(ValueError, match=r"did not pass.*on_invalid: fail.*training\.validate"):
+    with pytest.raises(ValueError, match=r"did not pass.*on_invalid: fail.*training\.stages\.validate"):
         preprocess.main()
     assert not stale.exists()  # no stale output for a later stage to pick up

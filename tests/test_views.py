@@ -12,7 +12,7 @@ import torch
 
 from model import encode_caption, normalize_caption, open_image
 from model.encoders import SPECS, ImageEncoder, preprocess
-from training.augment import (
+from training.data.augment import (
     PERTURBATIONS,
     augmented_view,
     mirror_ids,
@@ -20,10 +20,10 @@ from training.augment import (
     perturb,
     rng_for,
 )
-from training.captions import read_captions
-from training.synthetic import load_scenes, write_synthetic
-from training.train import CaptionData
-from training.transform import TransformConfig, transform
+from training.data.captions import read_captions
+from training.data.synthetic import load_scenes, write_synthetic
+from training.stages.train import CaptionData
+from training.stages.transform import TransformConfig, transform
 
 VIEWS = 3
 CELL = (SPECS["tiny"].grid ** 2, SPECS["tiny"].channels)  # (N, C) of a tiny grid

@@ -15,10 +15,16 @@ from fixtures_weights import write_bert, write_resnet50
 from model import build_captioner, preset
 from model.pretrained import encoder_state
 from serve.runner import free_ports
-from training import download as download_module
-from training.params import ModelParams
-from training.transform import build_encoder
-from training.weights import WeightsConfig, WeightsUnavailable, cache_name, needed, weight_files
+from training.data import download as download_module
+from training.data.weights import (
+    WeightsConfig,
+    WeightsUnavailable,
+    cache_name,
+    needed,
+    weight_files,
+)
+from training.params import ModelConfig
+from training.stages.transform import build_encoder
 
 BOTH = ["resnet50", "bert-base-uncased"]
 
@@ -165,11 +171,11 @@ def test_a_copy_in_the_hugging_face_cache_is_used(tmp_path, no_network):
 
 
 def test_no_pretrained_weights_is_a_deliberate_choice_and_needs_no_file(no_network):
-    chosen = ModelParams(preset="base", pretrained=False)
+    chosen = ModelConfig(preset="base", pretrained=False)
     config = chosen.captioner_config()
     assert config.decoder_weights == "random" and config.encoder == "resnet50"
     assert needed(config, encoder=False) == []  # train fetches nothing
-    assert needed(ModelParams(preset="seed").captioner_config()) == BOTH
+    assert needed(ModelConfig(preset="seed").captioner_config()) == BOTH
     a, b = (build_encoder("resnet50", torch.device("cpu"), pretrained=False) for _ in range(2))
     for name, value in a.state_dict().items():  # seeded: features repeat from run to run
         assert torch.equal(value, b.state_dict()[name]), name

@@ -7,12 +7,12 @@ stage imports another:
 | section | dataclass | read by |
 |---|---|---|
 | `data` | `DataConfig` (here) | source, ingest, validate (`on_invalid`) |
-| `preprocess` | `training.preprocess.PreprocessConfig` | preprocess |
-| `transform` | `training.transform.TransformConfig` | transform |
-| `model` | `ModelParams` (here), `model.weights`: `training.weights.WeightsConfig` | preprocess (tokenizer), transform (encoder, weights), define, train (weights) |
-| `train` | `training.train.TrainConfig` | train |
-| `evaluate` | `training.evaluate.EvalParams` | evaluate |
-| `serve` | `training.package.ServeParams` | package |
+| `preprocess` | `training.stages.preprocess.PreprocessConfig` | preprocess |
+| `transform` | `training.stages.transform.TransformConfig` | transform |
+| `model` | `ModelConfig` (here), `model.weights`: `training.data.weights.WeightsConfig` | preprocess (tokenizer), transform (encoder, weights), define, train (weights) |
+| `train` | `training.stages.train.TrainConfig` | train |
+| `evaluate` | `training.stages.evaluate.EvaluateConfig` | evaluate |
+| `serve` | `training.stages.package.ServeConfig` | package |
 
 A stage's `main()` loads params.yaml and builds its dataclasses with `from_section`, which
 refuses unknown keys and scalars of the wrong type; the stage function takes the dataclass.
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hin
 import yaml
 
 from model.config import CaptionerConfig, preset
-from training.synthetic import SyntheticConfig
-from training.weights import WeightsConfig
+from training.data.synthetic import SyntheticConfig
+from training.data.weights import WeightsConfig
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path.resolve()} not found: run the stage from the repository root "
-            "(where params.yaml lives), e.g. `python -m training.ingest` or `dvc repro`"
+            "(where params.yaml lives), e.g. `python -m training.stages.ingest` or `dvc repro`"
         )
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -171,7 +171,7 @@ class Flickr8kConfig:
 
     No sha256 is published for the official archives. The MD5s are the ones two independent
     public code bases check the same URLs against (an R torchvision port and a CMake fetch
-    script); a sha256 is recorded on first download (training.download).
+    script); a sha256 is recorded on first download (training.data.download).
     """
 
     path: str | None = None
@@ -234,7 +234,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelConfig:
     """The `model` section: a preset, optionally with its encoder, fusion or any other
     CaptionerConfig field replaced; resolved by `captioner_config()`."""
 
@@ -261,7 +261,7 @@ class ModelParams:
         self.captioner_config()  # an unknown preset or field fails here, before any work
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ModelParams:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ModelConfig:
         """Build from params.yaml's `model` mapping; an unknown key is an error."""
         return from_section(cls, values, "model")
 

@@ -2,7 +2,7 @@
 
 `dvc.yaml` names the same files as each stage's deps and outs (tests/test_paths.py checks that
 they agree, and that RESUME_DIR is no output); a stage takes its paths from here, never from
-another stage's module. The layout inside `data/raw/` is training.captions'.
+another stage's module. The layout inside `data/raw/` is training.data.captions'.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TRAIN_METRICS_PATH = Path("metrics/train.json")
 HISTORY_PATH = Path("metrics/train_history.csv")
 
 # The resumable state of an unfinished training run, and the lock that keeps one trainer per
-# workspace: deliberately NOT a DVC output (training/resume.py says why).
+# workspace: deliberately NOT a DVC output (training/runtime/resume.py says why).
 RESUME_DIR = Path("artifacts/resume")
 TRAIN_LOCK = RESUME_DIR / "train.lock"
 

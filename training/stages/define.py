@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model import Captioner, CaptionerConfig
-from training.params import ModelParams, load_params, stage_main
+from training.params import ModelConfig, load_params, stage_main
 from training.paths import CONFIG_PATH, PROCESSED_PATH, SUMMARY_PATH
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def parameter_summary(config: CaptionerConfig) -> dict[str, Any]:
 
 
 def define(
-    cfg: ModelParams, processed_path: Path, config_path: Path, summary_path: Path
+    cfg: ModelConfig, processed_path: Path, config_path: Path, summary_path: Path
 ) -> tuple[CaptionerConfig, dict[str, Any]]:
     """Resolve the model params into a CaptionerConfig, save it and its parameter summary."""
     config = cfg.captioner_config()
@@ -80,9 +80,9 @@ def define(
 
 @stage_main
 def main() -> None:
-    """`python -m training.define`: params.yaml (+ data/processed) -> artifacts/model/config.json."""
+    """`python -m training.stages.define`: params.yaml (+ data/processed) -> artifacts/model/config.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = ModelParams.from_dict(load_params().get("model"))
+    cfg = ModelConfig.from_dict(load_params().get("model"))
     define(cfg, PROCESSED_PATH, CONFIG_PATH, SUMMARY_PATH)
 
 

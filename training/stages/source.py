@@ -72,7 +72,7 @@ def _listing(root: Path):
 
 @stage_main
 def main() -> None:
-    """`python -m training.source`: params.yaml `data` -> data/source.json."""
+    """`python -m training.stages.source`: params.yaml `data` -> data/source.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     found = fingerprint(DataConfig.from_dict(load_params().get("data")))
     SOURCE_PATH.parent.mkdir(parents=True, exist_ok=True)

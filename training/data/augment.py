@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from model.image import open_image
 from training.params import from_section
-from training.synthetic import Scene, draw_scene
+from training.data.synthetic import Scene, draw_scene
 
 # The robustness report: each perturbation of a test image, and whether its expected scene is
 # the mirror image of the original's (horizontal flip: left and right swap).

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.synthetic import Scene, content_breakdown, content_correct
+from training.data.synthetic import Scene, content_breakdown, content_correct
 
 log = logging.getLogger(__name__)
 

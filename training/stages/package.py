@@ -38,16 +38,16 @@ import yaml
 import model
 from model import CaptionerConfig, read_checkpoint
 from model.tokenizer import save_tokenizer
-from training import tracking
 from training.params import ParamsError, from_section, load_params, stage_main
 from training.paths import ARCHIVE_PATH, CARD_PATH, MODEL_PATH, REGISTERED_PATH
-from training.registry import Registered, log_archive
+from training.tracking import runs as tracking
+from training.tracking.registry import Registered, log_archive
 
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = Path(model.__file__).parent
 # handler/ sits beside training/ in a checkout and in an install (setup.py ships both)
-HANDLER = Path(__file__).resolve().parents[1] / "handler" / "imgtocap_handler.py"
+HANDLER = Path(__file__).resolve().parents[2] / "handler" / "imgtocap_handler.py"
 MODEL_NAME = ARCHIVE_PATH.stem  # TorchServe's name for it
 # torch-model-archiver's command line, run by this Python (no PATH lookup, no runpy warning)
 ARCHIVER_CLI = (
@@ -63,7 +63,7 @@ NO_ZERO_DELAY = (
 
 
 @dataclass
-class ServeParams:
+class ServeConfig:
     """params.yaml `serve:`: TorchServe batching and workers, and the handler's request limits."""
 
     batch_size: int = 8  # requests captioned together at most
@@ -95,7 +95,7 @@ class ServeParams:
             _check(f"{name}.default", spec["default"], minimum=1, maximum=spec["max"])
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ServeParams:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ServeConfig:
         """Build from params.yaml's `serve:` mapping; an unknown key is an error."""
         return from_section(cls, values, "serve")
 
@@ -127,7 +127,7 @@ def _check(name: str, value: Any, minimum: int, maximum: int | None = None, hint
 def build_archive(
     checkpoint: Path,
     out_dir: Path,
-    params: ServeParams | Mapping[str, Any],
+    params: ServeConfig | Mapping[str, Any],
     registered: Registered | None = None,
     card: Path | None = None,
 ) -> Path:
@@ -138,8 +138,8 @@ def build_archive(
     params.yaml's is.
     """
     registered = registered or Registered()
-    if not isinstance(params, ServeParams):
-        params = ServeParams.from_dict(params)
+    if not isinstance(params, ServeConfig):
+        params = ServeConfig.from_dict(params)
     config = CaptionerConfig.from_dict(read_checkpoint(checkpoint)["config"])
     if params.max_length["max"] >= config.max_position:
         raise ParamsError(
@@ -193,7 +193,7 @@ def main() -> None:
         log.warning("params.yaml has no serve: section; packaging with the defaults")
     registered = Registered.load(REGISTERED_PATH)
     archive = build_archive(
-        MODEL_PATH, ARCHIVE_PATH.parent, ServeParams.from_dict(serve), registered, CARD_PATH
+        MODEL_PATH, ARCHIVE_PATH.parent, ServeConfig.from_dict(serve), registered, CARD_PATH
     )
     log.info(
         "wrote %s (%.1f MB), version %s",

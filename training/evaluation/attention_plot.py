@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model import Captioner, decode_caption, open_image  # noqa: E402
-from training.captions import IMAGES_DIR, SCENES_FILE  # noqa: E402
-from training.samples import save_png  # noqa: E402
-from training.synthetic import load_scenes  # noqa: E402
+from training.data.captions import IMAGES_DIR, SCENES_FILE  # noqa: E402
+from training.data.synthetic import load_scenes  # noqa: E402
+from training.evaluation.samples import save_png  # noqa: E402
 
 log = logging.getLogger(__name__)
 

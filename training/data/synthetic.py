@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from training.captions import IMAGES_DIR, SCENES_FILE, write_captions
+from training.data.captions import IMAGES_DIR, SCENES_FILE, write_captions
 
 log = logging.getLogger(__name__)
 

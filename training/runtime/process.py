@@ -80,7 +80,7 @@ def die_with_dvc(poll_s: float = 1.0) -> psutil.Process | None:
     process watched is the first ancestor that is not such a shell, by a thread that looks
     every `poll_s` seconds. (prctl's PR_SET_PDEATHSIG would fire when the parent *thread*
     ends, which would be the shell here.) Outside DVC (no DVC_STAGE set) nothing is watched:
-    `nohup python -m training.train &` is a choice. Returns the process watched, or None.
+    `nohup python -m training.stages.train &` is a choice. Returns the process watched, or None.
     """
     if "DVC_STAGE" not in os.environ:
         return None

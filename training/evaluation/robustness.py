@@ -1,7 +1,7 @@
 """The robustness report: content accuracy on perturbed copies of the synthetic test split.
 
 The transform stage encodes one copy of every test image per perturbation
-(training.augment.PERTURBATIONS: JPEG 30-60, down- and up-scaled, padded, cropped, brightness,
+(training.data.augment.PERTURBATIONS: JPEG 30-60, down- and up-scaled, padded, cropped, brightness,
 another canvas size, mirrored); here the model captions each set of copies as it captions the
 test split, and each caption is checked against the scene its copy shows (a mirrored copy's
 "left of" is the original's "right of"). One number per perturbation, `robust_<name>`, and
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.augment import PERTURBATIONS
-from training.metrics import content_metrics
+from training.data.augment import PERTURBATIONS
+from training.data.synthetic import Scene
+from training.evaluation.metrics import content_metrics
 from training.paths import FEATURES_INDEX, ROBUST_DIR
-from training.synthetic import Scene
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,11 @@ from typing import Any
 
 import torch
 
-import model as model_package
 from model.io import atomic_write, discard_partial_writes, read_checkpoint
-from training.checksums import hash_file
+from training.data.checksums import hash_file
 
 log = logging.getLogger(__name__)
 
-# The code a resumed run must share with the run that saved the state: what dvc.yaml lists as
-# the train stage's code (a changed loss or layer must not continue under old weights).
-CODE = (Path(model_package.__file__).parent, Path(__file__).with_name("train.py"))
 # What reading a damaged or foreign file raises: torch's zip reader, the unpickler, our checks.
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError)
 UNREADABLE += (pickle.UnpicklingError, zipfile.BadZipFile)
@@ -48,7 +44,7 @@ FIELDS = {"epoch", "best_val", "best_epoch", "bad_epochs", "history", "run_id", 
 TENSORS = {"model", "optimizer", "scheduler", "rng"}
 
 
-def fingerprint(files: Iterable[Path], code: Iterable[Path] = CODE, **settings: Any) -> str:
+def fingerprint(files: Iterable[Path], code: Iterable[Path], **settings: Any) -> str:
     """What a resumable state must match: the files' bytes, the code's sources, the settings."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in files:

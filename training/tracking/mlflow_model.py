@@ -1,6 +1,6 @@
 """The registered MLflow model: an imgtocap checkpoint as a pyfunc that captions images.
 
-Logged as "models from code" (training/registry.py): MLflow stores this file itself, the
+Logged as "models from code" (training/tracking/registry.py): MLflow stores this file itself, the
 checkpoint, the tokenizer files and the `model/` package, and runs this file when the model is
 loaded. Nothing is pickled, and loading needs torch, transformers, pillow and mlflow, not
 imgtocap: keep imports here to those and to `model`.

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.checksums import file_sha256
+from training.data.checksums import file_sha256
 
 IMAGES_DIR = "Images"
 CAPTIONS_FILE = "captions.txt"
@@ -54,7 +54,7 @@ def read_captions(raw_dir: str | Path) -> list[CaptionRow]:
         if problem:
             raise ValueError(
                 f"{path}, line {row.line}: {problem}; expected `image,caption` "
-                f"(got {row.caption[:80]!r}). Fix the line or run `python -m training.validate`, "
+                f"(got {row.caption[:80]!r}). Fix the line or run `python -m training.stages.validate`, "
                 "which reports and drops such lines"
             )
         rows.append(row)
@@ -70,7 +70,7 @@ def parse_caption_lines(path: Path) -> list[tuple[CaptionRow, str | None]]:
     """
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: run `python -m training.ingest` first (it writes the raw layout)"
+            f"{path} not found: run `python -m training.stages.ingest` first (it writes the raw layout)"
         )
     lines = [_decode(raw) for raw in path.read_bytes().splitlines()]  # \n, \r\n and \r
     header = lines[0][0].lstrip("\ufeff") if lines else ""
@@ -178,7 +178,7 @@ def valid_rows(raw_dir: str | Path, report_path: str | Path) -> list[CaptionRow]
     report_path = Path(report_path)
     if not report_path.is_file():
         raise FileNotFoundError(
-            f"{report_path} not found: run `python -m training.validate` before preprocessing"
+            f"{report_path} not found: run `python -m training.stages.validate` before preprocessing"
         )
     report = json.loads(report_path.read_text(encoding="utf-8"))
     if report.get("passed") is not True:
@@ -186,12 +186,12 @@ def valid_rows(raw_dir: str | Path, report_path: str | Path) -> list[CaptionRow]
             f"{report_path} records a validation that did not pass (passed: "
             f"{report.get('passed')}; data.on_invalid: {report.get('on_invalid')} found the "
             "problems it lists): fix the data, or set data.on_invalid: drop to train on the "
-            "rest, then run `python -m training.validate` (or `dvc repro`) again"
+            "rest, then run `python -m training.stages.validate` (or `dvc repro`) again"
         )
     path = captions_path(raw_dir)
     if report["captions_sha256"] != file_sha256(path):
         raise ValueError(
-            f"{path} changed after {report_path} was written: run `python -m training.validate` "
+            f"{path} changed after {report_path} was written: run `python -m training.stages.validate` "
             "again (or `dvc repro`)"
         )
     dropped = {row["line"] for row in report["dropped_rows"]}
@@ -199,6 +199,6 @@ def valid_rows(raw_dir: str | Path, report_path: str | Path) -> list[CaptionRow]
     if len(kept) != report["counts"]["kept"]:
         raise ValueError(
             f"{report_path} says {report['counts']['kept']} rows were kept but {len(kept)} "
-            f"rows of {path} are not listed as dropped: run `python -m training.validate` again"
+            f"rows of {path} are not listed as dropped: run `python -m training.stages.validate` again"
         )
     return kept

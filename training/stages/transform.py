@@ -5,9 +5,9 @@ The encoder never trains, so its output is a pure function of the image: computi
 cheap. DVC re-runs this stage only when the images, the splits or the encoder change.
 
 Augmentation keeps that property: `views` augmented copies of every training image
-(training.augment: zoom, shift, flip, JPEG, blur, noise, brightness, contrast, tint) are
+(training.data.augment: zoom, shift, flip, JPEG, blur, noise, brightness, contrast, tint) are
 encoded here once, and each epoch the trainer draws one of them (or the image itself) per
-image. For the synthetic data, the test split's perturbed copies (training.augment.PERTURBATIONS:
+image. For the synthetic data, the test split's perturbed copies (training.data.augment.PERTURBATIONS:
 JPEG, down/up-scaled, padded, cropped, brightness, another canvas, flipped) are encoded here
 too, for the evaluate stage's robustness report. Validation and test features are never
 augmented.
@@ -18,10 +18,10 @@ Output (float16 grids (N, C) per image; row i of a split = index["splits"][split
 (n_test, N, C) per perturbation; `index.json` (encoder, grid, channels, splits, views,
 robustness) and `encoder.pth`, the encoder weights used, which training starts from so the
 model matches its features. Which encoder: params.yaml `model:` (preset, encoder, pretrained;
-ResNet-50's file from `model.weights`, training.weights); how: `transform:` (device, batch
+ResNet-50's file from `model.weights`, training.data.weights); how: `transform:` (device, batch
 size, views, seed, robustness, augment).
 
-`nproc_per_node` > 1: the stage re-launches itself under torchrun (training/distributed.py) and
+`nproc_per_node` > 1: the stage re-launches itself under torchrun (training/runtime/distributed.py) and
 the ranks share the batches of every store (batch k is rank k mod world size's): each rank
 decodes, augments and encodes only the images of its own batches, on its own GPU, writing its
 rows into the one memory-mapped store rank 0 created (which views are mirrored is gathered from
@@ -50,8 +50,7 @@ from tqdm import tqdm
 from model.encoders import SPECS, ImageEncoder, preprocess
 from model.image import open_image
 from model.pretrained import encoder_state
-from training import distributed
-from training.augment import (
+from training.data.augment import (
     PERTURBATIONS,
     AugmentConfig,
     augmented_view,
@@ -59,9 +58,10 @@ from training.augment import (
     perturb,
     rng_for,
 )
-from training.captions import IMAGES_DIR, SCENES_FILE
-from training.distributed import World
-from training.params import ModelParams, from_section, load_params, pick_device, stage_main
+from training.data.captions import IMAGES_DIR, SCENES_FILE
+from training.data.synthetic import load_scenes
+from training.data.weights import needed, weight_files
+from training.params import ModelConfig, from_section, load_params, pick_device, stage_main
 from training.paths import (
     ENCODER_WEIGHTS,
     FEATURES_DIR,
@@ -71,9 +71,9 @@ from training.paths import (
     ROBUST_DIR,
     TRAIN_VIEWS,
 )
-from training.process import die_with_dvc, die_with_launcher
-from training.synthetic import load_scenes
-from training.weights import needed, weight_files
+from training.runtime import distributed
+from training.runtime.distributed import World
+from training.runtime.process import die_with_dvc, die_with_launcher
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class _FeatureWriter:
 @stage_main
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
-    """`python -m training.transform`: data/processed + data/raw -> data/features."""
+    """`python -m training.stages.transform`: data/processed + data/raw -> data/features."""
     world = World.from_env()
     logging.basicConfig(
         level=logging.INFO if world.main else logging.WARNING,
@@ -269,7 +269,7 @@ def main() -> None:
     )
     params = load_params()
     cfg = TransformConfig.from_dict(params.get("transform"))
-    model = ModelParams.from_dict(params.get("model"))
+    model = ModelConfig.from_dict(params.get("model"))
     config = model.captioner_config()
     # every file the model starts from, the decoder's too: a run that could not train stops
     # here, before encoding for minutes, with one message naming all of them (and before any
@@ -279,7 +279,7 @@ def main() -> None:
         files = weight_files(needed(config), model.weights, f"model.preset {model.preset}")
     if cfg.nproc_per_node > 1 and not distributed.under_torchrun():
         die_with_dvc()
-        distributed.launch("training.transform", cfg.nproc_per_node)
+        distributed.launch("training.stages.transform", cfg.nproc_per_node)
         return
     if distributed.under_torchrun():
         die_with_launcher()

@@ -333,7 +333,7 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def main() -> None:
-    """`python -m training.tracking`: open the store (moving its artifact paths here after a
+    """`python -m training.tracking.runs`: open the store (moving its artifact paths here after a
     copy or move of the checkout) and say where it is."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     uri = configure()

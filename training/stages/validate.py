@@ -10,7 +10,7 @@ repeated caption of the same image is dropped and identical image files are repo
 detail) and every dropped image. kept + dropped == rows, always. `data.on_invalid: drop` trains
 on the rest; `fail` stops the pipeline with a summary, and the report it still writes says
 `"passed": false`, so that a later stage run by hand refuses it too.
-`training.captions.valid_rows` gives later stages exactly the kept rows of a passed validation.
+`training.data.captions.valid_rows` gives later stages exactly the kept rows of a passed validation.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.image import ImageError, open_image
-from training.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
-from training.checksums import file_sha256
+from training.data.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
+from training.data.checksums import file_sha256
 from training.params import DataConfig, load_params, stage_main
 from training.paths import RAW_DIR, REPORT_PATH
 
@@ -54,7 +54,7 @@ def validate(
     images_dir = raw_dir / IMAGES_DIR
     if not images_dir.is_dir():
         raise FileNotFoundError(
-            f"{images_dir} not found: run `python -m training.ingest` first (it writes the raw "
+            f"{images_dir} not found: run `python -m training.stages.ingest` first (it writes the raw "
             "layout)"
         )
     parsed = parse_caption_lines(captions_path(raw_dir))
@@ -134,7 +134,7 @@ def validate(
 
 @stage_main
 def main() -> None:
-    """`python -m training.validate`: validate data/raw into reports/validation.json."""
+    """`python -m training.stages.validate`: validate data/raw into reports/validation.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = DataConfig.from_dict(load_params().get("data"))
     validate(RAW_DIR, REPORT_PATH, cfg.on_invalid)

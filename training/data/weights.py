@@ -10,7 +10,7 @@ Each file is looked for, in order:
    own, so a resnet50-0676ba61.pth torchvision downloaded is used as it is), under
    `<name>-<first 8 hex digits of its sha256><suffix>`, torchvision's naming; for BERT also
    the Hugging Face cache, where transformers keeps a model.safetensors it downloaded;
-3. a download from `<key>_url` into the cache (training.download: progress bar, resume of an
+3. a download from `<key>_url` into the cache (training.data.download: progress bar, resume of an
    interrupted transfer, no retries when the server cannot be reached at all).
 
 Every file is checked against `<key>_sha256` before it is used. Only the stages that start
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.download import download, verify
+from training.data.download import download, verify
 
 if TYPE_CHECKING:
     from model import CaptionerConfig

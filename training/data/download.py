@@ -1,7 +1,7 @@
 """Download a file once: resume via HTTP Range into `<dest>.part`, progress bar, checksums.
 
 Used for every file the pipeline fetches: the Flickr8k archives (ingest) and the pretrained
-weights (training.weights). A server that cannot be reached at all (no network, a name that
+weights (training.data.weights). A server that cannot be reached at all (no network, a name that
 does not resolve, a refused or timed-out connection) fails at once with `Unreachable`:
 retrying that only makes an offline user wait. A transfer cut in the middle is retried.
 """
@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import requests
 from tqdm import tqdm
 
-from training.checksums import hash_file
+from training.data.checksums import hash_file
 
 log = logging.getLogger(__name__)
 

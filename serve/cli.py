@@ -301,7 +301,7 @@ def _draw(job: Job, result: dict[str, Any], attention: dict[str, Any], folder: P
     import numpy as np
 
     from model import open_image
-    from training.attention_plot import Attended, render_attention
+    from training.evaluation.attention_plot import Attended, render_attention
 
     tokens, (rows, cols) = attention["tokens"], attention["grid"]
     weights = np.array([t["weights"] for t in tokens], dtype=np.float32)

@@ -1,7 +1,7 @@
-"""DVC stage `ingest`: bring a dataset into the raw layout `data/raw/` (see training.captions).
+"""DVC stage `ingest`: bring a dataset into the raw layout `data/raw/` (see training.data.captions).
 
 Sources (`data.source` in params.yaml):
-- `synthetic`: generate the embedded shapes dataset (training.synthetic).
+- `synthetic`: generate the embedded shapes dataset (training.data.synthetic).
 - `flickr8k`: a local zip or folder (`data.flickr8k.path`), or, when path is null, the two
   official archives downloaded into a cache with checksum, resume and progress. Both layouts
   are accepted: Kaggle (`Images/` + `captions.txt`) and the original (`Flicker8k_Dataset/` +
@@ -30,11 +30,11 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from training.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
-from training.download import download, url_file_name
+from training.data.captions import CAPTIONS_FILE, IMAGES_DIR, SPLITS_FILE, write_captions
+from training.data.download import download, url_file_name
+from training.data.synthetic import write_synthetic
 from training.params import DataConfig, Flickr8kConfig, KarpathyConfig, load_params, stage_main
 from training.paths import RAW_DIR
-from training.synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _write_source(cfg: DataConfig, work: Path) -> None:
 
 @stage_main
 def main() -> None:
-    """`python -m training.ingest`: read params.yaml and write data/raw."""
+    """`python -m training.stages.ingest`: read params.yaml and write data/raw."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ingest(DataConfig.from_dict(load_params().get("data")), RAW_DIR)
 

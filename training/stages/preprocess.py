@@ -4,7 +4,7 @@ All captions of an image are kept (Flickr8k has five). Splits are by IMAGE, neve
 so no test image is seen in training: Flickr8k's official split files when ingest found them,
 otherwise a seeded shuffle; identical image files (validation's `duplicate_images`) always
 land in the same split. It refuses (non-zero exit, nothing written) a failed validation, a
-split with no images, and captions that are more than 5% [UNK] (training.datachecks).
+split with no images, and captions that are more than 5% [UNK] (training.data.datachecks).
 
 Output `data/processed/captions.json`:
 `{"tokenizer", "max_tokens", "splits": {"train"|"val"|"test": [{"image", "captions", "tokens"}]}}`
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from model import encode_caption, load_tokenizer, normalize_caption
-from training.captions import SPLITS_FILE, valid_rows
-from training.datachecks import check_unknown_pieces
-from training.params import ModelParams, from_section, load_params, stage_main
+from training.data.captions import SPLITS_FILE, valid_rows
+from training.data.datachecks import check_unknown_pieces
+from training.params import ModelConfig, from_section, load_params, stage_main
 from training.paths import PROCESSED_PATH, RAW_DIR, REPORT_PATH
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,11 @@ def preprocess(
 
 @stage_main
 def main() -> None:
-    """`python -m training.preprocess`: data/raw + validation report -> data/processed."""
+    """`python -m training.stages.preprocess`: data/raw + validation report -> data/processed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     cfg = PreprocessConfig.from_dict(params.get("preprocess"))
-    tokenizer = ModelParams.from_dict(params.get("model")).captioner_config().tokenizer
+    tokenizer = ModelConfig.from_dict(params.get("model")).captioner_config().tokenizer
     preprocess(cfg, tokenizer, RAW_DIR, REPORT_PATH, PROCESSED_PATH)
 
 

@@ -5,8 +5,8 @@ split's precomputed encoder features) and data/raw/ (images for the grid; scenes
 synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl,
 reports/samples.png, reports/attention.png (where the model looks for each word) and
 reports/model_card.md. When training recorded an MLflow run (artifacts/model/mlflow.json), the
-results go to that run (or to a child of it when only evaluate re-ran: training/tracking.py),
-the model is registered as `imgtocap-<dataset>` (training/registry.py), and
+results go to that run (or to a child of it when only evaluate re-ran: training/tracking/runs.py),
+the model is registered as `imgtocap-<dataset>` (training/tracking/registry.py), and
 artifacts/model/registered.json says which version, for `package`.
 """
 
@@ -25,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
-from training import registry, tracking
-from training.attention_plot import evaluate_attention
-from training.captions import IMAGES_DIR, SCENES_FILE
-from training.datachecks import check_features
-from training.metrics import caption_metrics, content_metrics
-from training.model_card import CardFacts, model_card
+from training.data.captions import IMAGES_DIR, SCENES_FILE
+from training.data.datachecks import check_features
+from training.data.synthetic import load_scenes
+from training.evaluation.attention_plot import evaluate_attention
+from training.evaluation.metrics import caption_metrics, content_metrics
+from training.evaluation.robustness import robustness_report
+from training.evaluation.samples import Sample, render_grid
 from training.params import from_section, load_params, pick_device, stage_main
 from training.paths import (
     ATTENTION_PATH,
@@ -47,10 +48,10 @@ from training.paths import (
     RUN_FILE,
     SAMPLES_PATH,
 )
-from training.registry import Registered, register_model
-from training.robustness import robustness_report
-from training.samples import Sample, render_grid
-from training.synthetic import load_scenes
+from training.tracking import registry
+from training.tracking import runs as tracking
+from training.tracking.model_card import CardFacts, model_card
+from training.tracking.registry import Registered, register_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ DECODING = ("num_beams", "max_length", "length_penalty")
 
 
 @dataclass(frozen=True)
-class EvalParams:
+class EvaluateConfig:
     """params.yaml `evaluate:`: how test captions are decoded and how many the grid shows."""
 
     num_beams: int = 3
@@ -78,7 +79,7 @@ class EvalParams:
             raise ValueError(f"evaluate.grid_images must be >= 1, got {self.grid_images}")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> EvalParams:
+    def from_dict(cls, values: Mapping[str, Any] | None) -> EvaluateConfig:
         """Build from params.yaml's `evaluate:` mapping; an unknown key is an error."""
         return from_section(cls, values, "evaluate")
 
@@ -87,7 +88,7 @@ class EvalParams:
 
 
 def evaluate(
-    cfg: EvalParams,
+    cfg: EvaluateConfig,
     model_path: str | Path,
     processed_path: str | Path,
     features_dir: str | Path,
@@ -107,7 +108,7 @@ def evaluate(
 
     `params` (all of params.yaml) is recorded with the run and names the dataset; the model
     card and the registered version are written to `out_card` / `out_registered` when given.
-    Synthetic data also gets the robustness report (training.robustness), its captions in
+    Synthetic data also gets the robustness report (training.evaluation.robustness), its captions in
     `out_robustness` (default: robustness.jsonl beside the predictions).
     """
     model_path, raw_dir = Path(model_path), Path(raw_dir)
@@ -185,7 +186,7 @@ def _card_facts(
     raw_dir: Path,
     test: list[dict[str, Any]],
     metrics: dict[str, Any],
-    cfg: EvalParams,
+    cfg: EvaluateConfig,
     params: Mapping[str, Any],
 ) -> CardFacts:
     """What the model card and the registry say about this model and its evaluation."""
@@ -210,7 +211,7 @@ def track(
     model_path: Path,
     metrics: dict[str, Any],
     files: list[Path],
-    cfg: EvalParams,
+    cfg: EvaluateConfig,
     facts: CardFacts,
     params: Mapping[str, Any],
 ) -> Registered:
@@ -272,7 +273,7 @@ def _log_and_register(
     model_path: Path,
     scores: dict[str, Any],
     files: list[Path],
-    cfg: EvalParams,
+    cfg: EvaluateConfig,
     facts: CardFacts,
     run_id: str,
     train_run: str,
@@ -300,7 +301,7 @@ def _log_and_register(
 
 
 def _caption(
-    model: Captioner, tokenizer: Any, grid: np.ndarray, cfg: EvalParams, device: torch.device
+    model: Captioner, tokenizer: Any, grid: np.ndarray, cfg: EvaluateConfig, device: torch.device
 ) -> tuple[list[str], list[float]]:
     """Batched decoding of precomputed grid features (n, N, C) -> captions and scores."""
     captions: list[str] = []
@@ -408,7 +409,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     evaluate(
-        EvalParams.from_dict(params.get("evaluate")),
+        EvaluateConfig.from_dict(params.get("evaluate")),
         MODEL_PATH,
         PROCESSED_PATH,
         FEATURES_DIR,

@@ -5,14 +5,14 @@ warmup then cosine decay, gradient clipping, optional label smoothing; validatio
 epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
 
 Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
-history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/resume.py), outside
+history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/runtime/resume.py), outside
 DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
 config, params, data and code are unchanged (the fingerprint); the batch order of an epoch
 depends only on (seed, epoch), so a resumed run trains exactly like a straight one. One trainer
-runs per workspace, and it stops when the `dvc` that started it is gone (training/process.py).
+runs per workspace, and it stops when the `dvc` that started it is gone (training/runtime/process.py).
 
 Past one process (`nproc_per_node`, `nnodes`): the stage re-launches itself under torchrun
-(training/distributed.py) and trains with DistributedDataParallel. The global batch stays
+(training/runtime/distributed.py) and trains with DistributedDataParallel. The global batch stays
 `batch_size` captions in the same (seed, epoch) order; each rank takes a contiguous part of its
 images (`shard`), and its summed token loss is weighted so that DDP's gradient average is the
 gradient of the whole batch's mean loss, as one process computes it: the loss curve is the
@@ -46,11 +46,11 @@ from tqdm import tqdm
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.io import atomic_write
 from model.pretrained import load_pretrained
-from training import augment, distributed, resume, tracking
-from training.augment import mirror_ids, mirror_tokens
-from training.datachecks import check_features, check_learnable
-from training.distributed import ONE_PROCESS, World
-from training.params import ModelParams, from_section, load_params, pick_device, stage_main
+from training.data.augment import mirror_ids, mirror_tokens
+from training.data.datachecks import check_features, check_learnable
+from training.data.weights import WeightsConfig, needed, weight_files
+from training.dvcfile import stage_code
+from training.params import ModelConfig, from_section, load_params, pick_device, stage_main
 from training.paths import (
     CONFIG_PATH,
     ENCODER_WEIGHTS,
@@ -64,8 +64,10 @@ from training.paths import (
     TRAIN_METRICS_PATH,
     TRAIN_VIEWS,
 )
-from training.process import die_with_dvc, die_with_launcher, exclusive
-from training.weights import WeightsConfig, needed, weight_files
+from training.runtime import distributed, resume
+from training.runtime.distributed import ONE_PROCESS, World
+from training.runtime.process import die_with_dvc, die_with_launcher, exclusive
+from training.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +388,7 @@ def train(
 
     `params` (all of params.yaml) is only recorded: MLflow logs it as the run's params.
     `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
-    Under torchrun this is one rank of a DDP run (training/distributed.py); rank 0 writes.
+    Under torchrun this is one rank of a DDP run (training/runtime/distributed.py); rank 0 writes.
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -426,8 +428,7 @@ def train(
         inputs.append(features_dir / TRAIN_VIEWS)
     inputs += sorted(files.values())  # the decoder's pretrained file, when it has one
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_PARAMS}
-    code = (*resume.CODE, Path(augment.__file__))  # augment: how a mirrored view's captions read
-    key = resume.fingerprint(inputs, code, train=settings)
+    key = resume.fingerprint(inputs, stage_code("train"), train=settings)
     distributed.check_same_inputs(key, world)
     saved = resume.ResumeState(resume_dir, key)
     # rank 0 alone looks at the state (loading may set a damaged one aside), the rest get it
@@ -579,7 +580,7 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
 @stage_main
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
 def main() -> None:
-    """`python -m training.train`: data/features + config -> artifacts/model/model.pth.
+    """`python -m training.stages.train`: data/features + config -> artifacts/model/model.pth.
 
     With train.nproc_per_node or nnodes > 1 this process becomes torchrun, whose workers run
     this again, as ranks. The workspace's lock is taken by the process that writes: this one
@@ -597,9 +598,11 @@ def main() -> None:
         params = load_params()
         cfg = TrainConfig.from_dict(params.get("train"))
         if cfg.distributed and not worker:
-            distributed.launch("training.train", cfg.nproc_per_node, cfg.nnodes, cfg.rdzv_endpoint)
+            distributed.launch(
+                "training.stages.train", cfg.nproc_per_node, cfg.nnodes, cfg.rdzv_endpoint
+            )
             return
-        weights = ModelParams.from_dict(params.get("model")).weights
+        weights = ModelConfig.from_dict(params.get("model")).weights
         train(cfg, params=params, weights=weights)
 
 

@@ -14,7 +14,7 @@ only to a version that beats it on the same test split.
 - `package` stamps the archive with the version (`registered.json`, written by `evaluate`) and
   logs the `.mar` to the run that holds it.
 
-Why a pyfunc from code (training/mlflow_model.py) and not `mlflow.pytorch.log_model`: the
+Why a pyfunc from code (training/tracking/mlflow_model.py) and not `mlflow.pytorch.log_model`: the
 pytorch flavour either traces with torch.export (beam search with a KV cache does not export)
 or pickles the whole nn.Module (loading then needs this repository on the path, and pickles
 break across code changes). The pyfunc carries the weights-only checkpoint, the tokenizer files
@@ -36,7 +36,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # as training/tracking.py: before mlflow
+os.environ.setdefault(
+    "MLFLOW_DISABLE_TELEMETRY", "true"
+)  # as training/tracking/runs.py: before mlflow
 
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -46,7 +48,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 import model as model_package  # noqa: E402
 from model import read_checkpoint  # noqa: E402
 from model.tokenizer import save_tokenizer  # noqa: E402
-from training.checksums import file_sha256  # noqa: E402
+from training.data.checksums import file_sha256  # noqa: E402
 
 log = logging.getLogger(__name__)
 

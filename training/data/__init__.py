@@ -1,0 +1,1 @@
+"""Datasets and inputs: the raw layout, the synthetic set, downloads, augmentations, data checks."""

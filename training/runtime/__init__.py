@@ -1,0 +1,1 @@
+"""How stages run: torchrun's process group, one process per workspace, resumable state."""

@@ -1,0 +1,1 @@
+"""The DVC stages, one module each (`python -m training.stages.<stage>`): `stage(cfg)` + `main()`."""

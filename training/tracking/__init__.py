@@ -1,0 +1,1 @@
+"""MLflow: runs, the model registry, the pyfunc model and the model card."""
