@@ -1,10 +1,15 @@
 # TorchServe runtime for the archive that `dvc repro` (or `dvc pull`) leaves in model-store/.
 #   docker build -t imgtocap .                                     CPU torch (the default)
 #   docker build --build-arg TORCH_VARIANT=cu128 -t imgtocap:gpu .  CUDA torch
-# TORCH_VARIANT names a wheel index at download.pytorch.org/whl/ (cpu, cu126, cu128, ...). The CUDA
-# wheels bring the CUDA runtime and cuDNN with them, so a GPU image needs no CUDA base image; the
-# node supplies only the driver (EKS GPU AMI + NVIDIA device plugin).
-# Digests pin the bases; bump them deliberately (docker buildx imagetools inspect <tag>).
+# TORCH_VARIANT names a wheel index at download.pytorch.org/whl/ (cpu, cu126, cu128, ...);
+# TORCH_INDEX_URL replaces the whole URL (a mirror). The CUDA wheels bring the CUDA runtime and
+# cuDNN with them, so a GPU image needs no CUDA base image; the node supplies only the driver (EKS
+# GPU AMI + NVIDIA device plugin).
+# Without Docker Hub or download.pytorch.org (docs/deployment-local.md): bases made by
+# serve/bases.sh, and torch from a folder of wheels mounted into the build:
+#   podman build --format docker --isolation chroot -v /opt/wheels:/wheels:ro \
+#     --build-arg TORCH_FIND_LINKS=/wheels --build-arg PYTHON_IMAGE=... --build-arg JRE_IMAGE=... .
+# `make image` does this from the environment (serve/serve.mk).
 ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 ARG JRE_IMAGE=eclipse-temurin:17-jre-noble@sha256:900322f4cc1b9da9d730ae4bb56d8a1dabbaa9cfa32809fc8b542b600370a045
 
@@ -14,6 +19,8 @@ FROM ${JRE_IMAGE} AS jre
 
 FROM ${PYTHON_IMAGE}
 ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ARG TORCH_FIND_LINKS=
 ENV JAVA_HOME=/opt/java/openjdk \
     PATH=/opt/java/openjdk/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -28,16 +35,28 @@ COPY --from=jre /opt/java/openjdk /opt/java/openjdk
 RUN useradd --no-log-init --create-home --home-dir /home/model-server --uid 1000 --user-group \
         --shell /usr/sbin/nologin model-server
 
-# torch and torchvision first, from the variant's index without dependencies; the versions are
-# the ones in serve.txt (as constraints). The second install then takes everything else, torch's
-# dependencies included, from PyPI at the versions requirements/constraints.txt locks (the
-# dependencies of the dependencies too). dumb-init is PID 1 (see ENTRYPOINT).
+# torch and torchvision first, without dependencies: from the index at the versions serve.txt pins,
+# or, with TORCH_FIND_LINKS, whatever torch (and torchvision, if any) that folder holds and nothing
+# from the network. The second install then takes everything else, torch's dependencies included,
+# from PyPI at the versions requirements/constraints.txt locks (the dependencies of the
+# dependencies too); torch's own pins are left out of it so that a folder's torch stands.
+# dumb-init is PID 1 (see ENTRYPOINT). The folder's torch is unpinned by design (DL3013).
 COPY requirements/serve.txt requirements/constraints.txt /tmp/
-RUN pip install --no-cache-dir --no-deps --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        --constraint /tmp/serve.txt torch torchvision \
-    && pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/serve.txt \
-        dumb-init==1.2.5.post1 \
-    && rm /tmp/serve.txt /tmp/constraints.txt
+# hadolint ignore=DL3013
+RUN set -eu; \
+    if [ -n "$TORCH_FIND_LINKS" ]; then \
+        pip install --no-cache-dir --no-deps --no-index --find-links "$TORCH_FIND_LINKS" torch \
+        && { pip install --no-cache-dir --no-deps --no-index --find-links "$TORCH_FIND_LINKS" \
+                torchvision || echo "no torchvision in $TORCH_FIND_LINKS: the handler runs without it"; }; \
+    else \
+        pip install --no-cache-dir --no-deps --index-url "$TORCH_INDEX_URL" --constraint /tmp/serve.txt \
+            torch torchvision; \
+    fi; \
+    grep -Ev '^torch(vision)?==' /tmp/serve.txt > /tmp/requirements.txt; \
+    grep -Ev '^torch(vision)?==' /tmp/constraints.txt > /tmp/locked.txt; \
+    pip install --no-cache-dir --constraint /tmp/locked.txt --requirement /tmp/requirements.txt \
+        torch dumb-init==1.2.5.post1; \
+    rm /tmp/serve.txt /tmp/constraints.txt /tmp/requirements.txt /tmp/locked.txt
 
 # Root-owned and read-only to the server; only its home (key_file.json, logs/) is its own.
 WORKDIR /home/model-server

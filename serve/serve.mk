@@ -2,7 +2,7 @@
 # no-telemetry variables). The logic lives in serve/serve.sh and serve/demo.py.
 MAR := model-store/imgtocap.mar
 
-.PHONY: serve demo stop $(MAR)
+.PHONY: serve demo stop image $(MAR)
 
 # DVC, not make, decides whether the archive is out of date: it depends on handler/, model/,
 # the checkpoint and params (dvc.yaml), and make's timestamps would keep serving an old archive
@@ -26,3 +26,8 @@ demo: $(MAR)
 stop:
 	$(BIN)/python -m serve.proxy stop logs/nginx
 	$(BIN)/torchserve --stop --foreground
+
+## image: the serving image around the archive, with docker or podman (whichever is installed);
+## IMAGE=name:tag, and serve/image.sh's variables (bases, torch's source) for offline machines
+image: $(MAR)
+	serve/image.sh
