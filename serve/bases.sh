@@ -2,13 +2,16 @@
 # The Dockerfile's two base images made from Debian packages, for machines that cannot pull from
 # Docker Hub (a user with Docker Hub keeps the pinned official bases: nothing to run here).
 #   serve/bases.sh            -> localhost/imgtocap-python:3.11-bookworm, localhost/imgtocap-jre:17-bookworm
+#                                and localhost/imgtocap-nginx:bookworm (the pod's proxy, for a
+#                                local `podman kube play`: docs/deployment-local.md)
 #   make image PYTHON_IMAGE=localhost/imgtocap-python:3.11-bookworm JRE_IMAGE=localhost/imgtocap-jre:17-bookworm
-# Needs root (mmdebstrap in root mode), podman and mmdebstrap (Debian packages); about 2 minutes.
+# Needs root (mmdebstrap in root mode), podman and mmdebstrap (Debian packages); 2-4 minutes each.
 # MIRROR: the Debian mirror (default deb.debian.org). An image that already exists is kept.
 set -euo pipefail
 
 PYTHON_IMAGE=${PYTHON_IMAGE:-localhost/imgtocap-python:3.11-bookworm}
 JRE_IMAGE=${JRE_IMAGE:-localhost/imgtocap-jre:17-bookworm}
+NGINX_IMAGE=${NGINX_IMAGE:-localhost/imgtocap-nginx:bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 # `podman import` leaves PATH unset; without it `podman kube play` finds no binaries.
 PATH_ENV='ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
@@ -41,4 +44,8 @@ base "$PYTHON_IMAGE" "$PYTHON_PACKAGES" \
 base "$JRE_IMAGE" openjdk-17-jre-headless \
     --essential-hook='mkdir -p "$1/usr/share/man/man1"' \
     --customize-hook='mkdir -p "$1/opt/java" && cp -rL "$1"/usr/lib/jvm/java-17-openjdk-amd64 "$1/opt/java/openjdk"'
-podman images --filter reference="$PYTHON_IMAGE" --filter reference="$JRE_IMAGE"
+# The proxy runs `nginx -c <the pod's config>` (k8s/deployment.yaml), which sets every path
+# nginx writes to; Debian's nginx-light serves it like the pinned nginx-unprivileged image.
+base "$NGINX_IMAGE" nginx-light
+podman images --filter reference="$PYTHON_IMAGE" --filter reference="$JRE_IMAGE" \
+    --filter reference="$NGINX_IMAGE"

@@ -28,6 +28,7 @@ PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "serve" / "containers.
 BASES = {
     "PYTHON_IMAGE": "localhost/imgtocap-python:3.11-bookworm",
     "JRE_IMAGE": "localhost/imgtocap-jre:17-bookworm",
+    "NGINX_IMAGE": "localhost/imgtocap-nginx:bookworm",
 }
 TAG = f"localhost/imgtocap-test:{os.getpid()}"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import deployment
 import fixtures_model
 import psutil
 import pytest
 import requests
 import yaml
 from dockerfile import Dockerfile
+from fixtures_pipeline import closed_port
 
 from serve import proxy
 from serve.runner import APIS, TorchServe, private_config, read_config, write_config
@@ -268,3 +270,131 @@ def test_the_readiness_probe_tracks_the_worker(pod):
     scale = f"{pod.ready_url}?min_worker=1&max_worker=1&synchronous=true"
     assert requests.put(scale, timeout=120).status_code == 200
     assert _probe(pod.ready_url).returncode == 0
+
+
+# --- The pod played by podman -------------------------------------------------------------------
+# `kubectl kustomize` of k8s/ through a local overlay, run by `podman kube play`: the image built
+# from a trained archive (tests/deployment.py), the proxy from Debian's nginx (serve/bases.sh),
+# and only what podman needs changed. podman plays the ConfigMap and the Deployment and ignores
+# the Services, HPA, PDB and NetworkPolicy (tests/test_deploy.py validates those) and the probes,
+# whose commands are run here instead.
+
+
+def _overlay(directory: Path, image: str, nginx: str, port: int) -> Path:
+    """A kustomize overlay on k8s/ for podman: local images, the proxy's port on 127.0.0.1:`port`,
+    and restartPolicy OnFailure (podman 4.3 restarts a finished init container under Always)."""
+    directory.mkdir()
+    name, _, tag = image.rpartition(":")
+    nginx_name, _, nginx_tag = nginx.rpartition(":")
+    proxy_image = next(
+        c["image"] for c in _deployment()["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "proxy"
+    ).split("@")[0].rpartition(":")[0]  # fmt: skip
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "imgtocap"},
+        "spec": {"template": {"spec": {
+            "restartPolicy": "OnFailure",
+            "containers": [{"name": "proxy", "ports": [
+                {"name": "http", "containerPort": 5000, "hostPort": port, "hostIP": "127.0.0.1"},
+            ]}],
+        }}},
+    }  # fmt: skip
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S, directory)],
+        "images": [
+            {"name": "imgtocap", "newName": name, "newTag": tag},
+            {"name": proxy_image, "newName": nginx_name, "newTag": nginx_tag},
+        ],
+        "patches": [{"patch": yaml.safe_dump(patch)}],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    return directory
+
+
+class Played:
+    """The Deployment's pod under podman, its proxy on 127.0.0.1:`port`."""
+
+    def __init__(self, manifest: Path, port: int):
+        self.manifest, self.url = manifest, f"http://127.0.0.1:{port}"
+        self.pod = "imgtocap-pod"
+        self.torchserve, self.proxy = f"{self.pod}-torchserve", f"{self.pod}-proxy"
+
+    def exec(self, container: str, *command: str) -> subprocess.CompletedProcess:
+        return deployment.podman("exec", container, *command, check=False, timeout=60)
+
+    def probe(self, container: dict, probe: str) -> subprocess.CompletedProcess:
+        """A Deployment exec probe's command, run in its container as the kubelet would."""
+        return self.exec(self.torchserve, *container[probe]["exec"]["command"])
+
+
+@pytest.fixture(scope="module")
+def played(tmp_path_factory):
+    trained = deployment.trained_pipeline(tmp_path_factory)
+    image = deployment.serving_image(trained)
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: it renders the kustomize base in k8s/")
+    base = tmp_path_factory.mktemp("played")
+    port = closed_port()
+    overlay = _overlay(base / "overlay", image.tag, deployment.BASES["NGINX_IMAGE"], port)
+    rendered = subprocess.run([kubectl, "kustomize", overlay], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    manifest = base / "pod.yaml"
+    manifest.write_text(rendered)
+    pod = Played(manifest, port)
+    deployment.podman("pod", "rm", "--force", pod.pod, check=False)  # a crashed run's leftover
+    started = time.monotonic()
+    deployment.podman("kube", "play", str(manifest), timeout=300)
+    try:
+        container = _torchserve_container()
+        deadline = time.monotonic() + 300
+        while pod.probe(container, "readinessProbe").returncode != 0:
+            logs = deployment.podman("logs", pod.torchserve, check=False)
+            assert time.monotonic() < deadline, f"not ready in 300 s:\n{logs.stderr[-3000:]}"
+            time.sleep(1)
+        print(f"\npod played: READY {time.monotonic() - started:.0f} s after `podman kube play`")
+        yield pod, trained
+    finally:
+        deployment.podman("kube", "down", str(manifest), check=False, timeout=120)
+        deployment.podman("pod", "rm", "--force", pod.pod, check=False)
+
+
+def test_the_played_pod_serves_the_page_and_captions_through_nginx(played):
+    pod, trained = played
+    page = requests.get(f"{pod.url}/", timeout=30)
+    assert page.status_code == 200 and 'src="app.js"' in page.text
+    data, expected = trained.test_image()
+    answer = requests.put(f"{pod.url}/predictions/imgtocap", data=data, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["caption"] == expected["caption"], (answer.json(), expected)
+    print(f"\ncaption through the pod's nginx: {answer.json()['caption']!r}")
+    assert requests.get(f"{pod.url}/ping", timeout=30).json()["status"] == "Healthy"
+
+    # Management and metrics are out of reach through the pod's only published port.
+    for path in ("/models", "/models/imgtocap", "/metrics"):
+        assert requests.get(f"{pod.url}{path}", timeout=30).status_code == 404, path
+    assert requests.options(f"{pod.url}/", timeout=30).status_code == 405
+
+
+def test_the_played_pods_probes_pass_and_its_roots_are_read_only(played):
+    pod, _ = played
+    container = _torchserve_container()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = pod.probe(container, probe)
+        assert p.returncode == 0, (probe, p.stdout, p.stderr)
+    # The proxy's httpGet probes, on its published port.
+    (proxy_container,) = [c for c in _deployment()["spec"]["template"]["spec"]["containers"]
+                          if c["name"] == "proxy"]  # fmt: skip
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = proxy_container[probe]["httpGet"]["path"]
+        assert requests.get(f"{pod.url}{path}", timeout=30).status_code == 200, probe
+
+    for name, path in ((pod.torchserve, "/home/model-server/x"), (pod.proxy, "/etc/x")):
+        p = pod.exec(name, "touch", path)
+        assert p.returncode != 0 and "Read-only file system" in p.stderr, (name, p.stderr)
+        assert pod.exec(name, "touch", "/tmp/x").returncode == 0, f"{name}: /tmp is its emptyDir"
+        assert pod.exec(name, "id", "-u").stdout.strip() == "1000", name
