@@ -74,10 +74,12 @@ def test_dvc_decides_whether_the_archive_is_rebuilt_not_its_timestamp(project):
 
 
 def pins(path: Path) -> dict[str, str]:
-    """name -> version of the `name==version` lines of a requirements file (names normalised)."""
+    """name -> version of the `name==version` lines of a requirements file (names normalised,
+    extras dropped: `dvc[s3]` is locked as `dvc`, its extras' packages by their own names)."""
     found = {}
     for line in path.read_text().splitlines():
         name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        name = name.split("[", 1)[0]
         if sep:
             found[re.sub(r"[-_.]+", "-", name).lower()] = version
     return found
