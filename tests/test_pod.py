@@ -282,7 +282,10 @@ def test_the_readiness_probe_tracks_the_worker(pod):
 
 def _overlay(directory: Path, image: str, nginx: str, port: int) -> Path:
     """A kustomize overlay on k8s/ for podman: local images, the proxy's port on 127.0.0.1:`port`,
-    and restartPolicy OnFailure (podman 4.3 restarts a finished init container under Always)."""
+    and restartPolicy OnFailure (podman 4.3 restarts a finished init container under Always).
+    podman publishes every containerPort on the host, on all interfaces and the same port number
+    unless a hostPort says otherwise: metrics (the pod IP's, for Prometheus) go to a free port on
+    127.0.0.1."""
     directory.mkdir()
     name, _, tag = image.rpartition(":")
     nginx_name, _, nginx_tag = nginx.rpartition(":")
@@ -296,9 +299,14 @@ def _overlay(directory: Path, image: str, nginx: str, port: int) -> Path:
         "metadata": {"name": "imgtocap"},
         "spec": {"template": {"spec": {
             "restartPolicy": "OnFailure",
-            "containers": [{"name": "proxy", "ports": [
-                {"name": "http", "containerPort": 5000, "hostPort": port, "hostIP": "127.0.0.1"},
-            ]}],
+            "containers": [
+                {"name": "proxy", "ports": [
+                    {"containerPort": 5000, "hostPort": port, "hostIP": "127.0.0.1"},
+                ]},
+                {"name": "torchserve", "ports": [
+                    {"containerPort": 8082, "hostPort": closed_port(), "hostIP": "127.0.0.1"},
+                ]},
+            ],
         }}},
     }  # fmt: skip
     overlay = {
@@ -318,10 +326,13 @@ def _overlay(directory: Path, image: str, nginx: str, port: int) -> Path:
 class Played:
     """The Deployment's pod under podman, its proxy on 127.0.0.1:`port`."""
 
-    def __init__(self, manifest: Path, port: int):
-        self.manifest, self.url = manifest, f"http://127.0.0.1:{port}"
-        self.pod = "imgtocap-pod"
-        self.torchserve, self.proxy = f"{self.pod}-torchserve", f"{self.pod}-proxy"
+    def __init__(self, manifest: Path, port: int, pod: str):
+        self.manifest, self.url, self.pod = manifest, f"http://127.0.0.1:{port}", pod
+        names = deployment.podman("ps", "--all", "--filter", f"pod={pod}", "--format",
+                                  "{{.Names}}").stdout.split()  # fmt: skip
+        # podman names them <pod>-<container>; the pod after the Deployment (imgtocap-pod-0)
+        (self.torchserve,) = [n for n in names if n.endswith("-torchserve")]
+        (self.proxy,) = [n for n in names if n.endswith("-proxy")]
 
     def exec(self, container: str, *command: str) -> subprocess.CompletedProcess:
         return deployment.podman("exec", container, *command, check=False, timeout=60)
@@ -345,11 +356,12 @@ def played(tmp_path_factory):
                               check=True).stdout  # fmt: skip
     manifest = base / "pod.yaml"
     manifest.write_text(rendered)
-    pod = Played(manifest, port)
-    deployment.podman("pod", "rm", "--force", pod.pod, check=False)  # a crashed run's leftover
+    deployment.podman("kube", "down", str(manifest), check=False)  # a crashed run's leftover
     started = time.monotonic()
-    deployment.podman("kube", "play", str(manifest), timeout=300)
+    play = deployment.podman("kube", "play", str(manifest), timeout=300)
     try:
+        # "Pod:\n<id>\nContainers:\n<id>..."
+        pod = Played(manifest, port, play.stdout.split("Pod:")[1].split()[0])
         container = _torchserve_container()
         deadline = time.monotonic() + 300
         while pod.probe(container, "readinessProbe").returncode != 0:
@@ -360,7 +372,10 @@ def played(tmp_path_factory):
         yield pod, trained
     finally:
         deployment.podman("kube", "down", str(manifest), check=False, timeout=120)
-        deployment.podman("pod", "rm", "--force", pod.pod, check=False)
+        # podman 4.3 leaves the volume it made of the ConfigMap
+        for doc in yaml.safe_load_all(rendered):
+            if doc and doc["kind"] == "ConfigMap":
+                deployment.podman("volume", "rm", "--force", doc["metadata"]["name"], check=False)
 
 
 def test_the_played_pod_serves_the_page_and_captions_through_nginx(played):
@@ -378,6 +393,9 @@ def test_the_played_pod_serves_the_page_and_captions_through_nginx(played):
     for path in ("/models", "/models/imgtocap", "/metrics"):
         assert requests.get(f"{pod.url}{path}", timeout=30).status_code == 404, path
     assert requests.options(f"{pod.url}/", timeout=30).status_code == 405
+    # and nothing of the pod is published beyond this machine's loopback.
+    published = deployment.podman("port", pod.torchserve).stdout.splitlines()
+    assert published and all("-> 127.0.0.1:" in line for line in published), published
 
 
 def test_the_played_pods_probes_pass_and_its_roots_are_read_only(played):
