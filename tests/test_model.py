@@ -66,8 +66,8 @@ def encoder_layout(name: str, file=None) -> dict[str, torch.Tensor] | None:
 IMAGE_SIDE = {"image_proj", "row_emb", "col_emb", "image_norm", "cross_attn"}
 
 
-# What the README's Architecture table promises: each preset's fusion, and so which parameters
-# start random once the named encoder and decoder checkpoints are loaded
+# What the presets table (docs/architecture.md) promises: each preset's fusion, and so which
+# parameters start random once the named encoder and decoder checkpoints are loaded
 PROMISES = {
     "seed": ("concat", {"image_proj", "fuse"}),  # the brief's: all of BERT is pretrained
     "base": ("cross_attention", IMAGE_SIDE | {"image_mlp"}),  # BERT's MLM head included
