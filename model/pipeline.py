@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class Caption:
     score: float | None
     tokens: list[str]
     ids: list[int]
-    attention: torch.Tensor | None = None
+    attention: torch.Tensor | None = field(default=None, compare=False)  # == of tensors: no bool
 
     def to_json(self) -> dict[str, Any]:
         """The answer the server and `imgtocap caption` give: caption, score (4 decimals) and,
