@@ -12,6 +12,7 @@ from .decoder import KV, Decoder
 from .decoding import Generation, beam_search, greedy
 from .encoders import ImageEncoder, preprocess
 from .fusion import FUSIONS, Fusion
+from .options import Decoding
 
 
 class Captioner(nn.Module):
@@ -156,9 +157,9 @@ class Captioner(nn.Module):
         pixels: torch.Tensor | None = None,
         *,
         grid: torch.Tensor | None = None,
-        num_beams: int = 1,
-        max_length: int | None = None,
-        length_penalty: float = 1.0,
+        num_beams: int = Decoding.num_beams,
+        max_length: int = Decoding.max_length,
+        length_penalty: float = Decoding.length_penalty,
         use_cache: bool = True,
         return_attention: bool = False,
     ) -> Generation:
@@ -166,16 +167,16 @@ class Captioner(nn.Module):
 
         The image is encoded once; with `use_cache` each step feeds only the newest token.
         `max_length` counts generated tokens including [SEP]; scores are summed log-probs
-        divided by length ** length_penalty. `return_attention` adds `Generation.attention`:
-        per image (T, N), where the model looked for each of its T tokens (`attention_map`);
-        the tokens and scores are the same bits either way. A `concat` model has no attention
-        over the grid: asking it raises ValueError.
+        divided by length ** length_penalty; the defaults are `Decoding`'s (model/options.py).
+        `return_attention` adds `Generation.attention`: per image (T, N), where the model looked
+        for each of its T tokens (`attention_map`); the tokens and scores are the same bits
+        either way. A `concat` model has no attention over the grid: asking it raises
+        ValueError.
         """
         if (pixels is None) == (grid is None):
             raise ValueError("pass exactly one of pixels= or grid=")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        max_length = max_length or self.config.max_length
         if not 1 <= max_length < self.config.max_position:
             raise ValueError(
                 f"max_length must be in [1, {self.config.max_position - 1}], got {max_length}"
