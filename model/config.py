@@ -32,11 +32,11 @@ class CaptionerConfig:
     # this before the projection; 0 drops them (the last stage alone). The stage is a residual
     # stream ~9x the last stage's scale: raw, it multiplies its effective learning rate (Adam
     # steps per weight) and relations suffered; larger scales trade relations for colours
-    # (README: Results).
+    # (docs/results.md).
     mid_scale: float = 1.0
     # Grid cell -> decoder width: "linear" (one layer; checkpoints saved before this field) or
     # "mlp": linear -> GELU -> linear, LLaVA-1.5's projector, so that what the decoder reads from
-    # a cell need not be one plane through the CNN's channels (README: Results)
+    # a cell need not be one plane through the CNN's channels (docs/results.md)
     projector: str = "mlp"
     # decoder shape (BERT layout)
     vocab_size: int = 30522

@@ -72,7 +72,7 @@ TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs
   scale:     curl -X PUT "{management}/models/{MODEL_NAME}?min_worker=2&synchronous=true"
   metrics:   curl {metrics}/metrics
 `make stop` stops it and the page. `make serve` runs the secure configuration (token auth on):
-README.md (Serving)
+docs/serving.md
 """)
     return 0
 
