@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import shutil
 import time
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,28 @@ log = logging.getLogger(__name__)
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError)
 UNREADABLE += (pickle.UnpicklingError, zipfile.BadZipFile)
 KEY_CHARS = 16  # of the fingerprint, in the folder name
-# What a saved state holds besides the tensors (train.py writes it).
-FIELDS = {"epoch", "best_val", "best_epoch", "bad_epochs", "history", "run_id", "seconds"}
+
+
+@dataclass
+class LoopState:
+    """Where a training run stands after `epoch` completed epochs: what its saved state holds
+    besides the tensors (model, optimizer, schedule, RNG)."""
+
+    epoch: int = 0
+    best_val: float = math.inf  # the best epoch's validation loss
+    best_epoch: int = 0  # 0: none yet
+    bad_epochs: int = 0  # since the best one: early stopping counts them
+    history: list[dict[str, Any]] = field(default_factory=list)  # a row per epoch
+    run_id: str | None = None  # the MLflow run a resumed training continues
+    seconds: float = 0.0  # spent in the epochs, over every execution
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> LoopState:
+        """The loop state in a loaded state dict."""
+        return cls(**{name: saved[name] for name in FIELDS})
+
+
+FIELDS = {f.name for f in fields(LoopState)}
 TENSORS = {"model", "optimizer", "scheduler", "rng"}
 
 
