@@ -36,6 +36,7 @@ from fixtures_pipeline import (
     workspace_after_define,
 )
 
+from training import StageError
 from training.data.batches import shard
 from training.runtime import distributed
 from training.runtime.distributed import World
@@ -107,7 +108,7 @@ def test_torchrun_command_lines(monkeypatch):
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=static"} <= set(two)
     assert "--rdzv-endpoint=node0.example:29500" in two and "--standalone" not in two
     monkeypatch.setenv("NODE_RANK", "2")
-    with pytest.raises(SystemExit, match="NODE_RANK='2': with nnodes 2 each machine needs"):
+    with pytest.raises(StageError, match="NODE_RANK='2': with nnodes 2 each machine needs"):
         distributed.torchrun_args("training.stages.train", 4, 2, "node0.example:29500")
 
 

@@ -509,8 +509,8 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
         writer.writerows(history)
 
 
-@stage_main
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
+@stage_main  # inside record: a StageError is its message and exit status 1, no traceback
 def main() -> None:
     """`python -m training.stages.train`: data/features + config -> artifacts/model/model.pth.
 
