@@ -1,11 +1,12 @@
 """The resumable state of a training run, kept outside DVC's outputs.
 
 After every epoch the trainer writes everything a resumed run needs (model, optimizer,
-schedule, RNG, history, MLflow run) to `artifacts/resume/<fingerprint>/last.pth`, and the best
-epoch's model to `best.pth` beside it, each through `model.io.atomic_write`. The fingerprint
-hashes what the run depends on: its input files (model config, captions, the train and val
-features, the encoder weights), its code (`model/` and the train stage) and the train params;
-a state with another fingerprint is never resumed. When the stage succeeds the state is gone.
+schedule, RNG, and the loop's `LoopState`: epoch, best epoch, history, MLflow run, ...) to
+`artifacts/resume/<fingerprint>/last.pth`, and the best epoch's model to `best.pth` beside it,
+each through `model.io.atomic_write`. The fingerprint hashes what the run depends on: its input
+files (model config, captions, the train and val features, the encoder weights), its code
+(what dvc.yaml lists for the train stage) and the train params; a state with another fingerprint is never
+resumed. When the stage succeeds the state is gone.
 
 Why not a DVC output: an output DVC must keep between runs (`persist: true`) keeps the train
 stage out of DVC's run cache, so `dvc exp run --temp`, queued experiments and going back to an

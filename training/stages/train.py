@@ -4,6 +4,12 @@ AdamW (pretrained weights at `lr`, freshly initialised layers at `new_layer_lr`)
 warmup then cosine decay, gradient clipping, optional label smoothing; validation loss every
 epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
 
+`train()` is its steps: `setup` (ranks, data, model, optimizer, schedule, which resume state),
+`load_or_resume`, then per epoch `train_epoch`, `validation_loss`, `end_epoch` (the loop's
+`LoopState`: history, best epoch, epochs without improvement) and `save_epoch` (best model,
+resume state, MLflow), and `finish` (model.pth, metrics, history). The batches come from
+training/data/batches.py, the precision from training/runtime/precision.py.
+
 Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
 history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/runtime/resume.py), outside
 DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
