@@ -258,9 +258,8 @@ def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
 
     Every layer reads the image, so what a word drew on is spread over all of them; the mean
     needs no choice of layer or head that would fit one trained model and not the next.
-    Measured on the default trained model (bench/attention.py, README "Attention"): the
-    mean puts a colour or shape word's highest cell on its own object 37% of the time (on the
-    other object 11%), the last layer alone only 26%.
+    bench/attention.py measures, for a trained model, how often the mean and each single layer
+    put a colour or shape word's highest cell on its own object (README "Attention").
     """
     return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
 

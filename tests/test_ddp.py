@@ -36,10 +36,12 @@ from fixtures_pipeline import (
     workspace_after_define,
 )
 
+from training import StageError
+from training.data.batches import shard
 from training.runtime import distributed
 from training.runtime.distributed import World
-from training.stages import train as train_module
-from training.stages.train import TrainConfig, autocast, shard, train_step
+from training.runtime.precision import autocast
+from training.stages.train import TrainConfig, train_step
 
 EPOCHS = 3
 # Max abs difference between the weights 1 and 2 processes trained (measured: 8.3e-7 after 3
@@ -106,7 +108,7 @@ def test_torchrun_command_lines(monkeypatch):
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=static"} <= set(two)
     assert "--rdzv-endpoint=node0.example:29500" in two and "--standalone" not in two
     monkeypatch.setenv("NODE_RANK", "2")
-    with pytest.raises(SystemExit, match="NODE_RANK='2': with nnodes 2 each machine needs"):
+    with pytest.raises(StageError, match="NODE_RANK='2': with nnodes 2 each machine needs"):
         distributed.torchrun_args("training.stages.train", 4, 2, "node0.example:29500")
 
 
@@ -131,7 +133,7 @@ def test_each_process_gets_its_own_gpu(monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr("training.runtime.precision.native_bf16", lambda device: native)
     cpu, ones = torch.device("cpu"), torch.ones(2, 2)
     expected = {"auto": torch.bfloat16 if native else torch.float32}
     expected |= {"fp32": torch.float32, "bf16": torch.bfloat16}

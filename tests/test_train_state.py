@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
+from training import StageError
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.runtime.process import exclusive
 from training.stages import train as train_module
@@ -166,6 +168,15 @@ def wait_for_an_epoch(root: Path, *procs: subprocess.Popen, timeout: float = 120
         assert all(p.poll() is None for p in procs), "the trainer ended before its first epoch"
         assert time.monotonic() < deadline, "no epoch saved in time"
         time.sleep(0.1)
+
+
+def test_a_held_lock_is_an_error_the_caller_gets_not_an_exit(tmp_path):
+    lock = tmp_path / TRAIN_LOCK
+    refused = pytest.raises(StageError, match=rf"pid {os.getpid()} .*`kill {os.getpid()}`")
+    with exclusive(lock), refused, exclusive(lock):
+        pass
+    with exclusive(lock):  # released: the next one gets it
+        pass
 
 
 @pytest.mark.slow  # two trainers start: each imports torch and MLflow
