@@ -20,8 +20,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
+from tests.helpers.project import ROOT, set_params, trainer_env, workspace_after_define
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.runtime.process import exclusive
 from training.stages import train as train_module
@@ -203,6 +203,7 @@ STAGE = (
 )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("shell", ["/bin/sh", "bash"])  # dash stays in between, bash execs
 def test_a_stage_stops_when_the_dvc_that_started_it_is_killed(tmp_path, shell):
     dvc = subprocess.Popen(
