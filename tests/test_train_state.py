@@ -21,7 +21,12 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers.project import ROOT, set_params, trainer_env, workspace_after_define
+from tests.helpers.project import (
+    copy_tracked,
+    set_params,
+    trainer_env,
+    workspace_after_define,
+)
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.runtime.process import exclusive
 from training.stages import train as train_module
@@ -132,7 +137,7 @@ def change_encoder_weights(root: Path) -> None:
     ids=["nothing", "val features", "train views", "encoder weights", "model code"],
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
-    code = shutil.copytree(ROOT / "model", ws / "model_code")
+    code = copy_tracked(ws / "model_code", "model") / "model"
     monkeypatch.setattr(train_module, "stage_code", lambda stage: (code,))
     run_train(epochs=3, stop_after=1)
     if change == "model code":
