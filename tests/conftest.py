@@ -33,7 +33,7 @@ from tests.helpers.marks import needs  # noqa: E402
 PROGRAM_MARKERS = {"java": "java", "torchserve": "java", "nginx": "nginx", "kubectl": "kubectl"}
 PROGRAM_MARKERS |= {"chromium": "browser", "chromium-browser": "browser"}
 UNMARKED = pytest.StashKey[list[str]]()
-_running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+_running: list[pytest.Item] = []  # the test whose setup or call runs now
 
 
 def _marker_of(args) -> str | None:
@@ -87,13 +87,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(marker)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+def _checking(item):
+    """Hook body: check what `item` starts while its fixtures set up and while it runs (not in
+    teardown, where a module's fixture may stop its program after a test that did not use it)."""
     _running.append(item)
     try:
         return (yield)
     finally:
         _running.pop()
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_checking)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_checking)
 
 
 @pytest.hookimpl(wrapper=True)
