@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 K8S = ROOT / "k8s"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 MODEL = "imgtocap"
-# The EKS version README.md (Deployment) creates, and the newest schemas kubernetes-validate bundles,
+# The EKS version docs/deployment.md creates, and the newest schemas kubernetes-validate bundles,
 # so that a cluster upgrade finds no removed API.
 K8S_VERSIONS = ("1.35.0", "1.37.0")
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:

@@ -1,5 +1,6 @@
-"""The README's make targets: what they run finds the venv's python, DVC (not make) decides
-whether the model archive is out of date, and `make setup` can install within the lock.
+"""The documented make targets (README.md, docs/development.md): what they run finds the venv's
+python, DVC (not make) decides whether the model archive is out of date, and `make setup` can
+install within the lock.
 
 `make demo` builds the archive with `dvc repro`, whose stages run `python -m training.<stage>`:
 a plain `python` on PATH. From a fresh clone nobody has activated `.venv`, so the Makefile

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model import preset
+from model import CaptionerConfig, preset
 from tests.helpers.project import ALWAYS, STAGES
 from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
 from training.stages.evaluate import EvaluateConfig
@@ -94,9 +94,10 @@ def test_integers_are_numbers_and_null_is_allowed_where_the_type_says():
 
 
 def test_the_model_section_resolves_to_a_captioner_config():
-    assert ModelConfig.from_dict(PARAMS["model"]).captioner_config() == preset(
-        "offline", num_layers=3
-    )
+    # CaptionerConfig's defaults, which are what params.yaml trained before they were: offline
+    # with its first 3 layers
+    shipped = ModelConfig.from_dict(PARAMS["model"]).captioner_config()
+    assert shipped == CaptionerConfig() == preset("offline", num_layers=3)
     assert ModelConfig(preset="tiny", fusion="concat", overrides=None).captioner_config() == (
         preset("tiny", fusion="concat")
     )

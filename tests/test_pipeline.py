@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One shrunk `dvc repro` from scratch, its baseline committed as the README says; shared
+    """One shrunk `dvc repro` from scratch, its baseline committed as docs/pipeline.md says; shared
     by the checks below (each leaves the workspace at that baseline)."""
     repo = project_copy(tmp_path_factory.mktemp("repo"))
     set_params(repo, SHRUNK)
@@ -115,7 +115,7 @@ def model_bytes(repo: Path) -> bytes:
 
 
 def back_to_the_commit(repo: Path) -> None:
-    """The README's way back to the committed baseline."""
+    """The way back to the committed baseline that docs/pipeline.md gives."""
     git = ["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"]
     subprocess.run(git, cwd=repo, check=True)
     dvc(repo, "checkout")

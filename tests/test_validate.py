@@ -255,6 +255,8 @@ def test_a_failed_validation_stops_preprocess_run_by_hand(tmp_path, monkeypatch)
     stale = tmp_path / "data" / "processed" / "captions.json"  # from an earlier, passed run
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
-    with pytest.raises(ValueError, match=r"did not pass.*on_invalid: fail.*training\.stages\.validate"):
+    with pytest.raises(
+        ValueError, match=r"did not pass.*on_invalid: fail.*training\.stages\.validate"
+    ):
         preprocess.main()
     assert not stale.exists()  # no stale output for a later stage to pick up

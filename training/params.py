@@ -238,12 +238,11 @@ class ModelConfig:
     """The `model` section: a preset, optionally with its encoder, fusion or any other
     CaptionerConfig field replaced; resolved by `captioner_config()`."""
 
-    preset: str = "offline"  # seed | base | offline | tiny (model.config.PRESETS)
+    # default (CaptionerConfig's defaults: the shipped model) | seed | base | offline | tiny
+    preset: str = "default"  # model.config.PRESETS
     encoder: str | None = None  # None: the preset's
     fusion: str | None = None  # None: the preset's
-    # CaptionerConfig fields, applied to whichever preset: by default the first 3 of
-    # MiniLM-L6's 6 decoder layers (twice as fast on a CPU, plenty for the shapes)
-    overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
+    overrides: dict[str, Any] | None = field(default_factory=dict)  # CaptionerConfig fields
     # dataset: the model emits only WordPieces of the train/val captions (define fills them)
     output_vocab: str = "dataset"  # dataset | full
     # false: encoder and decoder start from random weights, a deliberate choice (tests, speed)
@@ -256,7 +255,7 @@ class ModelConfig:
         if self.overrides is not None and not isinstance(self.overrides, Mapping):
             raise ValueError(
                 f"model.overrides must be a mapping of CaptionerConfig fields, e.g. "
-                f"{{num_layers: 3}}, got {self.overrides!r}"
+                f"{{num_layers: 6}}, got {self.overrides!r}"
             )
         self.captioner_config()  # an unknown preset or field fails here, before any work
 
