@@ -48,12 +48,14 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# the whole suite; the 25 slowest tests at the end (CI's log shows what makes it slow)
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
-## test-fast: lint + the tests not marked slow (no pipeline, no TorchServe), under a minute
+## test-fast: lint + the tests that start nothing heavy, under a minute on 2 cores: no pipeline,
+# no TorchServe, no JVM (METEOR), browser, nginx, kubectl or child Python (markers: pyproject.toml)
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not (slow or java or browser or nginx or kubectl or subprocess)" --durations=10
 
 ## docs: the docs site (docs/, mkdocs.yml) into site/; --strict: a dead link or a page not in nav fails
 # (NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0, not a warning about these pages)

@@ -23,17 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the tests' model helpers
+sys.path.insert(0, str(ROOT))  # this checkout, and the tests' model helpers (tests.helpers)
 
 import torch  # noqa: E402
-from fixtures_model import (  # noqa: E402
-    PICTURE_CAPTIONS,
-    archive_handler,
-    caption_tokens,
-    fit,
-    picture,
-    tiny,
-)
 from ts.context import RequestProcessor  # noqa: E402
 
 from model import (  # noqa: E402
@@ -42,6 +34,14 @@ from model import (  # noqa: E402
     load_checkpoint,
     load_tokenizer,
     save_checkpoint,
+)
+from tests.helpers.model import (  # noqa: E402
+    PICTURE_CAPTIONS,
+    archive_handler,
+    caption_tokens,
+    fit,
+    picture,
+    tiny,
 )
 from training.params import pick_device  # noqa: E402
 from training.stages.package import build_archive  # noqa: E402

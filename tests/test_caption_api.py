@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures_model import archive_handler, picture, tiny
 from ts.context import RequestProcessor
 
 import model
 from model import Caption, CaptionPipeline, Decoding, Generation, load, open_image, save_checkpoint
 from model.options import MAX_BEAMS, MAX_LENGTH
 from serve.cli import main as cli
+from tests.helpers.model import archive_handler, picture, tiny
 from training.stages.evaluate import EvaluateConfig
 from training.stages.package import ServeConfig, build_archive
 

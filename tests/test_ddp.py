@@ -24,7 +24,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import (
+
+from tests.helpers.project import (
     SHRUNK,
     dvc,
     environment,
@@ -35,7 +36,6 @@ from fixtures_pipeline import (
     wait_for_epoch,
     workspace_after_define,
 )
-
 from training import StageError
 from training.data.batches import shard
 from training.runtime import distributed
@@ -77,7 +77,7 @@ def test_ranks_split_each_batch_into_contiguous_runs_of_images():
 
 
 def test_a_rank_without_captions_in_a_batch_adds_nothing_but_takes_its_step():
-    from fixtures_model import tiny
+    from tests.helpers.model import tiny
 
     model = tiny().train()
     spec = model.encoder.spec
@@ -165,7 +165,7 @@ def test_ranks_join_gloo_on_cpus_and_nccl_on_gpus_with_a_timeout(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_training_step_on_the_gpu_never_waits_for_it():
-    from fixtures_model import tiny
+    from tests.helpers.model import tiny
 
     model = tiny().cuda().train()
     spec = model.encoder.spec

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_model import caption_tokens, fit
 from PIL import Image, ImageColor
 
 from model import (
@@ -32,6 +31,8 @@ from model import (
     preset,
     save_checkpoint,
 )
+from tests.helpers.marks import needs
+from tests.helpers.model import caption_tokens, fit
 from training.data.augment import PERTURBATIONS
 from training.data.captions import SCENES_FILE, read_captions
 from training.data.synthetic import content_correct, load_scenes, write_synthetic
@@ -103,6 +104,7 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
 
 
 @pytest.fixture(scope="module")
+@needs("java")  # METEOR
 def ws(tmp_path_factory, tokenizer):
     """A workspace after `evaluate`: inputs, outputs, the model and the MLflow run id."""
     threads = torch.get_num_threads()

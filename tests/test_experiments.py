@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_pipeline import SHRUNK, dvc, git, git_commit, project_copy, set_params
+
+from tests.helpers.project import SHRUNK, dvc, git, git_commit, project_copy, set_params
 
 pytestmark = pytest.mark.slow
 

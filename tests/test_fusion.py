@@ -10,11 +10,11 @@ import hashlib
 
 import pytest
 import torch
-from fixtures_model import tiny
 
 from model import PRESETS, Captioner, load_checkpoint, preset, save_checkpoint
 from model.config import FUSIONS as FUSION_NAMES
 from model.fusion import FUSIONS, ConcatFusion, CrossAttentionFusion
+from tests.helpers.model import tiny
 
 
 def layout_digest(model: Captioner) -> str:

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures_model import archive_handler
 from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from tests.helpers.model import archive_handler
 from training.stages.package import build_archive
 from training.tracking.registry import Registered
 

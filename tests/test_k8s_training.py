@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.marks import needs
 from training.stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def _kustomize(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
+@needs("kubectl")
 def rendered() -> str:
     return _kustomize(ROOT / "k8s/training")
 
@@ -119,6 +121,7 @@ def test_training_pods_run_unprivileged_on_a_read_only_root(objects):
     assert env["HOME"].startswith("/tmp/") and "/tmp" in writable  # caches land somewhere
 
 
+@pytest.mark.kubectl
 def test_the_serving_base_leaves_training_out():
     serving = [d for d in yaml.safe_load_all(_kustomize(ROOT / "k8s")) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in serving}

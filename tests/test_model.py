@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from fixtures_model import tiny
-from hf_bert import to_hf_bert, to_hf_bert_lm
 
 from model import PRESETS, Captioner, CaptionerConfig, preset, pretrained
 from model.decoder import from_hf_bert
 from model.pretrained import decoder_state, encoder_state
+from tests.helpers.hf_bert import to_hf_bert, to_hf_bert_lm
+from tests.helpers.model import tiny
 
 
 def random_batch(model: Captioner, batch: int = 3, length: int = 10):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_pipeline import ALWAYS, STAGES
 
 from model import CaptionerConfig, preset
+from tests.helpers.project import ALWAYS, STAGES
 from training import StageError
 from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
 from training.stages.evaluate import EvaluateConfig

@@ -18,8 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from dockerfile import Dockerfile
-from fixtures_pipeline import (
+from PIL import Image
+
+from tests.helpers.dockerfile import Dockerfile
+from tests.helpers.project import (
     ALWAYS,
     SHRUNK,
     STAGES,
@@ -33,8 +35,6 @@ from fixtures_pipeline import (
     set_params,
     wait_for_epoch,
 )
-from PIL import Image
-
 from training.evaluation.samples import grid_size
 
 pytestmark = pytest.mark.slow

@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import fixtures_model
 import psutil
 import pytest
 import requests
 import yaml
-from dockerfile import Dockerfile
 
 from serve import proxy
 from serve.runner import APIS, TorchServe, private_config, read_config, write_config
+from tests.helpers import model as model_helpers
+from tests.helpers.dockerfile import Dockerfile
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.java, pytest.mark.nginx]  # TorchServe, nginx
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -117,7 +117,7 @@ def pod(tmp_path_factory):
     tmp, cwd = base / "tmp", base / "cwd"  # the emptyDir; the image's read-only working dir
     for d in (tmp, cwd):
         d.mkdir()
-    store = fixtures_model.model_store(base / "store", **SERVE)
+    store = model_helpers.model_store(base / "store", **SERVE)
     torchserve = TorchServe(_config(base / "cluster.properties", store), cwd=cwd, env=_env(tmp),
                             console=base / "stdout.log")  # fmt: skip
     assert not torchserve.token_auth

@@ -21,8 +21,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
+from tests.helpers.project import (
+    copy_tracked,
+    set_params,
+    trainer_env,
+    workspace_after_define,
+)
 from training import StageError
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.runtime.process import exclusive
@@ -134,7 +139,7 @@ def change_encoder_weights(root: Path) -> None:
     ids=["nothing", "val features", "train views", "encoder weights", "model code"],
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
-    code = shutil.copytree(ROOT / "model", ws / "model_code")
+    code = copy_tracked(ws / "model_code", "model") / "model"
     monkeypatch.setattr(train_module, "stage_code", lambda stage: (code,))
     run_train(epochs=3, stop_after=1)
     if change == "model code":
@@ -214,6 +219,7 @@ STAGE = (
 )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("shell", ["/bin/sh", "bash"])  # dash stays in between, bash execs
 def test_a_stage_stops_when_the_dvc_that_started_it_is_killed(tmp_path, shell):
     dvc = subprocess.Popen(

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from fixtures_data import FileServer
-from fixtures_weights import write_bert, write_resnet50
 
 from model import build_captioner, preset
 from model.pretrained import encoder_state
 from serve.runner import free_ports
+from tests.helpers.data import FileServer
+from tests.helpers.weights import write_bert, write_resnet50
 from training.data import download as download_module
 from training.data.weights import (
     WeightsConfig,
