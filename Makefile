@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 # Spinning OpenMP threads stall badly when another process holds a core (TorchServe workers).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-fast lint format lock plots-template clean
+.PHONY: setup test test-fast lint format lock docs plots-template clean
 
 include serve/serve.mk
 
@@ -48,12 +48,19 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# the whole suite; the 25 slowest tests at the end (CI's log shows what makes it slow)
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
-## test-fast: lint + the tests not marked slow (no pipeline, no TorchServe), under a minute
+## test-fast: lint + the tests that start nothing heavy, under a minute on 2 cores: no pipeline,
+# no TorchServe, no JVM (METEOR), browser, nginx, kubectl or child Python (markers: pyproject.toml)
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not (slow or java or browser or nginx or kubectl or subprocess)" --durations=10
+
+## docs: the docs site (docs/, mkdocs.yml) into site/; --strict: a dead link or a page not in nav fails
+# (NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0, not a warning about these pages)
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 ## plots-template: re-vendor vega, vega-lite and vega-embed from npm into docs/plots/offline.html
 # (needs npm; the result is committed, so `dvc plots show` and CI work offline without it)

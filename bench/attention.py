@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model import decode_caption, load_checkpoint, load_tokenizer  # noqa: E402
+from model import load  # noqa: E402
 from training.data.captions import IMAGES_DIR  # noqa: E402
 from training.data.synthetic import load_scenes, parse_caption  # noqa: E402
 from training.params import load_params  # noqa: E402
@@ -33,8 +33,8 @@ from training.stages.evaluate import EvaluateConfig  # noqa: E402
 
 
 def main() -> None:
-    model = load_checkpoint(ROOT / MODEL_PATH)
-    tokenizer = load_tokenizer(model.config.tokenizer)
+    captioner = load(ROOT / MODEL_PATH)
+    model = captioner.model
     decoding = EvaluateConfig.from_dict(
         load_params(ROOT / "params.yaml").get("evaluate")
     ).decoding()
@@ -42,7 +42,7 @@ def main() -> None:
     features = torch.from_numpy(np.load(ROOT / FEATURES_DIR / "test.npy")).float()  # (n, N, C)
     scenes = load_scenes(ROOT / RAW_DIR)
     grid = model.encoder.spec.grid
-    out = model.generate(grid=features, **decoding)
+    results = captioner.caption_features(features, decoding)
 
     layers = model.config.num_layers
     rows = {f"layer {i + 1} (mean of heads)": i for i in range(layers)}
@@ -53,12 +53,12 @@ def main() -> None:
         scene = scenes.get(name)
         if scene is None or len(scene.objects) != 2:
             continue
-        words = _word_tokens(tokenizer.convert_ids_to_tokens(out.tokens[i]))
-        mentions = parse_caption(decode_caption(tokenizer, out.tokens[i])).mentions
+        words = _word_tokens(results[i].tokens)
+        mentions = parse_caption(results[i].caption).mentions
         objects = [_find(scene, m.colour, m.shape) for m in mentions]
         if len(mentions) != 2 or None in objects or objects[0] is objects[1]:
             continue  # only captions that name both objects right
-        tokens = torch.tensor([[model.config.bos_id, *out.tokens[i]]])
+        tokens = torch.tensor([[model.config.bos_id, *results[i].ids]])
         with torch.no_grad():
             cross = model.decoder.cross_keys_values(model.image_context(features[i : i + 1]))
             _, _, weights = model.decoder(tokens[:, :-1], cross=cross, need_weights=True)
@@ -94,7 +94,7 @@ def main() -> None:
     print(
         f"\n{count} colour and shape words of {count // 4} two-object test captions that name "
         f"both objects right; {layers} decoder layers x {model.config.num_heads} heads; "
-        f"beam {decoding['num_beams']}.\n"
+        f"beam {decoding.num_beams}.\n"
     )
     print(
         "| attention | on its own object | on the other object | own / (own + other): "

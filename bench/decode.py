@@ -21,19 +21,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# this checkout's model/ (as pytest imports it), and tests/hf_bert.py: the transformers
+# this checkout's model/ (as pytest imports it), and tests/helpers/hf_bert.py: the transformers
 # reference, kept out of model/ so that it does not ship in every .mar
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hf_bert import to_hf_bert_lm  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
 from model.decoding import Generation, beam_search, greedy, strip  # noqa: E402
+from tests.helpers.hf_bert import to_hf_bert_lm  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
 

@@ -23,10 +23,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the tests' model helpers
+sys.path.insert(0, str(ROOT))  # this checkout, and the tests' model helpers (tests.helpers)
 
 import torch  # noqa: E402
-from fixtures_model import (  # noqa: E402
+from ts.context import RequestProcessor  # noqa: E402
+
+from model import (  # noqa: E402
+    CaptionPipeline,
+    Decoding,
+    load_checkpoint,
+    load_tokenizer,
+    save_checkpoint,
+)
+from tests.helpers.model import (  # noqa: E402
     PICTURE_CAPTIONS,
     archive_handler,
     caption_tokens,
@@ -34,9 +43,6 @@ from fixtures_model import (  # noqa: E402
     picture,
     tiny,
 )
-from ts.context import RequestProcessor  # noqa: E402
-
-from model import decode_caption, load_checkpoint, load_tokenizer, save_checkpoint  # noqa: E402
 from training.params import pick_device  # noqa: E402
 from training.stages.package import build_archive  # noqa: E402
 
@@ -47,9 +53,9 @@ def png(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def captions(model, pixels: torch.Tensor, device: torch.device, tokenizer, beams: int) -> list:
-    out = model.to(device).generate(pixels.to(device), num_beams=beams, max_length=12)
-    return [decode_caption(tokenizer, t) for t in out.tokens]
+def captions(model, pictures: list, device: torch.device, tokenizer, beams: int) -> list:
+    captioner = CaptionPipeline(model.to(device), tokenizer)
+    return [r.caption for r in captioner.caption(pictures, Decoding(beams, max_length=12))]
 
 
 def main() -> int:
@@ -62,18 +68,17 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = tiny()
-    pixels = torch.stack(
-        [model.preprocess(picture(i, size=64)) for i in range(16)]
-    )  # (16, 3, S, S)
+    pictures = [picture(i, size=64) for i in range(16)]
+    pixels = torch.stack([model.preprocess(p) for p in pictures[:8]])  # (8, 3, S, S)
     tokens = caption_tokens(tokenizer, PICTURE_CAPTIONS, max_tokens=8)  # (8, T)
-    grid = model.encode_image(pixels[:8])
+    grid = model.encode_image(pixels)
     fit(
         model,
         grid,
         tokens,
         lr=1e-2,
         steps=800,
-        until=lambda m: captions(m, pixels[:8], cpu, tokenizer, 1) == PICTURE_CAPTIONS,
+        until=lambda m: captions(m, pictures[:8], cpu, tokenizer, 1) == PICTURE_CAPTIONS,
     )
 
     failed = False
@@ -84,8 +89,8 @@ def main() -> int:
     print("|---|---|---|---|")
     rows = {}
     for beams in (1, 3):
-        reference = captions(model, pixels, cpu, tokenizer, beams)
-        rows[beams] = (reference, captions(model, pixels, device, tokenizer, beams))
+        reference = captions(model, pictures, cpu, tokenizer, beams)
+        rows[beams] = (reference, captions(model, pictures, device, tokenizer, beams))
         model.to(cpu)
     for name, part in (("memorised", slice(0, 8)), ("unseen", slice(8, 16))):
         agree = [sum(a == b for a, b in zip(ref[part], got[part])) for ref, got in rows.values()]

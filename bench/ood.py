@@ -4,8 +4,8 @@ The synthetic dataset's spec (DESIGN.md) drawn with other code and other choices
 training/data/synthetic.py: CSS colour names through PIL's ImageColor, plain ImageDraw calls with
 no anti-aliasing, white or near-white backgrounds, equilateral triangles, canvases of 256 to
 640 pixels, objects placed by a simple grid layout. Each image is captioned as PNG and as
-JPEG (quality 75, Pillow's default), through the model's own `open_image` + `preprocess`, as
-a served request would be; the table shows content accuracy (and its parts) per variant, the
+JPEG (quality 75, Pillow's default), through the model's own `open_image` and caption API, as
+a served request would be (params.yaml's default decoding); the table shows content accuracy (and its parts) per variant, the
 wrong captions below it.
 
     .venv/bin/python bench/ood.py --model artifacts/model/model.pth
@@ -25,7 +25,7 @@ from PIL import Image, ImageColor, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import decode_caption, load_checkpoint, load_tokenizer, open_image  # noqa: E402
+from model import Decoding, load, open_image  # noqa: E402
 from training.data.synthetic import Scene, SceneObject, content_breakdown, content_correct  # noqa: E402
 
 # What another program would most likely call these colours: CSS names.
@@ -115,8 +115,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the drawn images (PNG) here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = load_checkpoint(args.model)
-    tokenizer = load_tokenizer(model.config.tokenizer)
+    captioner = load(args.model)
     drawn = scenes(args.single, args.pairs)
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
@@ -124,9 +123,8 @@ def main() -> None:
             image.save(args.save / f"ood_{i:02d}.png")
     rows, wrong = [], []
     for fmt in ("PNG", "JPEG"):
-        pixels = torch.stack([model.preprocess(open_image(encoded(im, fmt))) for im, _ in drawn])
-        out = model.generate(pixels, num_beams=3, max_length=20)
-        captions = [decode_caption(tokenizer, t) for t in out.tokens]
+        images = [open_image(encoded(im, fmt)) for im, _ in drawn]
+        captions = [r.caption for r in captioner.caption(images, Decoding())]
         parts = [content_breakdown(c, s) for c, (_, s) in zip(captions, drawn)]
         correct = [content_correct(c, s) for c, (_, s) in zip(captions, drawn)]
         single = [c for c, (_, s) in zip(correct, drawn) if len(s.objects) == 1]

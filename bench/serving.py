@@ -9,10 +9,10 @@ from the same checkpoint, all at once; the same JPEG photos (scikit-image's samp
 as raw bodies at concurrency 1, 4 and 16, each level --rounds times with the modes taking
 turns, so that a shared machine's changing load weighs on every mode alike. The table reports
 requests/s (median over the rounds) and p50/p95 latency. Before each mode's concurrency-1 run,
-while every server idles, this process times the bare `generate()` of the same photos
-(decoded and preprocessed beforehand): "p50 / bare" is served p50 over the bare call's p50.
-The compute floor is the FLOPs of one caption (`torch.utils.flop_counter.FlopCounterMode`
-around generate()) divided by the fp32 matmul GFLOP/s this machine reaches. The checkpoint is
+while every server idles, this process times the bare caption call (`model.load(...).caption`,
+preprocessing and decoding) of the same photos (decoded from JPEG beforehand): "p50 / bare" is
+served p50 over the bare call's p50. The compute floor is the FLOPs of one caption
+(`torch.utils.flop_counter.FlopCounterMode` around the caption call) divided by the fp32 matmul GFLOP/s this machine reaches. The checkpoint is
 model-store/imgtocap.mar's when that was built from the offline preset, else an untrained
 offline model (its captions always run to max_length, so max_length is capped identically in
 every mode). Prints Markdown tables.
@@ -42,12 +42,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from model import build_captioner, load_checkpoint, open_image, preset, save_checkpoint
+from model import Decoding, build_captioner, open_image, preset, save_checkpoint  # noqa: E402
+from model import load as load_captioner  # noqa: E402  (load() below is the HTTP load)
 from serve.runner import TorchServe  # noqa: E402
+from training.paths import ARCHIVE_PATH, MODEL_NAME  # noqa: E402
 from training.stages.package import ServeConfig, build_archive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHIVE = ROOT / "model-store" / "imgtocap.mar"
+ARCHIVE = ROOT / ARCHIVE_PATH
 # urllib would label a body form-urlencoded, which TorchServe then fails to parse (500)
 OCTETS = {"Content-Type": "application/octet-stream"}
 PHOTOS = (
@@ -103,7 +105,7 @@ def main() -> None:
                     Path(tmp) / f"server-{n}", store, disable_token_authorization="true"
                 )
             )
-            urls[mode] = f"{server.inference}/predictions/imgtocap"
+            urls[mode] = f"{server.inference}/predictions/{MODEL_NAME}"
             load(urls[mode], photos, 1, 2)  # the first requests pay for lazy set-up
         served = {mode: {c: Level() for c in args.concurrency} for mode in modes}
         bare_ms: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -128,7 +130,7 @@ def main() -> None:
         all_bare = [t for times in bare_ms.values() for t in times]
         floor_ms = flops / (gflops * 1e9) * 1000
         print(
-            f"bare generate(), one photo at a time: p50 {percentile(all_bare, 50):.0f} ms; "
+            f"bare caption call, one photo at a time: p50 {percentile(all_bare, 50):.0f} ms; "
             f"compute floor {floor_ms:.1f} ms per caption ({flops / 1e9:.2f} GFLOP per caption, "
             f"mean over the photos, at {gflops:.0f} GFLOP/s: fp32 matmul 2048^3 here)\n"
         )
@@ -151,38 +153,37 @@ class Level:
 
 
 class Bare:
-    """The checkpoint in this process, the photos decoded and preprocessed once: what the served
-    model does per request minus HTTP, TorchServe and the handler."""
+    """The checkpoint in this process, the photos decoded once: what the served model does per
+    request minus HTTP, TorchServe and the handler."""
 
     def __init__(self, checkpoint: Path, photos: list[bytes], num_beams: int, max_length: int):
-        self.model = load_checkpoint(checkpoint)
-        self.pixels = [self.model.preprocess(open_image(data))[None] for data in photos]
-        self.options = dict(num_beams=num_beams, max_length=max_length)
-        for pixels in self.pixels[:2]:
-            self._generate(pixels)  # lazy set-up, as the handler's initialize() pays it
+        self.captioner = load_captioner(checkpoint)
+        self.images = [open_image(data) for data in photos]
+        self.decoding = Decoding(num_beams=num_beams, max_length=max_length)
+        for image in self.images[:2]:
+            self._caption(image)  # lazy set-up, as the handler's initialize() pays it
 
-    def _generate(self, pixels: torch.Tensor) -> None:
-        with torch.inference_mode():
-            self.model.generate(pixels, **self.options)
+    def _caption(self, image: Image.Image) -> None:
+        self.captioner.caption([image], self.decoding)
 
     def times(self, sequence: list[int]) -> list[float]:
-        """ms of generate() for each photo of this sequence, one call each."""
+        """ms of the caption call for each photo of this sequence, one call each."""
         times = []
         for index in sequence:
             start = time.perf_counter()
-            self._generate(self.pixels[index])
+            self._caption(self.images[index])
             times.append((time.perf_counter() - start) * 1000)
         return times
 
     def flops(self) -> float:
         """FLOPs of one caption, the mean over the photos (a caption stops at [SEP])."""
         total = 0
-        for pixels in self.pixels:
+        for image in self.images:
             counter = FlopCounterMode(display=False)
             with counter:
-                self._generate(pixels)
+                self._caption(image)
             total += counter.get_total_flops()
-        return total / len(self.pixels)
+        return total / len(self.images)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -39,10 +39,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
-from training import distributed  # noqa: E402
 from training.params import pick_device  # noqa: E402
+from training.runtime import distributed  # noqa: E402
 from training.runtime.distributed import World  # noqa: E402
-from training.stages.train import PRECISIONS, TrainConfig, train_step, uses_bf16  # noqa: E402
+from training.runtime.precision import PRECISIONS, uses_bf16  # noqa: E402
+from training.stages.train import TrainConfig, train_step  # noqa: E402
 
 FLICKR8K = {"images": 8091, "train_captions": 6000 * 5, "test_images": 1000}
 

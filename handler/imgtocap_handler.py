@@ -15,10 +15,10 @@ cols floats, row-major]}, ...]}` ([SEP] left out).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -56,17 +56,16 @@ class ImgtocapHandler(BaseHandler):
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
         self.device = _device(properties.get("gpu_id"), self.settings["cpu_threads"], workers)
         checkpoint = model_dir / context.manifest["model"]["serializedFile"]
-        self.model = self.lib.load_checkpoint(checkpoint, self.device)
-        self.tokenizer = self.lib.load_tokenizer(model_dir / "tokenizer")
-        # The first generate() pays for lazy kernel set-up: pay it here, not in a user's request.
-        blank = self.model.preprocess(Image.new("RGB", (32, 32), "white"))[None]  # (1, 3, S, S)
-        self.model.generate(blank.to(self.device), max_length=2)
+        self.captioner = self.lib.load(checkpoint, self.device, tokenizer=model_dir / "tokenizer")
+        # The first caption pays for lazy kernel set-up: pay it here, not in a user's request.
+        blank = Image.new("RGB", (32, 32), "white")
+        self.captioner.caption([blank], self.lib.Decoding(num_beams=1, max_length=2))
         self.initialized = True
         log.info(
             "imgtocap ready on %s (%d threads): %s encoder, model code from %s",
             self.device,
             torch.get_num_threads(),
-            self.model.config.encoder,
+            self.captioner.model.config.encoder,
             Path(self.lib.__file__).parent,
         )
 
@@ -80,53 +79,39 @@ class ImgtocapHandler(BaseHandler):
         return output
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Decode each request to pixels + parameters, or to {"status", "error"} if it is bad."""
+        """Decode each request to an image + parameters, or to {"status", "error"} if it is bad."""
         return [self._decode(row) for row in data]
 
     def inference(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Caption the decoded images: one batched generate() per (num_beams, max_length)."""
-        groups: dict[tuple[int, int], list[int]] = {}
+        """Caption the decoded images: one batch per decoding (num_beams, max_length)."""
+        groups: dict[Any, list[int]] = {}
         for i, item in enumerate(items):
-            if "pixels" in item:
-                groups.setdefault((item["num_beams"], item["max_length"]), []).append(i)
+            if "image" in item:
+                groups.setdefault(item["decoding"], []).append(i)
         results = list(items)  # errors pass through in place
-        for (num_beams, max_length), indices in groups.items():
+        for decoding, indices in groups.items():
             start = time.perf_counter()
-            pixels = torch.stack([items[i]["pixels"] for i in indices])  # (B, 3, S, S)
             # one call for the group: asking for attention leaves the captions as they are
             attention = any(items[i]["attention"] for i in indices)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    pixels.to(self.device),
-                    num_beams=num_beams,
-                    max_length=max_length,
-                    return_attention=attention,
-                )
+            captions = self.captioner.caption(
+                [items[i]["image"] for i in indices], decoding, attention
+            )
             elapsed_ms = round((time.perf_counter() - start) * 1000, 1)
-            for k, (i, tokens, score) in enumerate(zip(indices, out.tokens, out.scores)):
+            for i, caption in zip(indices, captions, strict=True):
+                if not items[i]["attention"]:
+                    caption = dataclasses.replace(caption, attention=None)
+                answer = caption.to_json()  # caption, score (mean log-prob per token), attention
                 results[i] = {
-                    "caption": self.lib.decode_caption(self.tokenizer, tokens),
-                    # mean log-prob per token; JSON has no -inf
-                    "score": round(score, 4) if math.isfinite(score) else None,
-                    "num_beams": num_beams,
-                    "max_length": max_length,
+                    "caption": answer.pop("caption"),
+                    "score": answer.pop("score"),
+                    "num_beams": decoding.num_beams,
+                    "max_length": decoding.max_length,
                     "inference_ms": elapsed_ms,
                     "batch_size": len(items),  # requests TorchServe handed over together
                     "model_version": self.version,
+                    **answer,  # the attention, when asked: the long part last
                 }
-                if items[i]["attention"]:
-                    results[i]["attention"] = self._attention(tokens, out.attention[k])
         return results
-
-    def _attention(self, tokens: list[int], weights: torch.Tensor) -> dict[str, Any]:
-        """The response's "attention": the grid shape and, per WordPiece, its weights (T, N)."""
-        grid = self.model.encoder.spec.grid
-        pieces = self.tokenizer.convert_ids_to_tokens(tokens)
-        rows = [[round(w, 4) for w in row] for row in weights.tolist()]
-        return {
-            "grid": [grid, grid],
-            "tokens": [{"token": p, "weights": w} for p, w in zip(pieces, rows, strict=True)],
-        }
 
     def postprocess(self, results: list[dict[str, Any]]) -> list[str]:
         """One JSON body per request; a failed one gets its own status code."""
@@ -145,15 +130,16 @@ class ImgtocapHandler(BaseHandler):
         return bodies
 
     def _decode(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One request -> {"pixels", "num_beams", "max_length", "attention"} or {"status",
-        "error"}."""
+        """One request -> {"image", "decoding", "attention"} or {"status", "error"}."""
         try:
             image, params = _unpack(row)
-            num_beams = _bounded(params, "num_beams", self.settings["num_beams"])
-            max_length = _bounded(params, "max_length", self.settings["max_length"])
+            decoding = self.lib.Decoding(
+                num_beams=_bounded(params, "num_beams", self.settings["num_beams"]),
+                max_length=_bounded(params, "max_length", self.settings["max_length"]),
+            )
             attention = _flag(params, "attention")
             if attention:
-                self.model.require_attention()
+                self.captioner.model.require_attention()
         except ValueError as exc:
             return {"status": 400, "error": str(exc)}
         limit = self.settings["max_image_bytes"]
@@ -167,12 +153,7 @@ class ImgtocapHandler(BaseHandler):
             picture = self.lib.open_image(image, max_pixels=self.settings["max_pixels"])
         except self.lib.ImageError as exc:
             return {"status": 400, "error": str(exc)}
-        return {
-            "pixels": self.model.preprocess(picture),  # (3, S, S)
-            "num_beams": num_beams,
-            "max_length": max_length,
-            "attention": attention,
-        }
+        return {"image": picture, "decoding": decoding, "attention": attention}
 
 
 def _import_archive_model(model_dir: Path) -> ModuleType:

@@ -1,5 +1,11 @@
 """imgtocap's captioner: frozen CNN encoder + causal BERT decoder, as plain PyTorch.
 
+Captioning, for every caller: `load` a checkpoint (with its tokenizer and preprocessing), then
+`caption` images with `Decoding` options (model/pipeline.py):
+
+    captioner = model.load("artifacts/model/model.pth", device="cpu")
+    results = captioner.caption([model.open_image("cat.jpg")], model.Decoding(num_beams=5))
+
 The public names load their submodule on first use (PEP 562), so `from model.image import
 open_image` or `from model.config import preset` does not import torch or transformers: the
 torch-free pipeline stages (ingest, validate) use them.
@@ -13,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 # public name -> the submodule that defines it
 _SOURCES = {
     "Captioner": "captioner",
+    "Decoding": "options",
     "Generation": "decoding",
     "PRESETS": "config",
     "CaptionerConfig": "config",
@@ -28,17 +35,24 @@ _SOURCES = {
     "encode_caption": "tokenizer",
     "load_tokenizer": "tokenizer",
     "normalize_caption": "tokenizer",
+    "Caption": "pipeline",
+    "CaptionPipeline": "pipeline",
+    "load": "pipeline",
 }
 
 __all__ = [
     "PRESETS",
+    "Caption",
+    "CaptionPipeline",
     "Captioner",
     "CaptionerConfig",
+    "Decoding",
     "Generation",
     "build_captioner",
     "ImageError",
     "decode_caption",
     "encode_caption",
+    "load",
     "load_checkpoint",
     "load_tokenizer",
     "normalize_caption",
@@ -56,6 +70,8 @@ if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__
     from .encoders import preprocess
     from .image import ImageError, open_image
     from .io import load_checkpoint, read_checkpoint, save_checkpoint
+    from .options import Decoding
+    from .pipeline import Caption, CaptionPipeline, load
     from .pretrained import build_captioner
     from .tokenizer import decode_caption, encode_caption, load_tokenizer, normalize_caption
 

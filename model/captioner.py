@@ -10,45 +10,23 @@ from torch import nn
 from .config import CaptionerConfig
 from .decoder import KV, Decoder
 from .decoding import Generation, beam_search, greedy
-from .encoders import ImageEncoder, pooled, preprocess
-
-
-class LMHead(nn.Module):
-    """BERT's prediction head: dense -> GELU -> LayerNorm -> the token embedding (tied) + bias."""
-
-    def __init__(self, config: CaptionerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(F.gelu(self.dense(h)))  # (B, T, H); logits: times the embedding
+from .encoders import ImageEncoder, preprocess
+from .fusion import FUSIONS, Fusion
+from .options import Decoding
 
 
 class Captioner(nn.Module):
     """Image -> caption tokens. `forward` gives (logits, loss); `generate` decodes."""
 
+    fusion: Fusion  # how the image reaches the words (model.fusion); its layers are ours too
+
     def __init__(self, config: CaptionerConfig):
         super().__init__()
         self.config = config
         self.encoder = ImageEncoder(config.encoder)
-        self.decoder = Decoder(config)
-        spec, hidden = self.encoder.spec, config.hidden_size
-        self.image_proj = nn.Linear(spec.channels, hidden)
-        self.image_mlp = (
-            nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden))
-            if config.projector == "mlp"
-            else nn.Identity()
-        )
-        if config.fusion == "cross_attention":
-            # learned 2-D positions: the decoder can tell left from right and top from bottom
-            self.row_emb = nn.Parameter(torch.zeros(spec.grid, hidden))
-            self.col_emb = nn.Parameter(torch.zeros(spec.grid, hidden))
-            self.image_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-            self.head = LMHead(config)
-        else:  # concat: [decoder state; pooled image] -> vocab, as the original model did
-            self.fuse = nn.Linear(2 * hidden, config.vocab_size)
+        fusion = FUSIONS[config.fusion]  # its class: the decoder is built first, as it always was
+        self.decoder = Decoder(config, cross_attention=fusion.cross_attention)
+        self._adopt(fusion(config, self.encoder.spec))
         if config.output_vocab is not None:
             ids = torch.tensor(config.output_vocab)
             index = torch.full((config.vocab_size,), -100)  # vocab id -> output index
@@ -58,11 +36,25 @@ class Captioner(nn.Module):
         for name, module in self.named_children():
             if name != "encoder":
                 module.apply(_init_bert)
-        if config.fusion == "cross_attention":
-            row, col = _sincos_2d(spec.grid, hidden)
-            with torch.no_grad():
-                self.row_emb.copy_(row)
-                self.col_emb.copy_(col)
+
+    def _adopt(self, fusion: Fusion) -> None:
+        """Hold `fusion` with its layers and parameters registered on the Captioner itself, under
+        their own names: the state-dict keys (`image_proj.weight`, `row_emb`, `head.bias`, ...),
+        the parameter order (optimizer states, gradient clipping) and the initialisation order
+        stay those of every checkpoint saved before fusion was a module of its own."""
+        if self._parameters:
+            raise RuntimeError("a Captioner adopts its fusion before any parameter of its own")
+        object.__setattr__(self, "fusion", fusion)  # not a child: no `fusion.` key prefix
+        # one dict of direct parameters (row_emb, col_emb): a load with assign=True (io.py) or a
+        # conversion that replaces parameters reaches the fusion too
+        object.__setattr__(self, "_parameters", fusion._parameters)
+        for name, module in fusion.named_children():
+            self.add_module(name, module)  # the same module objects
+
+    def train(self, mode: bool = True) -> Captioner:
+        super().train(mode)
+        self.fusion.training = mode  # not a child, so nn.Module.train does not reach it
+        return self
 
     # --- image side -----------------------------------------------------------------------
 
@@ -76,12 +68,7 @@ class Captioner(nn.Module):
 
     def image_context(self, grid: torch.Tensor) -> torch.Tensor:
         """Grid features (B, N, C) -> what the decoder reads: memory (B, N, H) or pooled (B, H)."""
-        grid = self.balanced(grid.to(self.image_proj.weight))
-        if self.config.fusion == "concat":
-            return self.image_mlp(self.image_proj(pooled(grid)))  # (B, H)
-        g = self.encoder.spec.grid
-        pos = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(g * g, -1)  # (N, H)
-        return self.image_norm(self.image_mlp(self.image_proj(grid)) + pos)  # (B, N, H)
+        return self.fusion.context(self.balanced(grid.to(self.image_proj.weight)))
 
     def balanced(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, N, C): the middle stage's channels normalised per cell, times `mid_scale`."""
@@ -92,32 +79,20 @@ class Captioner(nn.Module):
 
     # --- text side ------------------------------------------------------------------------
 
-    def _head_input(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Decoder states (B, T, H) -> what the output projection reads (B, T, D)."""
-        if self.config.fusion == "concat":
-            image = context[:, None, :].expand(-1, hidden.shape[1], -1)  # (B, T, H)
-            return torch.cat([hidden, image], dim=-1)  # (B, T, 2H)
-        return self.head(hidden)  # (B, T, H): BERT's head, tied to the token embedding
-
     def _output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output projection over the output vocabulary: weight (V', D), bias (V',)."""
-        if self.config.fusion == "concat":
-            weight, bias = self.fuse.weight, self.fuse.bias
-        else:
-            weight, bias = self.decoder.tok_emb.weight, self.head.bias
+        """The output layer over the output vocabulary: weight (V', D), bias (V',)."""
+        weight, bias = self.fusion.output_layer(self.decoder.tok_emb.weight)
         if self.config.output_vocab is not None:
             weight, bias = weight[self.output_ids], bias[self.output_ids]  # (V', *)
         return weight, bias
 
     def _logits(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Decoder states (B, T, H) -> logits over the output vocabulary (B, T, V')."""
-        return F.linear(self._head_input(hidden, context), *self._output_layer())
+        return F.linear(self.fusion.head_input(hidden, context), *self._output_layer())
 
     def _cross_keys_values(self, context: torch.Tensor) -> list[KV] | None:
-        """Every layer's cross-attention keys/values of the memory (B, N, H); None for concat."""
-        if self.config.fusion != "cross_attention":
-            return None
-        return self.decoder.cross_keys_values(context)
+        """Every layer's cross-attention keys/values of the context; None: no cross-attention."""
+        return self.fusion.cross_keys_values(context, self.decoder)
 
     def forward(
         self,
@@ -167,7 +142,7 @@ class Captioner(nn.Module):
 
     def require_attention(self) -> None:
         """Raise ValueError, saying what to do, if this model has no attention over the grid."""
-        if self.config.fusion != "cross_attention":
+        if not self.fusion.cross_attention:
             raise ValueError(
                 f"this model's fusion is {self.config.fusion!r}: it reads one pooled image "
                 "vector, so there is no attention over the image grid to return; ask without "
@@ -182,9 +157,9 @@ class Captioner(nn.Module):
         pixels: torch.Tensor | None = None,
         *,
         grid: torch.Tensor | None = None,
-        num_beams: int = 1,
-        max_length: int | None = None,
-        length_penalty: float = 1.0,
+        num_beams: int = Decoding.num_beams,
+        max_length: int = Decoding.max_length,
+        length_penalty: float = Decoding.length_penalty,
         use_cache: bool = True,
         return_attention: bool = False,
     ) -> Generation:
@@ -192,16 +167,16 @@ class Captioner(nn.Module):
 
         The image is encoded once; with `use_cache` each step feeds only the newest token.
         `max_length` counts generated tokens including [SEP]; scores are summed log-probs
-        divided by length ** length_penalty. `return_attention` adds `Generation.attention`:
-        per image (T, N), where the model looked for each of its T tokens (`attention_map`);
-        the tokens and scores are the same bits either way. A `concat` model has no attention
-        over the grid: asking it raises ValueError.
+        divided by length ** length_penalty; the defaults are `Decoding`'s (model/options.py).
+        `return_attention` adds `Generation.attention`: per image (T, N), where the model looked
+        for each of its T tokens (`attention_map`); the tokens and scores are the same bits
+        either way. A `concat` model has no attention over the grid: asking it raises
+        ValueError.
         """
         if (pixels is None) == (grid is None):
             raise ValueError("pass exactly one of pixels= or grid=")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        max_length = max_length or self.config.max_length
         if not 1 <= max_length < self.config.max_position:
             raise ValueError(
                 f"max_length must be in [1, {self.config.max_position - 1}], got {max_length}"
@@ -257,7 +232,7 @@ class CaptionerState:
             self.past = past
         if weights is not None:
             self.last_attention = attention_map(weights)[:, -1]  # (B, N)
-        x = self.model._head_input(hidden[:, -1:], self.context)[:, 0]  # (B, D)
+        x = self.model.fusion.head_input(hidden[:, -1:], self.context)[:, 0]  # (B, D)
         logits = torch.addmm(self.bias[:, None], self.weight, x.T).T  # (B, V')
         return F.log_softmax(logits.float(), dim=-1)
 
@@ -283,26 +258,10 @@ def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
 
     Every layer reads the image, so what a word drew on is spread over all of them; the mean
     needs no choice of layer or head that would fit one trained model and not the next.
-    Measured on the default trained model (bench/attention.py, README "Attention"): the
-    mean puts a colour or shape word's highest cell on its own object 37% of the time (on the
-    other object 11%), the last layer alone only 26%.
+    bench/attention.py measures, for a trained model, how often the mean and each single layer
+    put a colour or shape word's highest cell on its own object (README "Attention").
     """
     return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
-
-
-def _sincos_2d(grid: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial row and column embeddings (grid, hidden): sin/cos of the row in the first half of
-    the channels, of the column in the second (as MAE/DETR). Smooth in space, so "further left"
-    is a direction the decoder can read from the start; both stay trainable."""
-    quarter = hidden // 4
-    freqs = 1.0 / 10000 ** (torch.arange(quarter) / quarter)  # (hidden/4,)
-    angles = torch.arange(grid)[:, None] * freqs[None, :]  # (grid, hidden/4)
-    waves = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, hidden/2)
-    row = torch.zeros(grid, hidden)
-    col = torch.zeros(grid, hidden)
-    row[:, : waves.shape[1]] = waves
-    col[:, waves.shape[1] : 2 * waves.shape[1]] = waves
-    return row, col
 
 
 def _init_bert(module: nn.Module) -> None:

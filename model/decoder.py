@@ -107,16 +107,18 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token + position embeddings and a stack of causal BERT layers."""
+    """Token + position embeddings and a stack of causal BERT layers, each with cross-attention
+    to the image where `cross_attention` (the fusion says: model.fusion)."""
 
-    def __init__(self, config: CaptionerConfig):
+    def __init__(self, config: CaptionerConfig, cross_attention: bool):
         super().__init__()
-        cross = config.fusion == "cross_attention"
         self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
         # BERT's token-type embedding (always type 0 here) is folded into these at load time
         self.pos_emb = nn.Embedding(config.max_position, config.hidden_size)
         self.emb_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layers = nn.ModuleList(DecoderLayer(config, cross) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, cross_attention) for _ in range(config.num_layers)
+        )
         self.dropout = config.dropout
 
     def cross_keys_values(self, memory: torch.Tensor) -> list[KV]:

@@ -91,8 +91,10 @@ def load_pretrained(
                 f"{config.decoder_weights} has hidden size {width} but the config says "
                 f"hidden_size={config.hidden_size}: start from its preset"
             )
-        if config.fusion == "concat":  # no MLM head: logits come from the fusion layer
-            decoder = {k: v for k, v in decoder.items() if not k.startswith("head.")}
+        # BERT's MLM head loads where the fusion has one (cross_attention's logits come from
+        # it); concat's logits come from its own layer
+        own = model.state_dict()
+        decoder = {k: v for k, v in decoder.items() if not k.startswith("head.") or k in own}
         # a shallower decoder (num_layers override) starts from the first layers
         decoder = {
             k: v

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import urllib.parse
@@ -32,12 +31,12 @@ from typing import Any, NoReturn, TextIO
 
 from tqdm import tqdm
 
-from training.paths import MODEL_PATH
+from model.options import Decoding
+from training.paths import MODEL_NAME, MODEL_PATH
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-LOCAL_DEFAULTS = {"num_beams": 3, "max_length": 20}  # params.yaml's evaluate and serve defaults
 TOKEN_ENV = "IMGTOCAP_TOKEN"
-PREDICTIONS = "/predictions/imgtocap"
+PREDICTIONS = f"/predictions/{MODEL_NAME}"
 
 
 @dataclass(frozen=True)
@@ -89,9 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--token", help=f"the server's inference token (default: ${TOKEN_ENV}); with --url only"
     )
-    cap.add_argument("--num-beams", type=int, help="beam width (default: 3; --url: the server's)")
     cap.add_argument(
-        "--max-length", type=int, help="tokens at most (default: 20; --url: the server's)"
+        "--num-beams",
+        type=int,
+        help=f"beam width (default: {Decoding.num_beams}; --url: the server's)",
+    )
+    cap.add_argument(
+        "--max-length",
+        type=int,
+        help=f"tokens at most (default: {Decoding.max_length}; --url: the server's)",
     )
     cap.add_argument("--batch-size", type=int, default=8, help="images per batch, locally")
     cap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N], locally")
@@ -173,12 +178,8 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def _score(score: float) -> float | None:
-    return round(score, 4) if math.isfinite(score) else None  # JSON has no -inf
-
-
 class _Local:
-    """Captions with a checkpoint in this process, a batch per generate() call."""
+    """Captions with a checkpoint in this process, a batch at a time."""
 
     def __init__(self, args: argparse.Namespace):
         path = args.checkpoint or MODEL_PATH
@@ -187,57 +188,37 @@ class _Local:
                 f"no checkpoint at {path}: pass --checkpoint FILE (e.g. "
                 f"{MODEL_PATH} after `dvc repro`), or --url URL of a running server"
             )
-        from model import load_checkpoint, load_tokenizer  # torch: only once there is work
+        from model import load  # torch: only once there is work
         from training.params import pick_device
 
-        self.device = pick_device(args.device)
-        self.model = load_checkpoint(path, self.device)
-        self.tokenizer = load_tokenizer(self.model.config.tokenizer)
+        self.captioner = load(path, pick_device(args.device))
         self.batch_size = args.batch_size
-        self.options = {
-            name: getattr(args, name) or default for name, default in LOCAL_DEFAULTS.items()
-        }
+        self.decoding = Decoding(
+            num_beams=args.num_beams or Decoding.num_beams,
+            max_length=args.max_length or Decoding.max_length,
+        )
         self.attention = args.attention is not None
         if self.attention:
             try:
-                self.model.require_attention()  # a concat model: say so before any work
+                self.captioner.model.require_attention()  # a concat model: say so before work
             except ValueError as exc:
                 _fail(f"--attention: {exc}")
 
     def caption(self, batch: list[Job]) -> list[dict[str, Any]]:
-        import torch
-
-        from model import ImageError, decode_caption, open_image
+        from model import ImageError, open_image
 
         results: list[dict[str, Any]] = []
-        pixels, ok = [], []
+        images, ok = [], []
         for job in batch:
             try:
-                pixels.append(self.model.preprocess(open_image(job.path)))  # (3, S, S)
+                images.append(open_image(job.path))
                 ok.append(len(results))
                 results.append({"path": str(job.path)})
             except (ImageError, OSError) as exc:
                 results.append({"path": str(job.path), "error": str(exc)})
-        if not pixels:
-            return results
-        out = self.model.generate(
-            torch.stack(pixels).to(self.device), return_attention=self.attention, **self.options
-        )  # (B, 3, S, S) in
-        grid = self.model.encoder.spec.grid
-        for k, i in enumerate(ok):
-            ids = out.tokens[k]
-            results[i].update(
-                caption=decode_caption(self.tokenizer, ids), score=_score(out.scores[k])
-            )
-            if self.attention:
-                pieces = self.tokenizer.convert_ids_to_tokens(ids)
-                results[i]["attention"] = {
-                    "grid": [grid, grid],
-                    "tokens": [
-                        {"token": p, "weights": w}
-                        for p, w in zip(pieces, out.attention[k].tolist(), strict=True)
-                    ],
-                }
+        captions = self.captioner.caption(images, self.decoding, self.attention)
+        for i, caption in zip(ok, captions, strict=True):
+            results[i].update(caption.to_json())  # caption, score; attention when asked
         return results
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from serve import proxy
 from serve.runner import TorchServe, TorchServeError, read_config, write_config
+from training.paths import ARCHIVE_PATH, MODEL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHIVE = Path("model-store/imgtocap.mar")
+ARCHIVE = ARCHIVE_PATH
 LOGS = Path("logs/torchserve")
 PROCESSED = Path("data/processed/captions.json")
 IMAGES = Path("data/raw/Images")
@@ -51,12 +52,12 @@ def main() -> int:
     inference, management, metrics = server.inference, server.management, server.metrics
     try:
         server.start(detach=True)  # Ctrl-C here won't stop it; `make stop` will
-        print(f"waiting for a READY worker ({management}/models/imgtocap) ...", flush=True)
+        print(f"waiting for a READY worker ({management}/models/{MODEL_NAME}) ...", flush=True)
         server.wait_ready()
     except TorchServeError as exc:
         sys.exit(f"{exc}\n`make stop` stops a TorchServe that is still running.")
 
-    url = f"{inference}/predictions/imgtocap"
+    url = f"{inference}/predictions/{MODEL_NAME}"
     print(f"\nCaptions from {url}:\n")
     for image, reference in images:
         print(f"  {image}: {caption(image, url)}")
@@ -67,11 +68,11 @@ def main() -> int:
 TorchServe keeps running in the background (127.0.0.1 only, token auth off; logs in {LOGS}/):
   caption:   curl -T image.jpg {url}
   options:   curl -F data=@image.jpg -F num_beams=5 -F max_length=30 {url}
-  describe:  curl {management}/models/imgtocap
-  scale:     curl -X PUT "{management}/models/imgtocap?min_worker=2&synchronous=true"
+  describe:  curl {management}/models/{MODEL_NAME}
+  scale:     curl -X PUT "{management}/models/{MODEL_NAME}?min_worker=2&synchronous=true"
   metrics:   curl {metrics}/metrics
 `make stop` stops it and the page. `make serve` runs the secure configuration (token auth on):
-README.md (Serving)
+docs/serving.md
 """)
     return 0
 

@@ -10,7 +10,7 @@ starts serve/config.properties on free loopback ports with its own working direc
 Ctrl-C stops it too), and stops it on exit. `start(detach=True)` then `wait_ready()` leave a
 server running in a session of its own (`make demo`; `make stop` stops it).
 
-Standard library and psutil (a TorchServe dependency) only.
+Standard library and psutil (a TorchServe dependency) only, and the model's name.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 
 import psutil
 
+from training.paths import MODEL_NAME
+
 CONFIG = Path(__file__).resolve().parent / "config.properties"
-MODEL = "imgtocap"
 APIS = ("inference", "management", "metrics")
 # TorchServe's own test for "this pid is a TorchServe frontend" (ts/model_server.py)
 FRONTEND = "org.pytorch.serve.ModelServer"
@@ -111,7 +112,7 @@ class TorchServe:
         env: dict[str, str] | None = None,
         python: str = sys.executable,
         console: Path | None = None,
-        model: str = MODEL,
+        model: str = MODEL_NAME,
     ):
         self.config, self.python, self.model = Path(config).resolve(), python, model
         self.cwd = Path(cwd or Path.cwd())

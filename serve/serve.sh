@@ -22,7 +22,7 @@ READY (log line "imgtocap ready"), from this directory in another terminal:
   MKEY=\$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
   curl -H "Authorization: Bearer \$MKEY" $(address management_address)/models/imgtocap
 
-Keys expire after an hour; README.md (Serving) shows how to get new ones. Ctrl-C stops TorchServe.
+Keys expire after an hour; docs/serving.md shows how to get new ones. Ctrl-C stops TorchServe.
 
 EOF
 

@@ -13,10 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import browser
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: tests/ is on sys.path, the checkout is not
+
+from tests.helpers import browser  # noqa: E402
+
 COLOURS = {"red", "green", "blue", "yellow", "purple", "orange", "black"}
 
 

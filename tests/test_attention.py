@@ -3,8 +3,9 @@ chosen sequence (greedy and beam search), free when not asked, and the captions 
 
 import pytest
 import torch
-from fixtures_model import tiny
 from torch.profiler import ProfilerActivity, profile
+
+from tests.helpers.model import tiny
 
 # A small vocabulary ([SEP] = 2 among 8 ids): random tiny models end captions after a few
 # tokens, at different steps for different images and beams.

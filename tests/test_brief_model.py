@@ -20,12 +20,12 @@ import time
 import pytest
 import requests
 import torch
-from fixtures_pipeline import dvc, dvc_run, environment, project_copy, set_params
-from fixtures_weights import write_bert, write_resnet50
 from PIL import Image
 from safetensors.torch import load_file
 
 from serve.runner import TorchServe, free_ports
+from tests.helpers.project import dvc, dvc_run, environment, project_copy, set_params
+from tests.helpers.weights import write_bert, write_resnet50
 
 pytestmark = [
     pytest.mark.slow,
@@ -97,6 +97,7 @@ def caption_over_http(repo, workdir) -> dict:
     return response.json()
 
 
+@pytest.mark.java  # TorchServe
 @pytest.mark.parametrize("preset", ["seed", "base"])
 def test_the_brief_model_runs_from_pretrained_weights_to_a_served_caption(
     workspace, preset, tmp_path

@@ -3,15 +3,15 @@
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures_model import tiny
 
 from model import load_checkpoint, read_checkpoint, save_checkpoint
 from model.io import discard_partial_writes
+from tests.helpers.model import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,36 +77,53 @@ def test_load_checkpoint_errors_are_actionable(tmp_path):
         load_checkpoint(tmp_path / "old.pth")
 
 
-# Writes checkpoints of the tiny model, with ~32 MB of padding so each write takes a while,
-# to argv[1] in a loop, printing each epoch once it is saved.
+# Saves a whole checkpoint of epoch 1 to argv[1], then starts epoch 2's with torch.save patched
+# to write half of its bytes into the file, flush them to the disk and say so on stdout, then
+# wait on stdin (to be killed there). The test kills it only once it is inside that write.
 WRITER = """
-import sys, torch
-from fixtures_model import tiny
-from model import save_checkpoint
-model, padding = tiny(), torch.randn(8_000_000)
-for epoch in range(1, 10_000):
-    save_checkpoint(model, sys.argv[1], epoch=epoch, padding=padding)
-    print(epoch, flush=True)
+import io, os, sys, torch
+from model import Captioner, preset, save_checkpoint
+model = Captioner(preset("tiny"))
+save_checkpoint(model, sys.argv[1], epoch=1)
+print("saved 1", flush=True)
+real_save = torch.save
+def save_half(obj, f, *args, **kwargs):
+    whole = io.BytesIO()
+    real_save(obj, whole, *args, **kwargs)
+    f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    print("writing 2", len(whole.getvalue()), flush=True)
+    sys.stdin.read()
+torch.save = save_half
+save_checkpoint(model, sys.argv[1], epoch=2)
+print("saved 2", flush=True)
 """
 
 
+@pytest.mark.subprocess
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "best.pth"
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    watchdog = threading.Timer(120, writer.kill)  # a writer that never gets there fails, not hangs
+    watchdog.start()
     try:
-        writer.stdout.readline()
-        started = time.monotonic()
-        saved = int(writer.stdout.readline())
-        time.sleep((time.monotonic() - started) / 2)  # halfway through the next write
+        assert writer.stdout.readline() == "saved 1\n"
+        inside = writer.stdout.readline().split()  # it is in the middle of epoch 2's write
     finally:
         writer.kill()  # SIGKILL: no cleanup, as a crash, an OOM kill or a power cut would
         writer.wait()
-    assert read_checkpoint(path)["epoch"] >= saved  # the old file or the new one, whole
+        watchdog.cancel()
+    assert inside[:2] == ["writing", "2"], inside
+    (partial,) = tmp_path.glob(".best.pth.*.tmp")  # the kill landed in the write
+    assert 0 < partial.stat().st_size < int(inside[2])
+    assert read_checkpoint(path)["epoch"] == 1  # the previous checkpoint, whole
     discard_partial_writes(path)
     assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import setuptools
-from fixtures_model import picture, tiny
-from fixtures_pipeline import imgtocap
 from PIL import Image
 
 from model import decode_caption, load_checkpoint, open_image, save_checkpoint
 from serve.cli import main
+from tests.helpers.model import picture, tiny
+from tests.helpers.project import imgtocap
 from training.evaluation.attention_plot import figure_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.subprocess
 def test_local_checkpoint_captions_a_folder_and_reports_a_bad_file_alone(
     folder, checkpoint, tokenizer, tmp_path
 ):

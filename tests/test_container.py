@@ -14,11 +14,19 @@ import subprocess
 import time
 
 import pytest
-from deployment import DECODING, Image, Trained, podman, serving_image, trained_pipeline
-from dockerfile import Dockerfile
-from fixtures_pipeline import closed_port
 
-pytestmark = pytest.mark.slow
+from tests.helpers.deployment import (
+    DECODING,
+    Image,
+    Trained,
+    podman,
+    serving_image,
+    trained_pipeline,
+)
+from tests.helpers.dockerfile import Dockerfile
+from tests.helpers.project import closed_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # dvc repro, podman
 
 MAX_BYTES = 2_000_000_000
 

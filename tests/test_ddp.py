@@ -24,7 +24,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import (
+
+from tests.helpers.project import (
     SHRUNK,
     dvc,
     environment,
@@ -35,11 +36,12 @@ from fixtures_pipeline import (
     wait_for_epoch,
     workspace_after_define,
 )
-
+from training import StageError
+from training.data.batches import shard
 from training.runtime import distributed
 from training.runtime.distributed import World
-from training.stages import train as train_module
-from training.stages.train import TrainConfig, autocast, shard, train_step
+from training.runtime.precision import autocast
+from training.stages.train import TrainConfig, train_step
 
 EPOCHS = 3
 # Max abs difference between the weights 1 and 2 processes trained (measured: 8.3e-7 after 3
@@ -75,7 +77,7 @@ def test_ranks_split_each_batch_into_contiguous_runs_of_images():
 
 
 def test_a_rank_without_captions_in_a_batch_adds_nothing_but_takes_its_step():
-    from fixtures_model import tiny
+    from tests.helpers.model import tiny
 
     model = tiny().train()
     spec = model.encoder.spec
@@ -106,7 +108,7 @@ def test_torchrun_command_lines(monkeypatch):
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=static"} <= set(two)
     assert "--rdzv-endpoint=node0.example:29500" in two and "--standalone" not in two
     monkeypatch.setenv("NODE_RANK", "2")
-    with pytest.raises(SystemExit, match="NODE_RANK='2': with nnodes 2 each machine needs"):
+    with pytest.raises(StageError, match="NODE_RANK='2': with nnodes 2 each machine needs"):
         distributed.torchrun_args("training.stages.train", 4, 2, "node0.example:29500")
 
 
@@ -131,7 +133,7 @@ def test_each_process_gets_its_own_gpu(monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr("training.runtime.precision.native_bf16", lambda device: native)
     cpu, ones = torch.device("cpu"), torch.ones(2, 2)
     expected = {"auto": torch.bfloat16 if native else torch.float32}
     expected |= {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -163,7 +165,7 @@ def test_ranks_join_gloo_on_cpus_and_nccl_on_gpus_with_a_timeout(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_training_step_on_the_gpu_never_waits_for_it():
-    from fixtures_model import tiny
+    from tests.helpers.model import tiny
 
     model = tiny().cuda().train()
     spec = model.encoder.spec

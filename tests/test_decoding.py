@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from fixtures_model import tiny
 
 from model import Captioner, CaptionerConfig, preset
 from model.captioner import CaptionerState
 from model.decoding import beam_search, greedy
+from tests.helpers.model import tiny
 
 
 def grids(model: Captioner, batch: int) -> torch.Tensor:

@@ -20,14 +20,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from dockerfile import Dockerfile
+
+from tests.helpers.dockerfile import Dockerfile
+from tests.helpers.marks import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 K8S = ROOT / "k8s"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 MODEL = "imgtocap"
-# The EKS version README.md (Deployment) creates, and the newest schemas kubernetes-validate bundles,
+# The EKS version docs/deployment.md creates, and the newest schemas kubernetes-validate bundles,
 # so that a cluster upgrade finds no removed API.
 K8S_VERSIONS = ("1.35.0", "1.37.0")
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:
@@ -247,6 +249,7 @@ def test_cluster_config_is_serve_config_with_declared_overrides(
 
 
 @pytest.fixture(scope="module")
+@needs("kubectl")
 def rendered() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -475,6 +478,7 @@ def test_pod_runs_unprivileged_on_a_read_only_root(pod, container, proxy, docker
         assert path.startswith(run_dir + "/"), path
 
 
+@pytest.mark.kubectl
 def test_image_is_a_placeholder_the_deploy_job_pins(container, tmp_path):
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (image,) = kustomization["images"]  # the proxy's image is pinned by digest instead

@@ -18,19 +18,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_model import caption_tokens, fit
 from PIL import Image, ImageColor
 
 from model import (
     Captioner,
     decode_caption,
     encode_caption,
+    load,
     load_checkpoint,
     normalize_caption,
     open_image,
     preset,
     save_checkpoint,
 )
+from tests.helpers.marks import needs
+from tests.helpers.model import caption_tokens, fit
 from training.data.augment import PERTURBATIONS
 from training.data.captions import SCENES_FILE, read_captions
 from training.data.synthetic import content_correct, load_scenes, write_synthetic
@@ -38,7 +40,7 @@ from training.evaluation import attention_plot, samples
 from training.evaluation.metrics import warm_up
 from training.evaluation.samples import grid_size
 from training.stages import evaluate as evaluate_module
-from training.stages.evaluate import EvaluateConfig, evaluate
+from training.stages.evaluate import EvalPaths, EvaluateConfig, evaluate
 from training.stages.transform import TransformConfig, transform
 from training.tracking import runs as tracking
 from training.tracking.model_card import CardFacts
@@ -85,21 +87,24 @@ def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenize
 def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path | None = None):
     """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
     eval.json, predictions.jsonl, samples.png, model_card.md and registered.json into `out`."""
-    return evaluate(
-        EvaluateConfig.from_dict(params),
-        root / "model" / "model.pth",
-        root / "processed" / "captions.json",
-        features or root / "features",
-        raw,
-        out / "eval.json",
-        out / "predictions.jsonl",
-        out / "samples.png",
-        out_card=out / "model_card.md",
-        out_registered=out / "registered.json",
+    paths = EvalPaths(
+        model=root / "model" / "model.pth",
+        processed=root / "processed" / "captions.json",
+        features=features or root / "features",
+        raw=raw,
+        metrics=out / "eval.json",
+        predictions=out / "predictions.jsonl",
+        robustness=out / "robustness.jsonl",
+        samples=out / "samples.png",
+        attention=out / "attention.png",
+        card=out / "model_card.md",
+        registered=out / "registered.json",
     )
+    return evaluate(EvaluateConfig.from_dict(params), paths)
 
 
 @pytest.fixture(scope="module")
+@needs("java")  # METEOR
 def ws(tmp_path_factory, tokenizer):
     """A workspace after `evaluate`: inputs, outputs, the model and the MLflow run id."""
     threads = torch.get_num_threads()
@@ -273,13 +278,12 @@ def test_attention_figure_shows_two_object_scenes_first_as_evaluation_captions_t
     monkeypatch.setattr(
         attention_plot, "render_attention", lambda ex, *a: drawn.extend(ex) or draw(ex, *a)
     )
-    model = load_checkpoint(ws["root"] / "model" / "model.pth")
+    captioner = load(ws["root"] / "model" / "model.pth")
+    model = captioner.model
     features = np.load(ws["root"] / "features" / "test.npy")
     out = ws["root"] / "attention-again.png"
     decoding = EvaluateConfig.from_dict(PARAMS).decoding()
-    attention_plot.evaluate_attention(
-        model, tokenizer, ws["test"], features, ws["raw"], out, decoding, torch.device("cpu")
-    )
+    attention_plot.evaluate_attention(captioner, ws["test"], features, ws["raw"], out, decoding)
     two = [i for i in ws["test"] if len(ws["scenes"][i].objects) == 2]
     rest = [i for i in ws["test"] if i not in two]
     shown = [e.name for e in drawn]
@@ -363,7 +367,7 @@ def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monke
     files = [ws["out"] / "eval.json"]
     cfg = EvaluateConfig.from_dict(PARAMS)
     metrics = {**ws["metrics"], "bleu4": 0.123}
-    facts = CardFacts("synthetic", {}, 0, {}, "split", metrics, cfg.decoding())
+    facts = CardFacts("synthetic", {}, 0, {}, "split", metrics, cfg.decoding().to_dict())
     with caplog.at_level(logging.WARNING):
         registered = evaluate_module.track(
             model_path.parent / "mlflow.json", model_path, metrics, files, cfg, facts, {}

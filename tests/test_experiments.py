@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_pipeline import SHRUNK, dvc, git, git_commit, project_copy, set_params
+
+from tests.helpers.project import SHRUNK, dvc, git, git_commit, project_copy, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,8 @@ def experiments(tmp_path_factory) -> Experiments:
     set_params(repo, SHRUNK)
     start = git_commit(repo, "shrunk pipeline")
     logs = {"baseline": dvc(repo, "repro")}
-    # the README's workflow: commit the baseline so experiments compare against it
+    # the documented workflow (docs/pipeline.md): commit the baseline so that experiments compare
+    # against it
     baseline = git_commit(repo, "baseline: dvc.lock and metrics")
     metrics = {"baseline": json.loads((repo / "metrics/eval.json").read_text())}
     for name, (setting, _) in EXPERIMENTS.items():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures_data import make_kaggle, make_karpathy, tiny_jpeg, zip_dir
-from fixtures_pipeline import dvc, project_copy, set_params
 
+from tests.helpers.data import make_kaggle, make_karpathy, tiny_jpeg, zip_dir
+from tests.helpers.project import dvc, project_copy, set_params
 from training.params import DataConfig
 from training.stages.source import fingerprint
 

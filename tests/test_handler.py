@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures_model import archive_handler
 from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from tests.helpers.model import archive_handler
 from training.stages.package import build_archive
 from training.tracking.registry import Registered
 
@@ -59,7 +59,7 @@ def expected(served, data: bytes, num_beams: int = 1, max_length: int = 8) -> st
     _, _, model = served
     pixels = model.preprocess(open_image(data))[None]  # (1, 3, S, S)
     out = model.generate(pixels, num_beams=num_beams, max_length=max_length)
-    return decode_caption(served[0].tokenizer, out.tokens[0])
+    return decode_caption(served[0].captioner.tokenizer, out.tokens[0])
 
 
 def test_every_request_format_gets_its_own_options(served):
@@ -127,11 +127,11 @@ def test_attention_on_request_follows_the_response_contract(served):
     for i, num_beams in ((0, 1), (2, 2), (3, 3)):
         pixels = model.preprocess(open_image(images[i]))[None]
         out = model.generate(pixels, num_beams=num_beams, max_length=8, return_attention=True)
-        assert bodies[i]["caption"] == decode_caption(handler.tokenizer, out.tokens[0])
+        assert bodies[i]["caption"] == decode_caption(handler.captioner.tokenizer, out.tokens[0])
         attention = bodies[i]["attention"]
         assert set(attention) == {"grid", "tokens"} and attention["grid"] == [grid, grid]
         pieces = [t["token"] for t in attention["tokens"]]
-        assert pieces == handler.tokenizer.convert_ids_to_tokens(out.tokens[0])
+        assert pieces == handler.captioner.tokenizer.convert_ids_to_tokens(out.tokens[0])
         assert "[SEP]" not in pieces and len(pieces) == len(out.tokens[0]) > 0
         weights = np.array([t["weights"] for t in attention["tokens"]])  # (T, N)
         assert weights.shape == (len(pieces), grid * grid)
@@ -146,7 +146,8 @@ def test_attention_refused_for_a_bad_value_or_a_model_without_it(served, monkeyp
     [(status, body)] = run(served, [{"body": good, "attention": bytearray(b"yes please")}])
     assert status == 400 and "attention must be true or false" in body["error"]
     lib = handler.lib
-    monkeypatch.setattr(handler, "model", lib.Captioner(lib.preset("tiny", fusion="concat")).eval())
+    concat = lib.Captioner(lib.preset("tiny", fusion="concat")).eval()
+    monkeypatch.setattr(handler.captioner, "model", concat)
     results = run(served, [{"body": good, "attention": b"true"}, {"body": good}])
     assert results[0][0] == 400 and "fusion is 'concat'" in results[0][1]["error"]
     assert results[1][0] == 200 and "attention" not in results[1][1]

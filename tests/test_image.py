@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from fixtures_model import png_claiming
 from PIL import Image
 
 from model import ImageError, open_image, preprocess
+from tests.helpers.model import png_claiming
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -9,7 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fixtures_data import (
+
+from tests.helpers.data import (
     CAPTIONS,
     KARPATHY,
     SPLITS,
@@ -22,7 +23,6 @@ from fixtures_data import (
     official_archives,
     zip_dir,
 )
-
 from training.data import download as download_module
 from training.data.captions import read_captions
 from training.data.download import download

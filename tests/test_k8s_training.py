@@ -1,7 +1,7 @@
 """The training manifests (k8s/training/): rendered by kustomize, valid against the Kubernetes
 schemas offline, and consistent with what torchrun and the train stage need: one pod per node
 of an indexed Job, NODE_RANK its index, node 0's rendezvous reachable through a headless
-Service at the endpoint README.md tells params.yaml, a GPU per process. Kept out of the
+Service at the endpoint docs/training.md tells params.yaml, a GPU per process. Kept out of the
 serving base (k8s/), which CD applies."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.marks import needs
 from training.stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def _kustomize(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
+@needs("kubectl")
 def rendered() -> str:
     return _kustomize(ROOT / "k8s/training")
 
@@ -44,9 +46,9 @@ def objects(rendered) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def readme_params() -> TrainConfig:
-    """The `train:` params README.md's EKS section gives params.yaml."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Training on EKS") :]
+    """The `train:` params the docs' EKS section (docs/training.md) gives params.yaml."""
+    page = (ROOT / "docs/training.md").read_text()
+    section = page[page.index("### On EKS") :]
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     return TrainConfig.from_dict(yaml.safe_load(block)["train"])
 
@@ -119,6 +121,7 @@ def test_training_pods_run_unprivileged_on_a_read_only_root(objects):
     assert env["HOME"].startswith("/tmp/") and "/tmp" in writable  # caches land somewhere
 
 
+@pytest.mark.kubectl
 def test_the_serving_base_leaves_training_out():
     serving = [d for d in yaml.safe_load_all(_kustomize(ROOT / "k8s")) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in serving}

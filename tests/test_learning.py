@@ -1,9 +1,9 @@
 """A tiny model must learn a tiny dataset: the whole train -> decode path works end to end."""
 
 import torch
-from fixtures_model import caption_tokens, fit, picture, tiny
 
 from model import decode_caption
+from tests.helpers.model import caption_tokens, fit, picture, tiny
 
 CAPTIONS = [
     "a red circle on the left",

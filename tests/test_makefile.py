@@ -1,5 +1,6 @@
-"""The README's make targets: what they run finds the venv's python, DVC (not make) decides
-whether the model archive is out of date, and `make setup` can install within the lock.
+"""The documented make targets (README.md, docs/development.md): what they run finds the venv's
+python, DVC (not make) decides whether the model archive is out of date, and `make setup` can
+install within the lock.
 
 `make demo` builds the archive with `dvc repro`, whose stages run `python -m training.<stage>`:
 a plain `python` on PATH. From a fresh clone nobody has activated `.venv`, so the Makefile
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.project import copy_tracked
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = "model-store/imgtocap.mar"
 
@@ -26,10 +29,7 @@ def project(tmp_path) -> Path:
     what a stage does: run `python` from PATH (it writes its sys.executable to stage-python)."""
     if shutil.which("make") is None:
         pytest.skip("needs make")
-    for name in ("Makefile", "setup.py", "serve/serve.mk", "requirements"):
-        source, dest = ROOT / name, tmp_path / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, dest)
+    copy_tracked(tmp_path, "Makefile", "setup.py", "serve/serve.mk", "requirements")
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").symlink_to(sys.executable)

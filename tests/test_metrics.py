@@ -25,6 +25,7 @@ def synthetic(tmp_path_factory):
     return scenes, refs
 
 
+@pytest.mark.java
 def test_a_reference_as_prediction_scores_top_and_unrelated_text_scores_near_zero(synthetic):
     _, refs = synthetic
     same = caption_metrics({image: captions[2] for image, captions in refs.items()}, refs)
@@ -41,12 +42,14 @@ def test_a_reference_as_prediction_scores_top_and_unrelated_text_scores_near_zer
         assert 0.0 <= low[key] <= same[key] <= 1.0, key
 
 
+@pytest.mark.java
 def test_metrics_ignore_case_and_punctuation_as_coco_does(synthetic):
     _, refs = synthetic
     shouted = {image: captions[0].upper() + "." for image, captions in refs.items()}
     assert caption_metrics(shouted, refs)["bleu4"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.java
 def test_ptb_tokenize_keeps_one_line_per_caption():
     tokens = ptb_tokenize(
         {"a": ["A Red circle, left of a blue square.", ""], "b": ["two\nlines", "x ||| y"]}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from deployment import trained_pipeline
-from fixtures_pipeline import closed_port, environment
 
 from serve.runner import TorchServe
+from tests.helpers.deployment import trained_pipeline
+from tests.helpers.project import closed_port, environment
 from training.tracking.registry import Registered
 
-pytestmark = pytest.mark.slow
+# dvc repro; TorchServe (a JVM); mlflow models serve
+pytestmark = [pytest.mark.slow, pytest.mark.java, pytest.mark.subprocess]
 
 BIN = Path(sys.executable).parent
 

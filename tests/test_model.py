@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from fixtures_model import tiny
-from hf_bert import to_hf_bert, to_hf_bert_lm
 
 from model import PRESETS, Captioner, CaptionerConfig, preset, pretrained
 from model.decoder import from_hf_bert
 from model.pretrained import decoder_state, encoder_state
+from tests.helpers.hf_bert import to_hf_bert, to_hf_bert_lm
+from tests.helpers.model import tiny
 
 
 def random_batch(model: Captioner, batch: int = 3, length: int = 10):
@@ -24,6 +24,33 @@ def test_config_json_round_trip(tmp_path):
     assert CaptionerConfig.load(tmp_path / "config.json") == config
 
 
+# Each preset's architecture, whatever CaptionerConfig's defaults are or become
+PRESET_FIELDS = {  # encoder, decoder weights, fusion, projector, decoder layers
+    "default": ("efficientnet_lite0", "minilm-l6", "cross_attention", "mlp", 3),
+    "seed": ("resnet50", "bert-base-uncased", "concat", "linear", 12),
+    "base": ("resnet50", "bert-base-uncased", "cross_attention", "mlp", 12),
+    "offline": ("efficientnet_lite0", "minilm-l6", "cross_attention", "mlp", 6),
+    "tiny": ("tiny", "random", "cross_attention", "linear", 2),
+}
+
+
+def test_presets_are_what_they_always_were_and_the_defaults_are_the_shipped_model():
+    fields = ("encoder", "decoder_weights", "fusion", "projector", "num_layers")
+    for name in PRESETS:
+        assert tuple(getattr(preset(name), f) for f in fields) == PRESET_FIELDS[name], name
+    assert CaptionerConfig() == preset("default") == preset("offline", num_layers=3)
+
+
+def test_a_saved_config_without_a_field_means_what_it_meant_when_saved():
+    """A field whose default changed: a config saved without it keeps the old default
+    (saved configs hold every field of their time; `projector` came later)."""
+    saved = preset("offline").to_dict()
+    del saved["projector"], saved["num_layers"]
+    config = CaptionerConfig.from_dict(saved)
+    assert (config.projector, config.num_layers) == ("linear", 6)
+    assert CaptionerConfig.from_dict(CaptionerConfig().to_dict()) == CaptionerConfig()
+
+
 def test_config_rejects_unknown_and_invalid_values():
     with pytest.raises(ValueError, match=r"unknown CaptionerConfig key\(s\) \['hiden_size'\]"):
         CaptionerConfig.from_dict({"hiden_size": 10})
@@ -33,6 +60,8 @@ def test_config_rejects_unknown_and_invalid_values():
         CaptionerConfig(projector="conv")
     with pytest.raises(ValueError, match="unknown preset 'huge'; available presets"):
         preset("huge")
+    with pytest.raises(ValueError, match=r"unknown CaptionerConfig key\(s\) \['layers'\]"):
+        preset("tiny", layers=3)
     with pytest.raises(ValueError, match="output_vocab must contain eos_id=102"):
         preset("tiny", output_vocab=[1037, 2417])
 
@@ -66,9 +95,10 @@ def encoder_layout(name: str, file=None) -> dict[str, torch.Tensor] | None:
 IMAGE_SIDE = {"image_proj", "row_emb", "col_emb", "image_norm", "cross_attn"}
 
 
-# What the README's Architecture table promises: each preset's fusion, and so which parameters
-# start random once the named encoder and decoder checkpoints are loaded
+# What the presets table (docs/architecture.md) promises: each preset's fusion, and so which
+# parameters start random once the named encoder and decoder checkpoints are loaded
 PROMISES = {
+    "default": ("cross_attention", IMAGE_SIDE | {"image_mlp", "head"}),  # offline's, 3 layers
     "seed": ("concat", {"image_proj", "fuse"}),  # the brief's: all of BERT is pretrained
     "base": ("cross_attention", IMAGE_SIDE | {"image_mlp"}),  # BERT's MLM head included
     "offline": ("cross_attention", IMAGE_SIDE | {"image_mlp", "head"}),  # MiniLM has no MLM head
@@ -141,6 +171,7 @@ def test_training_step_updates_decoder_and_never_the_encoder(fusion, projector):
             assert not param.requires_grad and param.grad is None, name
         else:
             assert param.grad is not None and param.grad.abs().sum() > 0, f"{name} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{name}'s gradient is not finite"
     optimizer.step()
     for name, value in model.encoder.state_dict().items():  # BatchNorm stats included
         assert torch.equal(value, encoder_before[name]), f"encoder {name} changed"

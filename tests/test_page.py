@@ -14,26 +14,24 @@ import json
 import math
 import shutil
 
-import fixtures_model
 import pytest
 import requests
-from fixtures_model import picture
 
 from serve import proxy
 from serve.proxy import Nginx
 from serve.runner import TorchServe
+from tests.helpers import model as model_helpers
+from tests.helpers.model import picture
 
-playwright = pytest.importorskip("playwright.sync_api", reason="requirements/dev.txt has it")
-import browser as browser_tools  # noqa: E402  (tests/browser.py, which needs playwright)
+pytest.importorskip("playwright.sync_api", reason="requirements/dev.txt has it")
+from tests.helpers import browser as browser_tools  # noqa: E402  (needs playwright)
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.java,
+    pytest.mark.nginx,
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
     pytest.mark.skipif(proxy.binary() is None, reason=f"no nginx ({proxy.INSTALL_HINT})"),
-    pytest.mark.skipif(
-        shutil.which(browser_tools.CHROMIUM) is None,
-        reason="no chromium (apt-get install chromium)",
-    ),
 ]
 
 CAPTIONS = ["a red circle", "two blue squares"]
@@ -50,7 +48,7 @@ def png(i: int) -> bytes:
 def site(tmp_path_factory, tokenizer) -> str:
     """The page's address: nginx in front of TorchServe, as `make demo` starts them."""
     base = tmp_path_factory.mktemp("site")
-    store = fixtures_model.model_store(
+    store = model_helpers.model_store(
         base / "store", captions=CAPTIONS, tokenizer=tokenizer, **SERVE
     )
     with (
@@ -60,17 +58,9 @@ def site(tmp_path_factory, tokenizer) -> str:
         yield nginx.url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = browser_tools.launch(p)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
-def page(browser, site):
-    context = browser.new_context(viewport=browser_tools.WIDE)
+def page(chromium, site):
+    context = chromium.new_context(viewport=browser_tools.WIDE)
     tab = context.new_page()
     errors = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
@@ -182,8 +172,8 @@ def test_a_bad_file_shows_the_api_s_error(page):
     assert "HTTP 400" in error and "not a readable image" in error  # the handler's own words
 
 
-def test_a_phone_sized_screen_needs_no_sideways_scrolling(browser, site, tmp_path):
-    context = browser.new_context(
+def test_a_phone_sized_screen_needs_no_sideways_scrolling(chromium, site, tmp_path):
+    context = chromium.new_context(
         viewport=browser_tools.PHONE, device_scale_factor=2, is_mobile=True, has_touch=True
     )
     page = context.new_page()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_pipeline import ALWAYS, STAGES
 
-from model import preset
+from model import CaptionerConfig, preset
+from tests.helpers.project import ALWAYS, STAGES
+from training import StageError
 from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
 from training.stages.evaluate import EvaluateConfig
 from training.stages.package import ServeConfig
@@ -94,9 +95,10 @@ def test_integers_are_numbers_and_null_is_allowed_where_the_type_says():
 
 
 def test_the_model_section_resolves_to_a_captioner_config():
-    assert ModelConfig.from_dict(PARAMS["model"]).captioner_config() == preset(
-        "offline", num_layers=3
-    )
+    # CaptionerConfig's defaults, which are what params.yaml trained before they were: offline
+    # with its first 3 layers
+    shipped = ModelConfig.from_dict(PARAMS["model"]).captioner_config()
+    assert shipped == CaptionerConfig() == preset("offline", num_layers=3)
     assert ModelConfig(preset="tiny", fusion="concat", overrides=None).captioner_config() == (
         preset("tiny", fusion="concat")
     )
@@ -144,4 +146,26 @@ def test_every_stage_reports_params_mistakes_so(stage):
     # the torch stages take ~20 s to start here: that they are wrapped is checked, not run
     main = importlib.import_module(f"training.stages.{stage}").main
     assert main.__wrapped__ and main.__module__ == f"training.stages.{stage}"
-    assert main.__code__ is stage_main(lambda: None).__code__
+    wrappers = []  # outermost first: torchrun's @record may wrap it (train, transform)
+    while hasattr(main, "__wrapped__"):
+        wrappers.append(main.__code__)
+        main = main.__wrapped__
+    assert stage_main(lambda: None).__code__ in wrappers
+
+
+def test_a_stage_error_ends_the_stage_with_its_message_and_status_1(capsys):
+    @stage_main
+    def main() -> None:
+        raise StageError("reports/validation.json: 3 rows dropped. Fix the data.")
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "reports/validation.json: 3 rows dropped. Fix the data.\n"
+
+    @stage_main
+    def broken() -> None:  # a bug is no StageError: its traceback stays
+        raise KeyError("epoch")
+
+    with pytest.raises(KeyError):
+        broken()

@@ -18,8 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from dockerfile import Dockerfile
-from fixtures_pipeline import (
+from PIL import Image
+
+from tests.helpers.dockerfile import Dockerfile
+from tests.helpers.project import (
     ALWAYS,
     SHRUNK,
     STAGES,
@@ -33,8 +35,6 @@ from fixtures_pipeline import (
     set_params,
     wait_for_epoch,
 )
-from PIL import Image
-
 from training.evaluation.samples import grid_size
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One shrunk `dvc repro` from scratch, its baseline committed as the README says; shared
+    """One shrunk `dvc repro` from scratch, its baseline committed as docs/pipeline.md says; shared
     by the checks below (each leaves the workspace at that baseline)."""
     repo = project_copy(tmp_path_factory.mktemp("repo"))
     set_params(repo, SHRUNK)
@@ -115,7 +115,7 @@ def model_bytes(repo: Path) -> bytes:
 
 
 def back_to_the_commit(repo: Path) -> None:
-    """The README's way back to the committed baseline."""
+    """The way back to the committed baseline that docs/pipeline.md gives."""
     git = ["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics"]
     subprocess.run(git, cwd=repo, check=True)
     dvc(repo, "checkout")

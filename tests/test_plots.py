@@ -10,11 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-import shutil
 
-import browser
 import pytest
-from fixtures_pipeline import ROOT, dvc, git, project_copy
+
+from tests.helpers.project import ROOT, dvc, git, project_copy
 
 HISTORY = [  # metrics/train_history.csv as train writes it
     {
@@ -67,9 +66,8 @@ def test_the_template_carries_the_vendored_libraries_unchanged():
     assert "cdn.jsdelivr" not in template
 
 
-@pytest.mark.skipif(shutil.which(browser.CHROMIUM) is None, reason="no chromium (.ci/run)")
-def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+@pytest.mark.subprocess  # dvc plots show
+def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, chromium, tmp_path):
     html = page_file.read_text(encoding="utf-8")
     assert "cdn.jsdelivr" not in html and "<script src=" not in html
 
@@ -82,17 +80,15 @@ def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, tmp_path
         else:
             route.abort()
 
-    with sync_playwright() as playwright:
-        chromium = browser.launch(playwright)  # Debian's, no name resolution but loopback
-        try:
-            page = chromium.new_page(viewport={"width": 1000, "height": 450})
-            page.route("**/*", only_the_page)
-            page.goto(page_file.as_uri())
-            page.wait_for_function("window.plots && window.plots.length === 2", timeout=30_000)
-            charts = page.evaluate(CHARTS)
-            page.screenshot(path=str(tmp_path / "plots.png"))
-        finally:
-            chromium.close()
+    page = chromium.new_page(viewport={"width": 1000, "height": 450})  # no names but loopback
+    try:
+        page.route("**/*", only_the_page)
+        page.goto(page_file.as_uri())
+        page.wait_for_function("window.plots && window.plots.length === 2", timeout=30_000)
+        charts = page.evaluate(CHARTS)
+        page.screenshot(path=str(tmp_path / "plots.png"))
+    finally:
+        page.close()
 
     assert requests == [page_file.as_uri()]  # nothing else was even asked for
     assert [c["id"] for c in charts] == ["Loss_per_epoch", "Learning_rate_per_epoch"]

@@ -24,19 +24,20 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import deployment
-import fixtures_model
 import psutil
 import pytest
 import requests
 import yaml
-from dockerfile import Dockerfile
-from fixtures_pipeline import closed_port
 
 from serve import proxy
 from serve.runner import APIS, TorchServe, private_config, read_config, write_config
+from tests.helpers import deployment
+from tests.helpers import model as model_helpers
+from tests.helpers.dockerfile import Dockerfile
+from tests.helpers.marks import needs
+from tests.helpers.project import closed_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.java, pytest.mark.nginx]  # TorchServe, nginx
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -119,7 +120,7 @@ def pod(tmp_path_factory):
     tmp, cwd = base / "tmp", base / "cwd"  # the emptyDir; the image's read-only working dir
     for d in (tmp, cwd):
         d.mkdir()
-    store = fixtures_model.model_store(base / "store", **SERVE)
+    store = model_helpers.model_store(base / "store", **SERVE)
     torchserve = TorchServe(_config(base / "cluster.properties", store), cwd=cwd, env=_env(tmp),
                             console=base / "stdout.log")  # fmt: skip
     assert not torchserve.token_auth
@@ -274,7 +275,7 @@ def test_the_readiness_probe_tracks_the_worker(pod):
 
 # --- The pod played by podman -------------------------------------------------------------------
 # `kubectl kustomize` of k8s/ through a local overlay, run by `podman kube play`: the image built
-# from a trained archive (tests/deployment.py), the proxy from Debian's nginx (serve/bases.sh),
+# from a trained archive (tests/helpers/deployment.py), the proxy from Debian's nginx (serve/bases.sh),
 # and only what podman needs changed. podman plays the ConfigMap and the Deployment and ignores
 # the Services, HPA, PDB and NetworkPolicy (tests/test_deploy.py validates those) and the probes,
 # whose commands are run here instead.
@@ -343,6 +344,7 @@ class Played:
 
 
 @pytest.fixture(scope="module")
+@needs("kubectl", "subprocess")
 def played(tmp_path_factory):
     trained = deployment.trained_pipeline(tmp_path_factory)
     image = deployment.serving_image(trained)

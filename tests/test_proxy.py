@@ -23,6 +23,7 @@ import yaml
 from serve import demo, proxy
 from serve.proxy import Nginx
 from serve.runner import free_ports, read_config
+from tests.helpers.marks import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "serve" / "web"
@@ -85,6 +86,7 @@ def torchserve():
 
 
 @pytest.fixture(scope="module")
+@needs("nginx")
 def page(torchserve, tmp_path_factory):
     if proxy.binary() is None:
         pytest.skip(f"nginx is not installed ({proxy.INSTALL_HINT})")
@@ -226,6 +228,7 @@ def test_ping_answers_without_a_secret(page, seen):
 
 
 @needs_nginx
+@pytest.mark.nginx
 def test_an_unreachable_torchserve_is_a_503_to_retry(tmp_path):
     (closed,) = free_ports(1)
     with Nginx.configure(tmp_path, inference=f"127.0.0.1:{closed}") as nginx:
@@ -235,6 +238,7 @@ def test_an_unreachable_torchserve_is_a_503_to_retry(tmp_path):
 
 
 @needs_nginx
+@pytest.mark.nginx
 def test_stop_stops_the_nginx_a_config_names(tmp_path, torchserve):
     nginx = Nginx.configure(tmp_path, inference=torchserve.address).start(detach=True)
     master = nginx.running()

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from deployment import trained_pipeline
-from fixtures_pipeline import closed_port, dvc, dvc_run
+
+from tests.helpers.deployment import trained_pipeline
+from tests.helpers.project import closed_port, dvc, dvc_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,6 +36,7 @@ def _cd_step(name: str) -> str:
     return step["run"]
 
 
+@pytest.mark.subprocess
 def test_dvc_speaks_s3_and_ci_installs_the_same_dvc():
     # Without dvc-s3, `dvc exp run` after `dvc remote add -d ... s3://...` fails ("requires
     # 'dvc-s3' to be installed") and leaves params.yaml rewritten: `make setup` installs it now.
@@ -97,6 +99,7 @@ class S3:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_push_then_the_cd_jobs_pull_gives_the_same_archive(tmp_path_factory, tmp_path):
     trained = trained_pipeline(tmp_path_factory)
     repo = tmp_path / "repo"  # a copy: the session's pipeline keeps its cache and outputs

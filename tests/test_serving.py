@@ -20,21 +20,22 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import fixtures_model
 import pytest
 import requests
 import torch
-from fixtures_model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
-from fixtures_pipeline import imgtocap
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
 from serve.runner import TorchServe
+from tests.helpers import model as model_helpers
+from tests.helpers.model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
+from tests.helpers.project import imgtocap
 from training.evaluation.attention_plot import figure_size
 from training.stages.package import build_archive
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.java,  # TorchServe
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17"),
 ]
 
@@ -54,7 +55,7 @@ MAX_REQUEST_SIZE = 2 * 2**20  # ... sits below TorchServe's
 
 def picture(i: int) -> Image.Image:
     """Eight different 64x64 pictures (noise plus a red box in a different place each)."""
-    return fixtures_model.picture(i, size=64)
+    return model_helpers.picture(i, size=64)
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -74,7 +75,7 @@ def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
 def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
     """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, and its checkpoint."""
     torch.manual_seed(0)
-    model = fixtures_model.tiny()
+    model = model_helpers.tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
     grid = model.encode_image(pixels)
     tokens = caption_tokens(tokenizer, PICTURE_CAPTIONS, max_tokens=8)  # (8, T)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from fixtures_pipeline import GIT, git_commit
 
+from tests.helpers.project import GIT, git_commit
 from training.tracking import registry
 from training.tracking import runs as tracking
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,14 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from fixtures_pipeline import ROOT, set_params, trainer_env, workspace_after_define
 
+from tests.helpers.project import (
+    copy_tracked,
+    set_params,
+    trainer_env,
+    workspace_after_define,
+)
+from training import StageError
 from training.paths import FEATURES_DIR, TRAIN_LOCK, TRAIN_VIEWS
 from training.runtime.process import exclusive
 from training.stages import train as train_module
@@ -132,7 +139,7 @@ def change_encoder_weights(root: Path) -> None:
     ids=["nothing", "val features", "train views", "encoder weights", "model code"],
 )
 def test_a_run_resumes_only_with_the_same_inputs_and_code(ws, monkeypatch, caplog, change):
-    code = shutil.copytree(ROOT / "model", ws / "model_code")
+    code = copy_tracked(ws / "model_code", "model") / "model"
     monkeypatch.setattr(train_module, "stage_code", lambda stage: (code,))
     run_train(epochs=3, stop_after=1)
     if change == "model code":
@@ -166,6 +173,15 @@ def wait_for_an_epoch(root: Path, *procs: subprocess.Popen, timeout: float = 120
         assert all(p.poll() is None for p in procs), "the trainer ended before its first epoch"
         assert time.monotonic() < deadline, "no epoch saved in time"
         time.sleep(0.1)
+
+
+def test_a_held_lock_is_an_error_the_caller_gets_not_an_exit(tmp_path):
+    lock = tmp_path / TRAIN_LOCK
+    refused = pytest.raises(StageError, match=rf"pid {os.getpid()} .*`kill {os.getpid()}`")
+    with exclusive(lock), refused, exclusive(lock):
+        pass
+    with exclusive(lock):  # released: the next one gets it
+        pass
 
 
 @pytest.mark.slow  # two trainers start: each imports torch and MLflow
@@ -203,6 +219,7 @@ STAGE = (
 )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("shell", ["/bin/sh", "bash"])  # dash stays in between, bash execs
 def test_a_stage_stops_when_the_dvc_that_started_it_is_killed(tmp_path, shell):
     dvc = subprocess.Popen(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from training import StageError
 from training.data.captions import (
     CaptionRow,
     parse_caption_lines,
@@ -95,9 +96,9 @@ def test_every_problem_is_reported_with_its_reason_and_the_rest_kept(tmp_path):
 def test_fail_mode_stops_with_a_summary_after_writing_the_report(tmp_path):
     raw, _ = broken_dataset(tmp_path / "raw")
     report_path = tmp_path / "validation.json"
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(StageError) as stop:  # an exception a caller can handle, not an exit
         validate(raw, report_path, "fail", workers=1)
-    message = str(stop.value.code)
+    message = str(stop.value)
     for expected in (
         "dropped 15 of 51 caption rows",
         "5 unreadable_image",
@@ -117,9 +118,11 @@ def test_main_reads_params_and_exits_with_the_message(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main()
-    # SystemExit with a message: Python prints it to stderr and exits with status 1
-    assert isinstance(stop.value.code, str)
-    assert "reports/validation.json" in stop.value.code and "on_invalid: drop" in stop.value.code
+    # the stage, not the library, exits: status 1, the summary as the one thing on stderr
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "reports/validation.json" in err and "on_invalid: drop" in err
+    assert "Traceback" not in err and err.endswith(" to go on.\n")
     assert json.loads((tmp_path / "reports" / "validation.json").read_text())["counts"]["dropped"]
 
     (tmp_path / "params.yaml").write_text("data:\n  on_invalid: maybe\n")
@@ -255,6 +258,8 @@ def test_a_failed_validation_stops_preprocess_run_by_hand(tmp_path, monkeypatch)
     stale = tmp_path / "data" / "processed" / "captions.json"  # from an earlier, passed run
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
-    with pytest.raises(ValueError, match=r"did not pass.*on_invalid: fail.*training\.stages\.validate"):
+    with pytest.raises(
+        ValueError, match=r"did not pass.*on_invalid: fail.*training\.stages\.validate"
+    ):
         preprocess.main()
     assert not stale.exists()  # no stale output for a later stage to pick up

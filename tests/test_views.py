@@ -20,9 +20,9 @@ from training.data.augment import (
     perturb,
     rng_for,
 )
+from training.data.batches import CaptionData
 from training.data.captions import read_captions
 from training.data.synthetic import load_scenes, write_synthetic
-from training.stages.train import CaptionData
 from training.stages.transform import TransformConfig, transform
 
 VIEWS = 3

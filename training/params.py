@@ -16,7 +16,9 @@ stage imports another:
 
 A stage's `main()` loads params.yaml and builds its dataclasses with `from_section`, which
 refuses unknown keys and scalars of the wrong type; the stage function takes the dataclass.
-Every such mistake is a `ParamsError`, and `@stage_main` turns it into one line on stderr.
+Every such mistake is a `ParamsError`, and `@stage_main` turns it into one line on stderr and
+exit status 2; a `training.StageError` (bad data, weights not to be had, ...) into its message and
+exit status 1. Libraries raise; only a stage's `main()` exits.
 Nothing here imports torch: `pick_device` imports it when called.
 """
 
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hin
 import yaml
 
 from model.config import CaptionerConfig, preset
+from training import StageError
 from training.data.synthetic import SyntheticConfig
 from training.data.weights import WeightsConfig
 
@@ -46,7 +49,8 @@ class ParamsError(ValueError):
 
 def stage_main(main: Callable[[], None]) -> Callable[[], None]:
     """Decorate a stage's `main()`: a params.yaml mistake ends the stage with one actionable
-    line on stderr and exit status 2, not a traceback."""
+    line on stderr and exit status 2, a `StageError` with its message and exit status 1; not
+    with a traceback."""
 
     @functools.wraps(main)
     def run() -> None:
@@ -57,6 +61,9 @@ def stage_main(main: Callable[[], None]) -> Callable[[], None]:
             where = "" if "params.yaml" in message else " in params.yaml"
             print(f"error{where}: {message}", file=sys.stderr)
             raise SystemExit(2) from None
+        except StageError as exc:  # as `raise SystemExit(message)` would end it
+            print(exc, file=sys.stderr)
+            raise SystemExit(1) from None
 
     return run
 
@@ -238,12 +245,11 @@ class ModelConfig:
     """The `model` section: a preset, optionally with its encoder, fusion or any other
     CaptionerConfig field replaced; resolved by `captioner_config()`."""
 
-    preset: str = "offline"  # seed | base | offline | tiny (model.config.PRESETS)
+    # default (CaptionerConfig's defaults: the shipped model) | seed | base | offline | tiny
+    preset: str = "default"  # model.config.PRESETS
     encoder: str | None = None  # None: the preset's
     fusion: str | None = None  # None: the preset's
-    # CaptionerConfig fields, applied to whichever preset: by default the first 3 of
-    # MiniLM-L6's 6 decoder layers (twice as fast on a CPU, plenty for the shapes)
-    overrides: dict[str, Any] | None = field(default_factory=lambda: {"num_layers": 3})
+    overrides: dict[str, Any] | None = field(default_factory=dict)  # CaptionerConfig fields
     # dataset: the model emits only WordPieces of the train/val captions (define fills them)
     output_vocab: str = "dataset"  # dataset | full
     # false: encoder and decoder start from random weights, a deliberate choice (tests, speed)
@@ -256,7 +262,7 @@ class ModelConfig:
         if self.overrides is not None and not isinstance(self.overrides, Mapping):
             raise ValueError(
                 f"model.overrides must be a mapping of CaptionerConfig fields, e.g. "
-                f"{{num_layers: 3}}, got {self.overrides!r}"
+                f"{{num_layers: 6}}, got {self.overrides!r}"
             )
         self.captioner_config()  # an unknown preset or field fails here, before any work
 

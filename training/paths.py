@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The model's name: the archive's, TorchServe's (/predictions/imgtocap), the CLI's default URL
+MODEL_NAME = "imgtocap"
+
 # source -> ingest -> validate -> preprocess
 SOURCE_PATH = Path("data/source.json")  # fingerprint of the dataset outside the repository
 RAW_DIR = Path("data/raw")
@@ -49,4 +52,4 @@ CARD_PATH = Path("reports/model_card.md")
 REGISTERED_PATH = Path("artifacts/model/registered.json")  # the version package stamps
 
 # package: TorchServe's model store, the archive named for the model (/predictions/imgtocap)
-ARCHIVE_PATH = Path("model-store/imgtocap.mar")
+ARCHIVE_PATH = Path("model-store") / f"{MODEL_NAME}.mar"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training import StageError
 from training.data.download import download, verify
 
 if TYPE_CHECKING:
@@ -106,8 +107,8 @@ class WeightsConfig:
         return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-class WeightsUnavailable(SystemExit):
-    """Pretrained weights that are neither on this machine nor downloadable. A SystemExit: the
+class WeightsUnavailable(StageError):
+    """Pretrained weights that are neither on this machine nor downloadable. A StageError: the
     stage ends with exit status 1 and this one paragraph, which says all there is to do (a
     traceback would only bury it)."""
 

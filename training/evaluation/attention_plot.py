@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -22,10 +21,9 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model import Captioner, decode_caption, open_image  # noqa: E402
+from model import CaptionPipeline, Decoding, open_image  # noqa: E402
 from training.data.captions import IMAGES_DIR, SCENES_FILE  # noqa: E402
 from training.data.synthetic import load_scenes  # noqa: E402
 from training.evaluation.samples import save_png  # noqa: E402
@@ -120,14 +118,12 @@ def _panel(ax: plt.Axes, image: Image.Image, heat: np.ndarray | None) -> None:
 
 
 def evaluate_attention(
-    model: Captioner,
-    tokenizer: Any,
+    captioner: CaptionPipeline,
     images: list[str],
     features: np.ndarray,
     raw_dir: Path,
     out: Path,
-    decoding: Mapping[str, Any],
-    device: torch.device,
+    decoding: Decoding,
 ) -> Path:
     """The evaluate stage's reports/attention.png: a few test images (two-object scenes first,
     when scenes are known), captioned as evaluation captions them, with attention per word.
@@ -135,27 +131,27 @@ def evaluate_attention(
     `features` (n, N, C) are the test images' encoder grids in `images` order. A `concat` model
     has no attention over the grid: the file then says so instead (it is a declared output).
     """
+    model = captioner.model
     grid = model.encoder.spec.grid
     title = (
         "Where the model looks for each word (beam "
-        f"{decoding['num_beams']})\ncross-attention over the {grid}x{grid} grid, mean of all "
+        f"{decoding.num_beams})\ncross-attention over the {grid}x{grid} grid, mean of all "
         "layers and heads; in brackets: the word's highest cell weight"
     )
     if model.config.fusion != "cross_attention":
         return _notice(out, f"fusion {model.config.fusion!r}: no attention over the image grid")
     picks = _pick(images, raw_dir, EVAL_IMAGES)
-    batch = torch.from_numpy(np.array(features[picks])).to(device, torch.float32)  # (k, N, C)
-    result = model.generate(grid=batch, return_attention=True, **decoding)
+    results = captioner.caption_features(features[picks], decoding, attention=True)  # (k, N, C)
     examples = [
         Attended(
             name=images[i],
             image=open_image(raw_dir / IMAGES_DIR / images[i]),
-            caption=decode_caption(tokenizer, ids),
-            tokens=tokenizer.convert_ids_to_tokens(ids),
-            weights=attention.numpy(),
+            caption=result.caption,
+            tokens=result.tokens,
+            weights=result.attention.flatten(1).numpy(),  # (T, grid * grid)
             grid=grid,
         )
-        for i, ids, attention in zip(picks, result.tokens, result.attention, strict=True)
+        for i, result in zip(picks, results, strict=True)
     ]
     return render_attention(examples, out, title)
 

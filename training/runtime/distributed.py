@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from training import StageError
+
 log = logging.getLogger(__name__)
 
 # Set by `launch()` for its workers: the launcher (its pid) holds the workspace's lock.
@@ -91,7 +93,7 @@ def node_rank(nnodes: int) -> int:
     the outputs)."""
     value = os.environ.get(NODE_RANK_ENV, "0")
     if not value.isdigit() or int(value) >= nnodes:
-        raise SystemExit(
+        raise StageError(
             f"{NODE_RANK_ENV}={value!r}: with nnodes {nnodes} each machine needs its own rank "
             f"0..{nnodes - 1} (0 on the machine that runs `dvc repro`; README: multi-node)"
         )
@@ -100,7 +102,7 @@ def node_rank(nnodes: int) -> int:
 
 def launch(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None):
     """Run `python -m module` under torchrun from this process; return when every worker
-    succeeded, else exit with status 1 and torchrun's report of the first failure."""
+    succeeded, else raise StageError with torchrun's report of the first failure."""
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -112,14 +114,14 @@ def launch(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str
     try:
         run.run(run.parse_args(args))
     except ChildFailedError as exc:
-        raise SystemExit(
+        raise StageError(
             f"{exc}\n{module} stopped: a worker failed (above: which rank, its exit code or "
             "signal, and its traceback when it raised); torchrun stopped the others. Fix the "
             "cause, then run `dvc repro` again: training resumes from its last completed epoch."
         ) from None
     except SignalException as exc:
         message = f"{module} stopped by {exc.sigval.name}; torchrun stopped its workers too"
-        raise SystemExit(message) from None
+        raise StageError(message) from None
     finally:
         del os.environ[LAUNCHER_ENV]
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from training import StageError
+
 log = logging.getLogger(__name__)
 
 # The shells DVC runs a stage's cmd with (`$SHELL -c "<cmd>"`, /bin/sh without $SHELL).
@@ -33,14 +35,14 @@ SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"})
 
 @contextlib.contextmanager
 def exclusive(lock: Path, what: str = "training run") -> Iterator[None]:
-    """Hold `lock` for the block; if another process holds it, exit with a message naming it."""
+    """Hold `lock` for the block; if another process holds it, raise StageError naming it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("a+") as f:  # not "w": truncating would erase the holder's record
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise SystemExit(_refusal(lock, what, f.read())) from None
+            raise StageError(_refusal(lock, what, f.read())) from None
         f.truncate(0)
         holder = {
             "pid": os.getpid(),

@@ -1,11 +1,12 @@
 """The resumable state of a training run, kept outside DVC's outputs.
 
 After every epoch the trainer writes everything a resumed run needs (model, optimizer,
-schedule, RNG, history, MLflow run) to `artifacts/resume/<fingerprint>/last.pth`, and the best
-epoch's model to `best.pth` beside it, each through `model.io.atomic_write`. The fingerprint
-hashes what the run depends on: its input files (model config, captions, the train and val
-features, the encoder weights), its code (`model/` and the train stage) and the train params;
-a state with another fingerprint is never resumed. When the stage succeeds the state is gone.
+schedule, RNG, and the loop's `LoopState`: epoch, best epoch, history, MLflow run, ...) to
+`artifacts/resume/<fingerprint>/last.pth`, and the best epoch's model to `best.pth` beside it,
+each through `model.io.atomic_write`. The fingerprint hashes what the run depends on: its input
+files (model config, captions, the train and val features, the encoder weights), its code
+(what dvc.yaml lists for the train stage) and the train params; a state with another fingerprint is never
+resumed. When the stage succeeds the state is gone.
 
 Why not a DVC output: an output DVC must keep between runs (`persist: true`) keeps the train
 stage out of DVC's run cache, so `dvc exp run --temp`, queued experiments and going back to an
@@ -20,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import shutil
 import time
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,28 @@ log = logging.getLogger(__name__)
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError)
 UNREADABLE += (pickle.UnpicklingError, zipfile.BadZipFile)
 KEY_CHARS = 16  # of the fingerprint, in the folder name
-# What a saved state holds besides the tensors (train.py writes it).
-FIELDS = {"epoch", "best_val", "best_epoch", "bad_epochs", "history", "run_id", "seconds"}
+
+
+@dataclass
+class LoopState:
+    """Where a training run stands after `epoch` completed epochs: what its saved state holds
+    besides the tensors (model, optimizer, schedule, RNG)."""
+
+    epoch: int = 0
+    best_val: float = math.inf  # the best epoch's validation loss
+    best_epoch: int = 0  # 0: none yet
+    bad_epochs: int = 0  # since the best one: early stopping counts them
+    history: list[dict[str, Any]] = field(default_factory=list)  # a row per epoch
+    run_id: str | None = None  # the MLflow run a resumed training continues
+    seconds: float = 0.0  # spent in the epochs, over every execution
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> LoopState:
+        """The loop state in a loaded state dict."""
+        return cls(**{name: saved[name] for name in FIELDS})
+
+
+FIELDS = {f.name for f in fields(LoopState)}
 TENSORS = {"model", "optimizer", "scheduler", "rng"}
 
 

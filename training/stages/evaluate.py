@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from model import Captioner, decode_caption, load_checkpoint, load_tokenizer
+from model import Caption, Captioner, CaptionPipeline, Decoding, load
 from training.data.captions import IMAGES_DIR, SCENES_FILE
 from training.data.datachecks import check_features
 from training.data.synthetic import load_scenes
@@ -62,9 +61,9 @@ DECODING = ("num_beams", "max_length", "length_penalty")
 class EvaluateConfig:
     """params.yaml `evaluate:`: how test captions are decoded and how many the grid shows."""
 
-    num_beams: int = 3
-    max_length: int = 20  # generated tokens at most, [SEP] included
-    length_penalty: float = 1.0
+    num_beams: int = Decoding.num_beams
+    max_length: int = Decoding.max_length  # generated tokens at most, [SEP] included
+    length_penalty: float = Decoding.length_penalty
     batch_size: int = 32
     grid_images: int = 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -83,101 +82,136 @@ class EvaluateConfig:
         """Build from params.yaml's `evaluate:` mapping; an unknown key is an error."""
         return from_section(cls, values, "evaluate")
 
-    def decoding(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in DECODING}
+    def decoding(self) -> Decoding:
+        return Decoding(self.num_beams, self.max_length, self.length_penalty)
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    """What evaluate reads (the model, the test split, its features, the raw images) and
+    writes; the defaults are the pipeline's (training/paths.py)."""
+
+    model: Path = MODEL_PATH
+    processed: Path = PROCESSED_PATH
+    features: Path = FEATURES_DIR
+    raw: Path = RAW_DIR
+    metrics: Path = EVAL_METRICS_PATH
+    predictions: Path = PREDICTIONS_PATH
+    robustness: Path = ROBUSTNESS_PATH  # empty without perturbed copies (a DVC output always)
+    samples: Path = SAMPLES_PATH
+    attention: Path = ATTENTION_PATH
+    card: Path = CARD_PATH
+    registered: Path = REGISTERED_PATH  # the version package stamps
+
+    @property
+    def run_file(self) -> Path:
+        """Where training recorded its MLflow run: beside the model."""
+        return self.model.parent / RUN_FILE.name
 
 
 def evaluate(
-    cfg: EvaluateConfig,
-    model_path: str | Path,
-    processed_path: str | Path,
-    features_dir: str | Path,
-    raw_dir: str | Path,
-    out_metrics: str | Path,
-    out_predictions: str | Path,
-    out_grid: str | Path,
-    out_attention: str | Path | None = None,
-    *,
-    params: Mapping[str, Any] | None = None,
-    out_card: str | Path | None = None,
-    out_registered: str | Path | None = None,
-    out_robustness: str | Path | None = None,
+    cfg: EvaluateConfig, paths: EvalPaths, params: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Caption the test split; write metrics, predictions, the sample grid and the attention
-    figure (`out_attention`, default attention.png beside the grid); return the metrics.
+    """Caption the test split; write the metrics, predictions, robustness captions, sample grid,
+    attention figure, model card and registered version to `paths`; return the metrics.
 
-    `params` (all of params.yaml) is recorded with the run and names the dataset; the model
-    card and the registered version are written to `out_card` / `out_registered` when given.
-    Synthetic data also gets the robustness report (training.evaluation.robustness), its captions in
-    `out_robustness` (default: robustness.jsonl beside the predictions).
+    `params` (all of params.yaml) is recorded with the run and names the dataset.
     """
-    model_path, raw_dir = Path(model_path), Path(raw_dir)
-    device = pick_device(cfg.device)
-    model = load_checkpoint(model_path, device)
-    tokenizer = load_tokenizer(model.config.tokenizer)
-    test = _test_split(Path(processed_path))
-    grid = _test_features(Path(features_dir), [entry["image"] for entry in test], model)
+    params = params or {}
+    captioner = load(paths.model, pick_device(cfg.device))
+    test = _test_split(paths.processed)
+    images = [entry["image"] for entry in test]
+    references = {entry["image"]: entry["captions"] for entry in test}
+    features = _test_features(paths.features, images, captioner.model)
 
     start = time.perf_counter()
-    captions, scores = _caption(model, tokenizer, grid, cfg, device)
+    results = _caption(captioner, features, cfg)
     seconds = time.perf_counter() - start
-    images = [entry["image"] for entry in test]
-    predictions = dict(zip(images, captions))
-    references = {entry["image"]: entry["captions"] for entry in test}
     log.info("captioned %d test images in %.1f s; scoring", len(images), seconds)
+    predictions = {image: r.caption for image, r in zip(images, results)}
 
+    metrics, flags = _score(captioner, cfg, paths, images, predictions, references)
+    metrics.update(
+        num_images=len(images),
+        **cfg.decoding().to_dict(),
+        decode_seconds=round(seconds, 2),
+        captions_per_second=round(len(images) / max(seconds, 1e-9), 2),
+    )
+    _write_reports(captioner, cfg, paths, images, results, references, metrics, flags, features)
+    log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
+    _publish(captioner, cfg, paths, test, metrics, params)
+    return metrics
+
+
+def _score(
+    captioner: CaptionPipeline,
+    cfg: EvaluateConfig,
+    paths: EvalPaths,
+    images: list[str],
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+) -> tuple[dict[str, Any], dict[str, dict[str, bool | None]]]:
+    """The caption metrics; on synthetic data (scenes known) also content accuracy, per image
+    its content flags, and the robustness report (its captions written to paths.robustness)."""
     metrics: dict[str, Any] = caption_metrics(predictions, references)
     flags: dict[str, dict[str, bool | None]] = {}
-    out_robustness = Path(out_robustness or Path(out_predictions).with_name(ROBUSTNESS_PATH.name))
-    out_robustness.parent.mkdir(parents=True, exist_ok=True)
-    out_robustness.write_text("")  # stays empty without perturbed copies (a DVC output always)
-    if (raw_dir / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
-        scenes = load_scenes(raw_dir)
+    paths.robustness.parent.mkdir(parents=True, exist_ok=True)
+    paths.robustness.write_text("")  # stays empty without perturbed copies (a DVC output always)
+    if (paths.raw / SCENES_FILE).is_file():  # synthetic data: captions can be checked for content
+        scenes = load_scenes(paths.raw)
         rates, flags = content_metrics(predictions, scenes)
         metrics.update(rates)
         metrics.update(
             robustness_report(
-                Path(features_dir),
+                paths.features,
                 images,
                 scenes,
-                lambda copies: _caption(model, tokenizer, copies, cfg, device)[0],
-                out_robustness,
+                lambda copies: [r.caption for r in _caption(captioner, copies, cfg)],
+                paths.robustness,
             )
         )
-    metrics = {key: round(value, 4) for key, value in metrics.items()}
-    metrics.update(
-        num_images=len(images),
-        **cfg.decoding(),
-        decode_seconds=round(seconds, 2),
-        captions_per_second=round(len(images) / max(seconds, 1e-9), 2),
-    )
+    return {key: round(value, 4) for key, value in metrics.items()}, flags
 
-    _write_json(Path(out_metrics), metrics)
-    _write_predictions(Path(out_predictions), images, captions, scores, references, flags)
+
+def _write_reports(
+    captioner: CaptionPipeline,
+    cfg: EvaluateConfig,
+    paths: EvalPaths,
+    images: list[str],
+    results: list[Caption],
+    references: dict[str, list[str]],
+    metrics: dict[str, Any],
+    flags: dict[str, dict[str, bool | None]],
+    features: np.ndarray,
+) -> None:
+    """eval.json, predictions.jsonl, the sample grid and the attention figure."""
+    _write_json(paths.metrics, metrics)
+    _write_predictions(paths.predictions, images, results, references, flags)
     samples = [
-        Sample(image, predictions[image], references[image], flags.get(image, {}).get("correct"))
-        for image in images[: cfg.grid_images]
+        Sample(image, r.caption, references[image], flags.get(image, {}).get("correct"))
+        for image, r in zip(images[: cfg.grid_images], results)
     ]
-    render_grid(samples, raw_dir / IMAGES_DIR, Path(out_grid), _grid_title(metrics))
-    out_attention = Path(out_attention or Path(out_grid).with_name(ATTENTION_PATH.name))
-    evaluate_attention(
-        model, tokenizer, images, grid, raw_dir, out_attention, cfg.decoding(), device
-    )
-    log.info("test metrics: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
+    render_grid(samples, paths.raw / IMAGES_DIR, paths.samples, _grid_title(metrics))
+    evaluate_attention(captioner, images, features, paths.raw, paths.attention, cfg.decoding())
 
-    outputs = [Path(out_metrics), Path(out_predictions), Path(out_grid), out_attention]
-    outputs += [out_robustness] if out_robustness.stat().st_size else []
-    facts = _card_facts(model, Path(processed_path), raw_dir, test, metrics, cfg, params or {})
-    registered = track(
-        model_path.parent / RUN_FILE.name, model_path, metrics, outputs, cfg, facts, params or {}
-    )
-    if out_card is not None:
-        card = model_card(facts, registered.name, registered.version)
-        Path(out_card).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_card).write_text(card, encoding="utf-8")
-    if out_registered is not None:
-        registered.save(Path(out_registered))
-    return metrics
+
+def _publish(
+    captioner: CaptionPipeline,
+    cfg: EvaluateConfig,
+    paths: EvalPaths,
+    test: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    params: Mapping[str, Any],
+) -> None:
+    """Log to MLflow and register (when training recorded a run); write the model card and
+    the registered version (empty without tracking)."""
+    outputs = [paths.metrics, paths.predictions, paths.samples, paths.attention]
+    outputs += [paths.robustness] if paths.robustness.stat().st_size else []
+    facts = _card_facts(captioner.model, paths.processed, paths.raw, test, metrics, cfg, params)
+    registered = track(paths.run_file, paths.model, metrics, outputs, cfg, facts, params)
+    paths.card.parent.mkdir(parents=True, exist_ok=True)
+    paths.card.write_text(model_card(facts, registered.name, registered.version), encoding="utf-8")
+    registered.save(paths.registered)
 
 
 def _card_facts(
@@ -199,7 +233,7 @@ def _card_facts(
         images={split: len(entries) for split, entries in splits.items()},
         test_split=registry.split_fingerprint(test, raw_dir / IMAGES_DIR),
         metrics=metrics,
-        decoding=cfg.decoding(),
+        decoding=cfg.decoding().to_dict(),
         preset=str((params.get("model") or {}).get("preset", "")),
         commit=execution.commit,
         experiment=execution.experiment,
@@ -294,31 +328,23 @@ def _log_and_register(
         "dvc.experiment": facts.experiment or "",
         "train_run": train_run,
     }
-    version = register_model(model_path, scores, cfg.decoding(), name, tags)
+    version = register_model(model_path, scores, cfg.decoding().to_dict(), name, tags)
     registry.promote(name, version, float(scores[registry.PRIMARY]), facts.test_split)
     registry.attach_card(name, version, run_id, model_card(facts, name, version))
     return Registered(name, version, run_id)
 
 
 def _caption(
-    model: Captioner, tokenizer: Any, grid: np.ndarray, cfg: EvaluateConfig, device: torch.device
-) -> tuple[list[str], list[float]]:
-    """Batched decoding of precomputed grid features (n, N, C) -> captions and scores."""
-    captions: list[str] = []
-    scores: list[float] = []
-    with tqdm(total=len(grid), desc="captioning test images", unit="img") as bar:
-        for start in range(0, len(grid), cfg.batch_size):
-            batch = torch.from_numpy(np.array(grid[start : start + cfg.batch_size]))  # a copy
-            out = model.generate(
-                grid=batch.to(device, torch.float32),  # (B, N, C)
-                num_beams=cfg.num_beams,
-                max_length=cfg.max_length,
-                length_penalty=cfg.length_penalty,
-            )
-            captions += [decode_caption(tokenizer, ids) for ids in out.tokens]
-            scores += out.scores
+    captioner: CaptionPipeline, features: np.ndarray, cfg: EvaluateConfig
+) -> list[Caption]:
+    """Precomputed grid features (n, N, C) -> their captions, cfg.batch_size at a time."""
+    results: list[Caption] = []
+    with tqdm(total=len(features), desc="captioning test images", unit="img") as bar:
+        for start in range(0, len(features), cfg.batch_size):
+            batch = features[start : start + cfg.batch_size]
+            results += captioner.caption_features(batch, cfg.decoding())
             bar.update(len(batch))
-    return captions, scores
+    return results
 
 
 def _test_split(processed_path: Path) -> list[dict[str, Any]]:
@@ -363,19 +389,17 @@ def _test_features(features_dir: Path, images: list[str], model: Captioner) -> n
 def _write_predictions(
     path: Path,
     images: list[str],
-    captions: list[str],
-    scores: list[float],
+    results: list[Caption],
     references: dict[str, list[str]],
     flags: dict[str, dict[str, bool | None]],
 ) -> None:
     """One JSON line per test image: caption, score, references and (synthetic) content flags."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for image, caption, score in zip(images, captions, scores):
+        for image, result in zip(images, results):
             line: dict[str, Any] = {
                 "image": image,
-                "caption": caption,
-                "score": round(score, 4),
+                **result.to_json(),  # caption, score
                 "references": references[image],
             }
             if image in flags:
@@ -408,21 +432,7 @@ def main() -> None:
     """Evaluate artifacts/model/model.pth on the test split with params.yaml's `evaluate:`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    evaluate(
-        EvaluateConfig.from_dict(params.get("evaluate")),
-        MODEL_PATH,
-        PROCESSED_PATH,
-        FEATURES_DIR,
-        RAW_DIR,
-        EVAL_METRICS_PATH,
-        PREDICTIONS_PATH,
-        SAMPLES_PATH,
-        ATTENTION_PATH,
-        params=params,
-        out_card=CARD_PATH,
-        out_registered=REGISTERED_PATH,
-        out_robustness=ROBUSTNESS_PATH,
-    )
+    evaluate(EvaluateConfig.from_dict(params.get("evaluate")), EvalPaths(), params)
 
 
 if __name__ == "__main__":

@@ -35,20 +35,19 @@ from typing import Any
 
 import yaml
 
-import model
 from model import CaptionerConfig, read_checkpoint
+from model.image import DEFAULT_MAX_PIXELS
+from model.options import MAX_BEAMS, MAX_LENGTH, Decoding
 from model.tokenizer import save_tokenizer
 from training.params import ParamsError, from_section, load_params, stage_main
-from training.paths import ARCHIVE_PATH, CARD_PATH, MODEL_PATH, REGISTERED_PATH
+from training.paths import ARCHIVE_PATH, CARD_PATH, MODEL_NAME, MODEL_PATH, REGISTERED_PATH
 from training.tracking import runs as tracking
-from training.tracking.registry import Registered, log_archive
+from training.tracking.registry import MODEL_PACKAGE, Registered, log_archive
 
 log = logging.getLogger(__name__)
 
-MODEL_PACKAGE = Path(model.__file__).parent
 # handler/ sits beside training/ in a checkout and in an install (setup.py ships both)
 HANDLER = Path(__file__).resolve().parents[2] / "handler" / "imgtocap_handler.py"
-MODEL_NAME = ARCHIVE_PATH.stem  # TorchServe's name for it
 # torch-model-archiver's command line, run by this Python (no PATH lookup, no runpy warning)
 ARCHIVER_CLI = (
     "from model_archiver.model_packaging import generate_model_archive; generate_model_archive()"
@@ -72,10 +71,14 @@ class ServeConfig:
     min_workers: int = 1
     max_workers: int = 1
     # per-request parameters: the default, and the most a request may ask for (the least is 1)
-    num_beams: dict[str, int] = field(default_factory=lambda: {"default": 3, "max": 5})
-    max_length: dict[str, int] = field(default_factory=lambda: {"default": 20, "max": 40})
+    num_beams: dict[str, int] = field(
+        default_factory=lambda: {"default": Decoding.num_beams, "max": MAX_BEAMS}
+    )
+    max_length: dict[str, int] = field(
+        default_factory=lambda: {"default": Decoding.max_length, "max": MAX_LENGTH}
+    )
     max_image_bytes: int = 8 * 2**20  # below config.properties' max_request_size (10 MiB)
-    max_pixels: int = 50_000_000  # read from the header, refused before decoding
+    max_pixels: int = DEFAULT_MAX_PIXELS  # read from the header, refused before decoding
     cpu_threads: int = 0  # torch threads per CPU worker; 0 = the CPUs available / max_workers
 
     def __post_init__(self) -> None:

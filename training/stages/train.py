@@ -4,6 +4,12 @@ AdamW (pretrained weights at `lr`, freshly initialised layers at `new_layer_lr`)
 warmup then cosine decay, gradient clipping, optional label smoothing; validation loss every
 epoch, the best epoch kept, early stopping after `patience` epochs without improvement.
 
+`train()` is its steps: `setup` (ranks, data, model, optimizer, schedule, which resume state),
+`load_or_resume`, then per epoch `train_epoch`, `validation_loss`, `end_epoch` (the loop's
+`LoopState`: history, best epoch, epochs without improvement) and `save_epoch` (best model,
+resume state, MLflow), and `finish` (model.pth, metrics, history). The batches come from
+training/data/batches.py, the precision from training/runtime/precision.py.
+
 Interrupted runs resume: after every epoch the full state (model, optimizer, schedule, RNG,
 history, MLflow run) goes to `artifacts/resume/<fingerprint>/` (training/runtime/resume.py), outside
 DVC's outputs. `dvc repro` after a kill continues from the last completed epoch, as long as the
@@ -32,12 +38,11 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
@@ -46,8 +51,7 @@ from tqdm import tqdm
 from model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint
 from model.io import atomic_write
 from model.pretrained import load_pretrained
-from training.data.augment import mirror_ids, mirror_tokens
-from training.data.datachecks import check_features, check_learnable
+from training.data.batches import Batch, CaptionData, load_splits, shard
 from training.data.weights import WeightsConfig, needed, weight_files
 from training.dvcfile import stage_code
 from training.params import ModelConfig, from_section, load_params, pick_device, stage_main
@@ -66,14 +70,12 @@ from training.paths import (
 )
 from training.runtime import distributed, resume
 from training.runtime.distributed import ONE_PROCESS, World
+from training.runtime.precision import PRECISIONS, autocast, uses_bf16
 from training.runtime.process import die_with_dvc, die_with_launcher, exclusive
+from training.runtime.resume import LoopState, ResumeState
 from training.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
-
-
-# train.precision: auto is bf16 autocast where the device computes it natively, else fp32.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -132,132 +134,8 @@ class TrainConfig:
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "ddp_timeout_s")
 # Steps between updates of the progress bar's loss: reading it waits for the GPU.
 SHOW_LOSS_EVERY = 25
-
-
-class CaptionData:
-    """One split: image features (n, N, C) fp16 and all captions of every image.
-
-    A batch holds whole images with all their captions: the image's projected memory is
-    computed once and shared by its captions (`rows`), which saves a third of the compute.
-    Where transform encoded augmented views (the train split), each shuffled pass draws one
-    per image, the image itself included; a mirrored view comes with its captions mirrored
-    ("left" and "right" swapped in the token ids).
-    """
-
-    def __init__(self, processed: dict[str, Any], features_dir: Path, split: str, pad_id: int):
-        entries = processed["splits"][split]
-        index = json.loads((features_dir / FEATURES_INDEX).read_text())
-        if index["splits"][split] != [e["image"] for e in entries]:
-            raise ValueError(
-                f"{features_dir} does not match {split} of data/processed: run `dvc repro` "
-                "(the transform stage) again"
-            )
-        self.grid = torch.from_numpy(np.load(features_dir / f"{split}.npy"))  # (n, N, C) fp16
-        sequences = [seq for e in entries for seq in e["tokens"]]
-        self.tokens = torch.full((len(sequences), max(map(len, sequences), default=2)), pad_id)
-        for i, seq in enumerate(sequences):
-            self.tokens[i, : len(seq)] = torch.tensor(seq)
-        counts = torch.tensor([len(e["tokens"]) for e in entries])
-        self.first = torch.cumsum(counts, 0) - counts  # image i's captions: first[i] + 0..count-1
-        self.counts = counts
-        self.pad_id = pad_id
-        self.views: np.ndarray | None = None  # (n, K, N, C) fp16, memory-mapped
-        if split == "train" and "views" in index:
-            self.views = np.load(features_dir / TRAIN_VIEWS, mmap_mode="r")
-            self.flipped = torch.tensor(index["views"]["flipped"], dtype=torch.bool)  # (n, K)
-            if self.views.shape[:2] != tuple(self.flipped.shape) or len(self.grid) != len(
-                self.views
-            ):
-                raise ValueError(
-                    f"{features_dir / TRAIN_VIEWS} does not match its index: run `dvc repro -f "
-                    "transform`"
-                )
-            if self.flipped.any():
-                self.mirrored = mirror_tokens(self.tokens, *mirror_ids(processed["tokenizer"]))
-
-    def to(self, device: torch.device) -> CaptionData:
-        """Hold the features on `device` (a GPU: no copy per step); the captions stay on the
-        CPU, where batches are put together without waiting for the GPU."""
-        self.grid = self.grid.to(device)
-        return self
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batches(
-        self,
-        batch_size: int,
-        generator: torch.Generator | None = None,
-        captions_per_image: int | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(grid (I, N, C) fp16, tokens (B, T), rows (B,)): B ~ batch_size captions of I images.
-
-        Each image comes with all its captions, or with `captions_per_image` of them drawn at
-        random (a new draw each epoch: over epochs every caption is used). Images are shuffled
-        when given a generator, and then each image is one of its views, drawn at random.
-        """
-        n = len(self.counts)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        view = torch.zeros(n, dtype=torch.long)  # 0: the image itself; v: views[:, v - 1]
-        if generator is not None and self.views is not None:
-            view = torch.randint(self.views.shape[1] + 1, (n,), generator=generator)
-        used = self.counts.clamp(max=captions_per_image) if captions_per_image else self.counts
-        for start in range(0, n, self._images_per_batch(batch_size, used)):
-            images = order[start : start + self._images_per_batch(batch_size, used)]  # (I,)
-            counts = used[images]
-            rows = torch.repeat_interleave(torch.arange(len(images)), counts)  # (B,)
-            if captions_per_image:
-                offsets = torch.cat(
-                    [
-                        torch.randperm(int(self.counts[i]), generator=generator)[: int(c)]
-                        for i, c in zip(images, counts)
-                    ]
-                )
-            else:
-                offsets = torch.arange(len(rows)) - torch.repeat_interleave(
-                    torch.cumsum(counts, 0) - counts, counts
-                )
-            picked = self.first[images][rows] + offsets  # (B,) caption rows
-            tokens = self.tokens[picked]  # (B, T)
-            grid = self.grid[images.to(self.grid.device, non_blocking=True)]  # (I, N, C)
-            augmented = view[images] > 0  # (I,)
-            if augmented.any():
-                which = images[augmented], view[images][augmented] - 1  # (A,), (A,)
-                drawn = torch.from_numpy(self.views[which[0].numpy(), which[1].numpy()])
-                grid[augmented.to(grid.device)] = drawn.to(grid.device)  # (A, N, C)
-                flip = torch.zeros(len(images), dtype=torch.bool)
-                flip[augmented] = self.flipped[which]
-                if flip.any():
-                    tokens = torch.where(flip[rows, None], self.mirrored[picked], tokens)
-            width = int((tokens != self.pad_id).sum(1).max())  # trim padding columns
-            yield grid, tokens[:, :width], rows
-
-    def steps(self, batch_size: int, captions_per_image: int | None = None) -> int:
-        """Batches per pass over the split."""
-        used = self.counts.clamp(max=captions_per_image) if captions_per_image else self.counts
-        return math.ceil(len(self.counts) / self._images_per_batch(batch_size, used))
-
-    @staticmethod
-    def _images_per_batch(batch_size: int, used: torch.Tensor) -> int:
-        return max(1, round(batch_size / max(1.0, used.float().mean().item())))
-
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # grid (I, N, C), tokens (B, T), rows (B,)
-
-
-def shard(batch: Batch, world: World, pad_id: int) -> tuple[Batch, int]:
-    """This rank's part of a batch every rank drew alike: a contiguous run of its images with
-    their captions (possibly none), and the whole batch's number of targets (non-pad tokens
-    after [CLS]: the mean loss's denominator). One process: the batch itself."""
-    grid, tokens, rows = batch
-    targets = int((tokens[:, 1:] != pad_id).sum())  # on the CPU: no wait for the GPU
-    if world.size == 1:
-        return batch, targets
-    lo, hi = len(grid) * world.rank // world.size, len(grid) * (world.rank + 1) // world.size
-    mine = (rows >= lo) & (rows < hi)  # rows are sorted: a contiguous run of captions
-    tokens, rows = tokens[mine], rows[mine] - lo
-    width = int((tokens != pad_id).sum(1).max()) if len(tokens) else 2  # trim padding columns
-    return (grid[lo:hi], tokens[:, :width], rows), targets
+# How much an epoch's validation loss must undercut the best so far to count as better.
+MIN_IMPROVEMENT = 1e-4
 
 
 def param_groups(model: Captioner, new: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -316,27 +194,6 @@ def validation_loss(
     return distributed.total(summed, world).item() / max(count, 1)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 in hardware: CUDA GPUs from Ampere on, and CPUs with AMX or
-    AVX512-BF16 (oneDNN's bf16 matmul is ~6x fp32 on AMX; elsewhere bf16 is emulated, slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: may go away
-    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    """Whether training steps on `device` run under bf16 autocast for `train.precision`."""
-    return precision == "bf16" or (precision == "auto" and native_bf16(device))
-
-
-def autocast(device: torch.device, precision: str = "fp32") -> torch.autocast:
-    """The autocast context a training step runs in: bf16 where `uses_bf16` (weights,
-    optimizer state and the loss stay fp32; no loss scaling needed), else disabled (fp32)."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=uses_bf16(device, precision))
-
-
 def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -372,6 +229,22 @@ def train_step(
     return share.detach()
 
 
+@dataclass
+class TrainSetup:
+    """What the epochs work with, built once by `setup`."""
+
+    world: World
+    device: torch.device
+    config: CaptionerConfig
+    train_data: CaptionData
+    val_data: CaptionData
+    model: Captioner
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    saved: ResumeState  # this run's resumable state (its fingerprint's folder)
+
+
 def train(
     cfg: TrainConfig,
     config_path: Path = CONFIG_PATH,
@@ -390,22 +263,40 @@ def train(
     `weights` (params.yaml model.weights) says where a downloaded decoder's file is.
     Under torchrun this is one rank of a DDP run (training/runtime/distributed.py); rank 0 writes.
     """
+    run = setup(cfg, config_path, processed_path, features_dir, resume_dir, weights)
+    state = load_or_resume(run, cfg)
+    if run.world.main:  # this execution's MLflow run (a resumed training continues its own)
+        state.run_id = tracking.start_training(state.run_id, params or {}, run.config.to_dict())
+    net = parallel(run)
+    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        started = time.perf_counter()
+        train_loss = train_epoch(run, net, cfg, state.epoch)
+        val_loss = validation_loss(
+            run.model, run.val_data, cfg.batch_size, run.device, run.world, cfg.precision
+        )
+        lr = run.optimizer.param_groups[0]["lr"]
+        improved = end_epoch(state, train_loss, val_loss, lr, time.perf_counter() - started)
+        save_epoch(run, state, improved, val_loss)
+    return finish(run, state, cfg, model_path, metrics_path, history_path)
+
+
+def setup(
+    cfg: TrainConfig,
+    config_path: Path,
+    processed_path: Path,
+    features_dir: Path,
+    resume_dir: Path,
+    weights: WeightsConfig | None,
+) -> TrainSetup:
+    """Join the other ranks, read the data, build the model from its pretrained weights, the
+    optimizer and schedule; find this run's resume state by the fingerprint of its inputs."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     world = World.from_env()
     device = distributed.device_for(pick_device(cfg.device), world)
     distributed.join(world, device, cfg.ddp_timeout_s)
     config = CaptionerConfig.load(config_path)
-    index = json.loads((features_dir / FEATURES_INDEX).read_text())
-    check_features(index, config.encoder, features_dir)
-    processed = json.loads(processed_path.read_text())
-    train_data = CaptionData(processed, features_dir, "train", config.pad_id)
-    val_data = CaptionData(processed, features_dir, "val", config.pad_id)
-    for split, data in (("train", train_data), ("val", val_data)):
-        check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
-    if device.type == "cuda":  # features read where the model runs: no copy per step
-        train_data.to(device)
-        val_data.to(device)
+    train_data, val_data = load_splits(config, processed_path, features_dir, device)
 
     torch.manual_seed(cfg.seed)
     model = Captioner(config)
@@ -415,7 +306,7 @@ def train(
     new = set(load_pretrained(model, encoder_weights=encoder_weights, files=files))
     model.to(device)
     # fused: the update of all parameters in one kernel; on a CPU the per-tensor loop made a
-    # training step ~1.5x longer (measured side by side: 7.8 s vs 5.1 s per step, busy machine)
+    # training step ~1.5x longer (measured side by side at commit ba8e2ba)
     optimizer = torch.optim.AdamW(param_groups(model, new, cfg), fused=True)
     steps_per_epoch = train_data.steps(cfg.batch_size, cfg.captions_per_image)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -427,34 +318,8 @@ def train(
     if train_data.views is not None:  # the augmented views an epoch draws from
         inputs.append(features_dir / TRAIN_VIEWS)
     inputs += sorted(files.values())  # the decoder's pretrained file, when it has one
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_PARAMS}
-    key = resume.fingerprint(inputs, stage_code("train"), train=settings)
+    key = _fingerprint(cfg, inputs)
     distributed.check_same_inputs(key, world)
-    saved = resume.ResumeState(resume_dir, key)
-    # rank 0 alone looks at the state (loading may set a damaged one aside), the rest get it
-    state = distributed.broadcast(saved.load() if world.main else None, world)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(_rank_rng(state, world.rank, cfg.seed))
-        log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, saved.last)
-    else:
-        state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0}
-        state.update(history=[], run_id=None, seconds=0.0)
-        if world.rank:  # dropout: rank 0 draws as one process does, the others their own
-            torch.manual_seed(_rank_seed(cfg.seed, world.rank))
-    # this execution's MLflow run (a resumed training continues its own); rank 0's alone
-    run_id = None
-    if world.main:
-        run_id = tracking.start_training(state["run_id"], params or {}, config.to_dict())
-    state["run_id"] = run_id
-    # gradients averaged over the ranks after each backward; the module itself is `model`
-    net = model
-    if world.size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-
     log.info(
         "%d train / %d val captions, %d steps per epoch, device %s (%s)%s",
         len(train_data),
@@ -464,107 +329,180 @@ def train(
         "bf16 autocast" if uses_bf16(device, cfg.precision) else "fp32",
         f", {world.size} processes (DDP)" if world.size > 1 else "",
     )
-    for epoch in range(state["epoch"], cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience:
-            break
-        started = time.perf_counter()
-        model.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # on every rank
-        batches = tqdm(
-            train_data.batches(cfg.batch_size, generator, cfg.captions_per_image),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not world.main,
-        )
-        # summed on the device (no wait per step), in float64 as one process always summed it
-        running = torch.zeros((), dtype=torch.float64, device=device)
-        for step, batch in enumerate(batches, 1):
-            share = train_step(net, optimizer, scheduler, batch, cfg, device, world, config.pad_id)
-            running += share.double()
-            if world.main and (step % SHOW_LOSS_EVERY == 0 or step == steps_per_epoch):
-                # rank 0's share scaled up: the loss shown, roughly; the history has the exact one
-                batches.set_postfix(loss=f"{running.item() * world.size / step:.3f}")
-        train_loss = distributed.total(running, world).item() / steps_per_epoch
-        val_loss = validation_loss(model, val_data, cfg.batch_size, device, world, cfg.precision)
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
+    return TrainSetup(
+        world,
+        device,
+        config,
+        train_data,
+        val_data,
+        model,
+        optimizer,
+        scheduler,
+        steps_per_epoch,
+        ResumeState(resume_dir, key),
+    )
+
+
+def load_or_resume(run: TrainSetup, cfg: TrainConfig) -> LoopState:
+    """The state this very run saved after its last completed epoch, with the model,
+    optimizer, schedule and this rank's RNG restored from it; else a fresh start."""
+    world = run.world
+    # rank 0 alone looks at the state (loading may set a damaged one aside), the rest get it
+    saved = distributed.broadcast(run.saved.load() if world.main else None, world)
+    if not saved:
+        if world.rank:  # dropout: rank 0 draws as one process does, the others their own
+            torch.manual_seed(_rank_seed(cfg.seed, world.rank))
+        return LoopState()
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(_rank_rng(saved, world.rank, cfg.seed))
+    log.info("resuming after epoch %d of %d (%s)", saved["epoch"], cfg.epochs, run.saved.last)
+    return LoopState.from_saved(saved)
+
+
+def parallel(run: TrainSetup) -> torch.nn.Module:
+    """The module the steps run: the model, or under DDP the model wrapped so that its
+    gradients are averaged over the ranks after each backward."""
+    if run.world.size == 1:
+        return run.model
+    ids = [run.device.index] if run.device.type == "cuda" else None
+    return DistributedDataParallel(run.model, device_ids=ids, forward_sync_buffers=False)
+
+
+def train_epoch(run: TrainSetup, net: torch.nn.Module, cfg: TrainConfig, epoch: int) -> float:
+    """One pass over the train split in its (seed, epoch) order, the same on every rank; the
+    mean of its batches' losses."""
+    world = run.world
+    run.model.train()
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # on every rank
+    batches = tqdm(
+        run.train_data.batches(cfg.batch_size, generator, cfg.captions_per_image),
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        disable=not world.main,
+    )
+    # summed on the device (no wait per step), in float64 as one process always summed it
+    running = torch.zeros((), dtype=torch.float64, device=run.device)
+    for step, batch in enumerate(batches, 1):
+        pad_id = run.config.pad_id
+        share = train_step(net, run.optimizer, run.scheduler, batch, cfg, run.device, world, pad_id)
+        running += share.double()
+        if world.main and (step % SHOW_LOSS_EVERY == 0 or step == run.steps_per_epoch):
+            # rank 0's share scaled up: the loss shown, roughly; the history has the exact one
+            batches.set_postfix(loss=f"{running.item() * world.size / step:.3f}")
+    return distributed.total(running, world).item() / run.steps_per_epoch
+
+
+def end_epoch(
+    state: LoopState, train_loss: float, val_loss: float, lr: float, seconds: float
+) -> bool:
+    """Count an epoch into `state` (its history row, time, the best epoch, the epochs without
+    improvement); whether its validation loss improved on the best."""
+    state.epoch += 1
+    state.history.append(
+        {
+            "epoch": state.epoch,
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "seconds": round(seconds, 1),
         }
-        state["history"].append(row)
-        state["seconds"] += seconds
-        improved = val_loss < state["best_val"] - 1e-4  # the same on every rank: the same bits
-        if improved:
-            state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        rngs = distributed.gather(torch.get_rng_state(), world)  # each rank's dropout stream
-        if world.main:
-            if improved:
-                save_checkpoint(model, saved.best, epoch=epoch + 1, val_loss=val_loss)
-            saved.save(_full_state(state, model, optimizer, scheduler, rngs))
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log.info(
-            "epoch %d: train %.4f, val %.4f (%.0f s)",
-            epoch + 1,
-            row["train_loss"],
-            val_loss,
-            seconds,
-        )
+    )
+    state.seconds += seconds
+    improved = val_loss < state.best_val - MIN_IMPROVEMENT  # the same bits on every rank
+    if improved:
+        state.best_val, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    return improved
 
+
+def save_epoch(run: TrainSetup, state: LoopState, improved: bool, val_loss: float) -> None:
+    """Rank 0 saves the model when it improved, then the resume state, and logs the epoch's
+    metrics to MLflow; every rank hands it its RNG state."""
+    rngs = distributed.gather(torch.get_rng_state(), run.world)  # each rank's dropout stream
+    row = state.history[-1]
+    if run.world.main:
+        if improved:
+            save_checkpoint(run.model, run.saved.best, epoch=state.epoch, val_loss=val_loss)
+        run.saved.save(_full_state(state, run, rngs))
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
+    log.info(
+        "epoch %d: train %.4f, val %.4f (%.0f s)",
+        state.epoch,
+        row["train_loss"],
+        val_loss,
+        row["seconds"],
+    )
+
+
+def finish(
+    run: TrainSetup,
+    state: LoopState,
+    cfg: TrainConfig,
+    model_path: Path,
+    metrics_path: Path,
+    history_path: Path,
+) -> dict[str, Any]:
+    """The run's metrics. Rank 0 writes the best epoch's model, the metrics and the history,
+    closes the MLflow run and removes the resume state: nothing is left to resume."""
     metrics = {
-        "best_epoch": state["best_epoch"],
-        "best_val_loss": round(state["best_val"], 5),
-        "epochs_run": state["epoch"],
-        "stopped_early": state["epoch"] < cfg.epochs,
-        "final_train_loss": state["history"][-1]["train_loss"],
-        "train_seconds": round(state["seconds"], 1),
-        "train_captions": len(train_data),
+        "best_epoch": state.best_epoch,
+        "best_val_loss": round(state.best_val, 5),
+        "epochs_run": state.epoch,
+        "stopped_early": state.epoch < cfg.epochs,
+        "final_train_loss": state.history[-1]["train_loss"],
+        "train_seconds": round(state.seconds, 1),
+        "train_captions": len(run.train_data),
     }
-    if world.main:
+    if run.world.main:
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(model_path) as f, saved.best.open("rb") as best:
+        with atomic_write(model_path) as f, run.saved.best.open("rb") as best:
             shutil.copyfileobj(best, f)
         load_checkpoint(model_path)  # the artifact must load on its own, weights-only
-        _write_outputs(metrics, state["history"], metrics_path, history_path)
+        _write_outputs(metrics, state.history, metrics_path, history_path)
         tracking.log_metrics(
             {"best_val_loss": metrics["best_val_loss"], "best_epoch": metrics["best_epoch"]}
         )
         tracking.end()
-        tracking.save_run_id(run_id)
-        saved.remove()  # every output is written: nothing is left to resume
-    distributed.leave(world)
+        tracking.save_run_id(state.run_id)
+        run.saved.remove()
+    distributed.leave(run.world)
     return metrics
 
 
-def _full_state(state: dict[str, Any], model, optimizer, scheduler, rngs) -> dict[str, Any]:
-    """Everything a resumed run needs: the bookkeeping, the weights, optimizer, schedule, and
+def _full_state(state: LoopState, run: TrainSetup, rngs: list[torch.Tensor]) -> dict[str, Any]:
+    """Everything a resumed run needs: the loop state, the weights, optimizer, schedule, and
     the RNG (rank 0's, as one process saves it, and the other ranks' beside it)."""
     return {
-        **state,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        **dataclasses.asdict(state),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "rng": rngs[0],
         "rank_rngs": rngs[1:],
     }
+
+
+def _fingerprint(cfg: TrainConfig, inputs: list[Path]) -> str:
+    """What a resumable state must match: the input files, the stage's code (dvc.yaml's list)
+    and the train params but those that only say how the run is spread over processes."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_PARAMS}
+    return resume.fingerprint(inputs, stage_code("train"), train=settings)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def _rank_rng(state: dict[str, Any], rank: int, seed: int) -> torch.Tensor:
+def _rank_rng(saved: dict[str, Any], rank: int, seed: int) -> torch.Tensor:
     """The RNG state `rank` saved; a rank the saving run did not have starts a stream of its own."""
     if rank == 0:
-        return state["rng"]
-    if rank <= len(state.get("rank_rngs", [])):
-        return state["rank_rngs"][rank - 1]
+        return saved["rng"]
+    if rank <= len(saved.get("rank_rngs", [])):
+        return saved["rank_rngs"][rank - 1]
     return torch.Generator().manual_seed(_rank_seed(seed, rank)).get_state()
 
 
@@ -577,8 +515,8 @@ def _write_outputs(metrics, history, metrics_path: Path, history_path: Path) -> 
         writer.writerows(history)
 
 
-@stage_main
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
+@stage_main  # inside record: a StageError is its message and exit status 1, no traceback
 def main() -> None:
     """`python -m training.stages.train`: data/features + config -> artifacts/model/model.pth.
 

@@ -258,8 +258,8 @@ class _FeatureWriter:
         del features, rows
 
 
-@stage_main
 @record  # under torchrun: a worker's traceback goes into torchrun's report of the failure
+@stage_main  # inside record: a StageError is its message and exit status 1, no traceback
 def main() -> None:
     """`python -m training.stages.transform`: data/processed + data/raw -> data/features."""
     world = World.from_env()

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.image import ImageError, open_image
+from training import StageError
 from training.data.captions import IMAGES_DIR, CaptionRow, captions_path, parse_caption_lines
 from training.data.checksums import file_sha256
 from training.params import DataConfig, load_params, stage_main
@@ -47,7 +48,8 @@ def validate(
     max_caption_chars: int = MAX_CAPTION_CHARS,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Validate `raw_dir`, write the report and return it; `fail` raises SystemExit on problems."""
+    """Validate `raw_dir`, write the report and return it; `fail` raises StageError on problems
+    (after writing the report)."""
     if on_invalid not in ("drop", "fail"):
         raise ValueError(f"on_invalid is {on_invalid!r}; use drop or fail")
     raw_dir, report_path = Path(raw_dir), Path(report_path)
@@ -127,7 +129,7 @@ def validate(
     if problems:
         summary = _summary(report, report_path)
         if on_invalid == "fail":
-            raise SystemExit(summary + " Fix the data, or set data.on_invalid: drop to go on.")
+            raise StageError(summary + " Fix the data, or set data.on_invalid: drop to go on.")
         log.warning(summary)
     return report
 

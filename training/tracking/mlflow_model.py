@@ -28,11 +28,11 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the captioner and its tokenizer from the logged artifacts (never downloads)."""
-        from model import load_checkpoint, load_tokenizer  # from the model's code_paths
+        from model import load  # from the model's code_paths
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_checkpoint(context.artifacts["checkpoint"], device)
-        self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
+        artifacts = context.artifacts
+        self.captioner = load(artifacts["checkpoint"], device, tokenizer=artifacts["tokenizer"])
         self.defaults = dict(context.model_config or {})  # the decoding the evaluation used
 
     # MLflow reads predict's hints: a DataFrame hint leaves the input as the logged signature
@@ -40,25 +40,25 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """Caption every image (column `image`); params: num_beams, max_length, length_penalty."""
-        from model import decode_caption, open_image
+        """Caption every image (column `image`); params: num_beams, max_length, length_penalty.
+        A score that is not finite is None."""
+        from model import Decoding, open_image
 
         settings = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        decoding = Decoding(
+            num_beams=int(settings.get("num_beams", Decoding.num_beams)),
+            max_length=int(settings.get("max_length", Decoding.max_length)),
+            length_penalty=float(settings.get("length_penalty", Decoding.length_penalty)),
+        )
         column = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
         images = [_as_bytes(value) for value in column]
-        device = self.model.image_proj.weight.device
-        captions, scores = [], []
+        results = []
         for start in range(0, len(images), BATCH):
-            batch = [self.model.preprocess(open_image(b)) for b in images[start : start + BATCH]]
-            out = self.model.generate(
-                torch.stack(batch).to(device),  # (B, 3, S, S)
-                num_beams=int(settings.get("num_beams", 3)),
-                max_length=int(settings.get("max_length", 20)),
-                length_penalty=float(settings.get("length_penalty", 1.0)),
-            )
-            captions += [decode_caption(self.tokenizer, ids) for ids in out.tokens]
-            scores += out.scores
-        return pd.DataFrame({"caption": captions, "score": scores})
+            batch = [open_image(data) for data in images[start : start + BATCH]]
+            results += self.captioner.caption(batch, decoding)
+        return pd.DataFrame(
+            {"caption": [r.caption for r in results], "score": [r.score for r in results]}
+        )
 
 
 def _as_bytes(value: Any) -> bytes:

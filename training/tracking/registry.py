@@ -56,7 +56,7 @@ PREFIX = "imgtocap"
 CHAMPION = "champion"
 PRIMARY = "cider"  # the metric the champion is chosen on
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-MODEL_PACKAGE = Path(model_package.__file__).parent
+MODEL_PACKAGE = Path(model_package.__file__).parent  # model/: in the .mar and the MLflow model
 # What loading the pyfunc imports (see mlflow_model.py); pinned to the versions evaluated with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "pillow", "numpy", "pandas")
 UNREGISTERED = "unregistered"  # the archive's version when nothing was registered

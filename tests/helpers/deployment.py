@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_pipeline import SHRUNK, dvc, git_commit, project_copy, set_params
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.project import SHRUNK, dvc, git_commit, project_copy, set_params
+
+ROOT = Path(__file__).resolve().parents[2]
 # serve/containers.conf: runc, cgroupfs, file events, the ulimits some hosts cap (FACTS).
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "serve" / "containers.conf")}
 BASES = {
@@ -63,7 +64,7 @@ class Trained:
 
 
 def trained_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """The shrunk pipeline (tests/fixtures_pipeline.py), serving with the evaluation's decoding."""
+    """The shrunk pipeline (tests/helpers/project.py), serving with the evaluation's decoding."""
     if "trained" not in _session:
         start = time.monotonic()
         repo = project_copy(tmp_path_factory.mktemp("deployed"))

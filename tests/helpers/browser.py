@@ -1,6 +1,6 @@
 """Headless Chromium for the page (serve/web/): Debian's `chromium` driven by Playwright (its own
-browser download fails offline), reaching nothing beyond loopback. Used by tests/test_page.py
-and tests/screenshots.py (the pictures in docs/)."""
+browser download fails offline), reaching nothing beyond loopback. Used by the `chromium` fixture
+(tests/conftest.py) and tests/screenshots.py (the pictures in docs/)."""
 
 from __future__ import annotations
 

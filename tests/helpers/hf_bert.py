@@ -1,6 +1,6 @@
 """Captioner weights -> transformers' BERT: the reference the parity tests and bench/decode.py
 compare against. Here, not in model/, because model/ ships in every .mar and serving never
-needs it; bench/decode.py puts tests/ on sys.path to import it."""
+needs it; bench/decode.py imports it as tests.helpers.hf_bert."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Test helpers for the real DVC pipeline, shrunk: a repository copy in a fresh git repo,
-params edits, and `dvc` run with the venv's python first on PATH; a workspace built up to the
-train stage by the stage functions, and trainers run in it as DVC runs them."""
+"""Test helpers for the real DVC pipeline, shrunk: a repository copy in a fresh git repo (the
+files git tracks, never what the last run left), params edits, and `dvc` run with the venv's
+python first on PATH; a workspace built up to the train stage by the stage functions, and
+trainers run in it as DVC runs them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
 # `source` runs on every `dvc repro` (it lists the data outside the repository): not a change
 ALWAYS = "source"
@@ -34,22 +35,69 @@ SHRUNK = {
 }
 
 
-def project_copy(dest: Path) -> Path:
-    """The repository's files, as a clone has them, committed into a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+def project_copy(dest: Path, root: Path = ROOT) -> Path:
+    """The checkout's files as a clone has them, with the developer's uncommitted work but
+    nothing a pipeline run left (`tracked_files`), committed into a fresh git repo at `dest`."""
+    copy_tracked(dest, root=root)
     subprocess.run([*GIT, "init", "-q"], cwd=dest, check=True)
     git_commit(dest, "copy")
     return dest
+
+
+def copy_tracked(dest: Path, *pathspecs: str, root: Path = ROOT) -> Path:
+    """`tracked_files(*pathspecs)` of the checkout copied to the same places under `dest`. Every
+    test that copies the project's files copies them with this."""
+    for name in tracked_files(*pathspecs, root=root):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest / name)
+    return dest
+
+
+def tracked_files(*pathspecs: str, root: Path = ROOT) -> list[str]:
+    """The checkout's files (under `pathspecs`) that a test may copy: what git tracks, as edited
+    now, and the files git does not ignore that the developer added, but none a pipeline run
+    wrote: after `make demo` a checkout also holds dvc.lock, metrics/ and the like, which git
+    does not ignore (dvc.lock is meant to be committed) and which would make a copy an already
+    reproduced workspace (`pipeline_outputs`)."""
+
+    def listed(*args: str) -> list[str]:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", *args, "--", *pathspecs],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        return [n for n in out.split("\0") if n and (root / n).is_file()]
+
+    tracked = listed("--cached")
+    outputs = pipeline_outputs(root)
+    added = [
+        n
+        for n in listed("--others", "--exclude-standard")
+        if not any(n == o or n.startswith(o.rstrip("/") + "/") for o in outputs)
+    ]
+    return sorted({*tracked, *added})
+
+
+def pipeline_outputs(root: Path = ROOT) -> set[str]:
+    """The files and folders a pipeline run writes, as dvc.yaml names them: dvc.lock, every
+    stage's outs, metrics and plots, and the .gitignore DVC writes beside a cached out."""
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    paths = {"dvc.lock"}
+    for stage in dvc_yaml.get("stages", {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                paths.update([entry] if isinstance(entry, str) else entry)
+    for entry in dvc_yaml.get("metrics") or []:
+        paths.add(entry)
+    for entry in dvc_yaml.get("plots") or []:
+        for plot in [entry] if isinstance(entry, str) else entry.values():
+            if isinstance(plot, str):
+                paths.add(plot)
+            elif isinstance(plot, dict) and isinstance(plot.get("y"), dict):
+                paths.update(plot["y"])
+    paths |= {str(Path(p).parent / ".gitignore") for p in paths if Path(p).parent != Path(".")}
+    return {str(Path(p)) for p in paths}
 
 
 def git_commit(repo: Path, message: str, *paths: str) -> str:

@@ -1,0 +1,35 @@
+"""Decoding options and the served limits: the one place their defaults are written.
+
+`Captioner.generate`, the caption API (model/pipeline.py), params.yaml's `evaluate:` and
+`serve:` sections (EvaluateConfig, ServeConfig) and `imgtocap caption` take them from here.
+No torch: the command line reads them before it knows whether it will caption locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The most a served request may ask for: params.yaml serve.num_beams.max / max_length.max
+MAX_BEAMS = 5
+MAX_LENGTH = 40
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How captions are decoded: the beam width, the generated tokens at most ([SEP] included)
+    and the length penalty (a score is the summed log-prob / length ** length_penalty)."""
+
+    num_beams: int = 3
+    max_length: int = 20
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_beams", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

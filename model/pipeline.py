@@ -1,0 +1,147 @@
+"""One way to caption: `load` a checkpoint with its tokenizer and preprocessing, then `caption`
+images with `Decoding` options; captions, scores and, asked, attention come back per image.
+
+    captioner = model.load("artifacts/model/model.pth", device="cpu")
+    results = captioner.caption([model.open_image("cat.jpg")], Decoding(num_beams=5))
+    results[0].caption, results[0].score, results[0].tokens, results[0].to_json()
+
+The TorchServe handler, `imgtocap caption`, the MLflow model, the evaluate stage and the
+benches all caption through here. Decoding bytes or files stays `model.image.open_image`'s job
+(the one decoding path); the evaluate stage captions precomputed encoder features with
+`caption_features`, the same decoding from the encoder's output on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captioner import Captioner
+from .decoding import Generation
+from .io import load_checkpoint
+from .options import Decoding
+from .tokenizer import decode_caption, load_tokenizer
+
+_DEFAULT = Decoding()  # frozen: one shared default is safe
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One image's caption, its score (the length-normalised log-prob; None when not finite:
+    JSON has no -inf), its WordPieces and their ids ([CLS]/[SEP] left out) and, when asked,
+    where the model looked for each WordPiece: (len(tokens), rows, cols), each row summing to 1."""
+
+    caption: str
+    score: float | None
+    tokens: list[str]
+    ids: list[int]
+    attention: torch.Tensor | None = field(default=None, compare=False)  # == of tensors: no bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer the server and `imgtocap caption` give: caption, score (4 decimals) and,
+        with attention, `{"grid": [rows, cols], "tokens": [{"token", "weights"}, ...]}`, the
+        weights row-major, 4 decimals."""
+        answer: dict[str, Any] = {
+            "caption": self.caption,
+            "score": None if self.score is None else round(self.score, 4),
+        }
+        if self.attention is not None:
+            rows = [[round(w, 4) for w in row] for row in self.attention.flatten(1).tolist()]
+            answer["attention"] = {
+                "grid": list(self.attention.shape[1:]),
+                "tokens": [
+                    {"token": t, "weights": w} for t, w in zip(self.tokens, rows, strict=True)
+                ],
+            }
+        return answer
+
+
+class CaptionPipeline:
+    """A Captioner with its tokenizer and preprocessing: images in, `Caption`s out."""
+
+    def __init__(self, model: Captioner, tokenizer: Any):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_proj.weight.device
+
+    def preprocess(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """An RGB image (PIL, or a decoded (H, W, 3) uint8 array) -> encoder input (3, S, S)."""
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        return self.model.preprocess(image)
+
+    def caption(
+        self,
+        images: Sequence[Image.Image | np.ndarray],
+        decoding: Decoding = _DEFAULT,
+        attention: bool = False,
+    ) -> list[Caption]:
+        """Caption decoded images in one batch. A model without attention over the image grid
+        (fusion concat) raises ValueError when `attention` is asked."""
+        if not images:
+            return []
+        pixels = torch.stack([self.preprocess(image) for image in images])  # (B, 3, S, S)
+        return self._caption(decoding, attention, pixels=pixels.to(self.device))
+
+    def caption_features(
+        self,
+        features: np.ndarray | torch.Tensor,
+        decoding: Decoding = _DEFAULT,
+        attention: bool = False,
+    ) -> list[Caption]:
+        """Caption precomputed encoder grid features (B, N, C) (the transform stage's, fp16 or
+        fp32) in one batch."""
+        if isinstance(features, np.ndarray):
+            features = torch.from_numpy(np.array(features))  # a copy: memory-maps are read-only
+        return self._caption(decoding, attention, grid=features.to(self.device, torch.float32))
+
+    def _caption(
+        self, decoding: Decoding, attention: bool, **inputs: torch.Tensor
+    ) -> list[Caption]:
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                num_beams=decoding.num_beams,
+                max_length=decoding.max_length,
+                length_penalty=decoding.length_penalty,
+                return_attention=attention,
+            )
+        return [self._result(out, k) for k in range(len(out.tokens))]
+
+    def _result(self, out: Generation, k: int) -> Caption:
+        ids, score, attention = out.tokens[k], out.scores[k], None
+        if out.attention is not None:
+            grid = self.model.encoder.spec.grid
+            attention = out.attention[k].reshape(len(ids), grid, grid)  # (T, N) -> (T, g, g)
+        return Caption(
+            caption=decode_caption(self.tokenizer, ids),
+            score=score if math.isfinite(score) else None,
+            tokens=self.tokenizer.convert_ids_to_tokens(ids),
+            ids=ids,
+            attention=attention,
+        )
+
+
+def load(
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
+) -> CaptionPipeline:
+    """A checkpoint's captioner on `device` (in `dtype`; None: as saved), with its tokenizer
+    (`tokenizer`: a folder of tokenizer files instead of the checkpoint's named one) and its
+    preprocessing. Never downloads anything."""
+    model = load_checkpoint(checkpoint, device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return CaptionPipeline(model, load_tokenizer(tokenizer or model.config.tokenizer))
