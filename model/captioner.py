@@ -259,7 +259,7 @@ def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
     Every layer reads the image, so what a word drew on is spread over all of them; the mean
     needs no choice of layer or head that would fit one trained model and not the next.
     bench/attention.py measures, for a trained model, how often the mean and each single layer
-    put a colour or shape word's highest cell on its own object (README "Attention").
+    put a colour or shape word's highest cell on its own object (docs/results.md, "Attention").
     """
     return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
 

@@ -95,7 +95,7 @@ def node_rank(nnodes: int) -> int:
     if not value.isdigit() or int(value) >= nnodes:
         raise StageError(
             f"{NODE_RANK_ENV}={value!r}: with nnodes {nnodes} each machine needs its own rank "
-            f"0..{nnodes - 1} (0 on the machine that runs `dvc repro`; README: multi-node)"
+            f"0..{nnodes - 1} (0 on the machine that runs `dvc repro`; docs/training.md)"
         )
     return int(value)
 
