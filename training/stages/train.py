@@ -97,7 +97,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs)
     num_threads: int = 0
     nproc_per_node: int = 1  # processes on this machine, one per GPU; > 1: DDP under torchrun
-    nnodes: int = 1  # machines; > 1: node 0 runs `dvc repro`, the others the stage (docs/training.md)
+    nnodes: int = (
+        1  # machines; > 1: node 0 runs `dvc repro`, the others the stage (docs/training.md)
+    )
     rdzv_endpoint: str | None = None  # host:port on node 0 that every node reaches (nnodes > 1)
     ddp_timeout_s: int = 300  # a rank waiting this long for the others fails the whole job
 
