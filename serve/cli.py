@@ -47,11 +47,20 @@ class Job:
     name: Path
 
 
+class UsageError(Exception):
+    """Nothing can be captioned (a bad option, no checkpoint, no server): `main` says why and
+    exits with status 2, as argparse does for a usage error."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `imgtocap` console script."""
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
-    return caption(parser.parse_args(_token_glued(argv, parser.caption_options)))
+    try:
+        return caption(parser.parse_args(_token_glued(argv, parser.caption_options)))
+    except UsageError as exc:
+        print(f"imgtocap: {exc}", file=sys.stderr)
+        return 2
 
 
 def _token_glued(argv: list[str], options: frozenset[str]) -> list[str]:
@@ -173,9 +182,7 @@ def _emit(out: TextIO, result: dict[str, Any]) -> int:
 
 
 def _fail(message: str) -> NoReturn:
-    """Stop with status 2 (as argparse does for a usage error): nothing can be captioned."""
-    print(f"imgtocap: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise UsageError(message)
 
 
 class _Local:
