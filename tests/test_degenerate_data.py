@@ -15,7 +15,7 @@ from transformers import BertTokenizer
 from model import preset
 from model.encoders import SPECS, ImageEncoder
 from training.data.captions import write_captions
-from training.data.datachecks import check_learnable, check_unknown_pieces
+from training.data.datachecks import check_feature_rows, check_learnable, check_unknown_pieces
 from training.data.synthetic import write_synthetic
 from training.stages.preprocess import PreprocessConfig, preprocess
 from training.stages.train import TrainConfig, train
@@ -127,6 +127,32 @@ def test_train_refuses_data_nothing_can_be_learned_from(tmp_path, tokens, featur
     with pytest.raises(ValueError, match=rf"the train split \(.*captions\.json.*\): .*{message}"):
         train(TrainConfig(epochs=1, device="cpu"), **paths)
     assert not paths["model_path"].exists() and not paths["resume_dir"].exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_train_refuses_a_feature_file_zeroed_in_place(tmp_path, split):
+    """All rows but one of a feature file overwritten with zeros at the same size (DVC sees no
+    change): train names the file and says to re-run transform, instead of training on it."""
+    paths = workspace(tmp_path, [[101, 1037, 2417, 102]])
+    path = paths["features_dir"] / f"{split}.npy"
+    features = np.load(path)
+    features[1:] = 0
+    np.save(path, features)
+    with pytest.raises(ValueError, match=rf"{split}\.npy.*3 of 4 images have all zero features"):
+        train(TrainConfig(epochs=1, device="cpu"), **paths)
+    assert not paths["model_path"].exists()
+
+
+def test_a_constant_view_or_row_is_refused_wherever_it_is():
+    views = np.random.rand(4, 3, *CELL).astype(np.float16)  # (n, views, N, C)
+    check_feature_rows(views, "views")
+    views[2, 1] = 0.5
+    with pytest.raises(ValueError, match=r"views: 1 of 4 images have constant features.*\[2\]"):
+        check_feature_rows(views, "views")
+    grid = torch.rand(3, *CELL).half()
+    grid[0, 5, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        check_feature_rows(grid, "grid")
 
 
 def test_train_refuses_features_of_an_older_encoder_layout(tmp_path):

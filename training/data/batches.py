@@ -19,7 +19,7 @@ import torch
 
 from model import CaptionerConfig
 from training.data.augment import mirror_ids, mirror_tokens
-from training.data.datachecks import check_features, check_learnable
+from training.data.datachecks import check_feature_rows, check_features, check_learnable
 from training.paths import FEATURES_INDEX, TRAIN_VIEWS
 from training.runtime.distributed import World
 
@@ -161,7 +161,10 @@ def load_splits(
     train = CaptionData(processed, features_dir, "train", config.pad_id)
     val = CaptionData(processed, features_dir, "val", config.pad_id)
     for split, data in (("train", train), ("val", val)):
-        check_learnable(split, data.tokens, data.grid, config, f"{processed_path}, {features_dir}")
+        where = f"{processed_path}, {features_dir / f'{split}.npy'}"
+        check_learnable(split, data.tokens, data.grid, config, where)
+    if train.views is not None:
+        check_feature_rows(train.views, f"the training views ({features_dir / TRAIN_VIEWS})")
     if device.type == "cuda":
         train.to(device)
         val.to(device)

@@ -81,16 +81,43 @@ def check_learnable(
         )
     varies = len(grid) == 1
     for chunk in grid.split(512):  # (512, N, C) at a time: no float32 copy of all of it
-        if not torch.isfinite(chunk).all():
-            raise ValueError(
-                f"{where}: the image features hold NaN or infinity: run `dvc repro -f "
-                "transform` (on a GPU, compare with transform.device: cpu)"
-            )
         varies = varies or bool((chunk != grid[0]).any())
     if not varies:
         raise ValueError(
             f"{where}: all {len(grid)} images have identical features: the encoder sees no "
             "difference between them (identical or blank images?)"
+        )
+    check_feature_rows(grid, where)
+
+
+def check_feature_rows(features: Any, where: str) -> None:
+    """Refuse image features (n, ..., N, C), a torch tensor or a (memory-mapped) array, that
+    hold NaN or infinity, or where one image's features are a constant (all zero, say): a CNN
+    never gives that, a damaged or overwritten file does, and DVC does not notice a file
+    rewritten at the same size and time."""
+    import numpy as np
+    import torch
+
+    per_image = int(np.prod(features.shape[1:-2], dtype=np.int64))  # views per image, or 1
+    constant: list[int] = []  # flattened rows: image * per_image + view
+    for start in range(0, len(features), 256):  # (256, ..., N, C) at a time, as float32
+        chunk = features[start : start + 256]
+        chunk = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.asarray(chunk))
+        rows = chunk.reshape(-1, chunk.shape[-2] * chunk.shape[-1]).float()  # (rows, N * C)
+        if not torch.isfinite(rows).all():
+            raise ValueError(
+                f"{where}: the image features hold NaN or infinity: run `dvc repro -f "
+                "transform` (on a GPU, compare with transform.device: cpu)"
+            )
+        same = (rows == rows[:, :1]).all(dim=1)  # (rows,)
+        constant += (start * per_image + torch.nonzero(same).flatten()).tolist()
+    if constant:
+        images = sorted({row // per_image for row in constant})
+        zeros = "all zero" if not float(features[images[0]].max()) else "constant"
+        raise ValueError(
+            f"{where}: {len(images)} of {len(features)} images have {zeros} features (e.g. "
+            f"image rows {images[:5]}), which no encoder gives: the feature file was damaged "
+            "or overwritten. Run `dvc repro --force transform`"
         )
 
 

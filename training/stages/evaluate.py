@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model import Caption, Captioner, CaptionPipeline, Decoding, load
 from training.data.captions import IMAGES_DIR, SCENES_FILE
-from training.data.datachecks import check_features
+from training.data.datachecks import check_feature_rows, check_features
 from training.data.synthetic import load_scenes
 from training.evaluation.attention_plot import evaluate_attention
 from training.evaluation.metrics import caption_metrics, content_metrics
@@ -381,6 +381,7 @@ def _test_features(features_dir: Path, images: list[str], model: Captioner) -> n
             f"{missing[:3]}: preprocess and transform are out of step; run `dvc repro`"
         )
     rows = [row_of[name] for name in images]
+    check_feature_rows(features, f"the test split ({array_path})")
     if rows == list(range(len(rows))):
         return features[: len(rows)]  # same order: stay memory-mapped
     return features[rows]
