@@ -102,15 +102,15 @@ def check_feature_rows(features: Any, where: str) -> None:
     constant: list[int] = []  # flattened rows: image * per_image + view
     for start in range(0, len(features), 256):  # (256, ..., N, C) at a time, as float32
         chunk = features[start : start + 256]
-        chunk = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.asarray(chunk))
-        rows = chunk.reshape(-1, chunk.shape[-2] * chunk.shape[-1]).float()  # (rows, N * C)
-        if not torch.isfinite(rows).all():
+        chunk = chunk.float().numpy() if isinstance(chunk, torch.Tensor) else chunk
+        rows = np.asarray(chunk, np.float32).reshape(-1, chunk.shape[-2] * chunk.shape[-1])
+        if not np.isfinite(rows).all():  # rows: (rows, N * C)
             raise ValueError(
                 f"{where}: the image features hold NaN or infinity: run `dvc repro -f "
                 "transform` (on a GPU, compare with transform.device: cpu)"
             )
-        same = (rows == rows[:, :1]).all(dim=1)  # (rows,)
-        constant += (start * per_image + torch.nonzero(same).flatten()).tolist()
+        same = (rows == rows[:, :1]).all(axis=1)  # (rows,)
+        constant += (start * per_image + np.flatnonzero(same)).tolist()
     if constant:
         images = sorted({row // per_image for row in constant})
         zeros = "all zero" if not float(features[images[0]].max()) else "constant"
