@@ -4,7 +4,8 @@
 
 Offline preset (EfficientNet-Lite0 + MiniLM-L6), CPU. The weights are the untrained starting
 point, so every method decodes the full max_length: equal work for all three.
-- imgtocap: image encoded once, KV cache, batched beams.
+- imgtocap: image encoded once, KV cache, batched beams; and the same with the decoder's
+  int8 weights (model/int8.py, serve.cpu_decoder's default; "same tokens" vs fp32 imgtocap).
 - naive: how the original project decoded: at every step the whole model runs again, the
   encoder and the whole prefix, logits for every position, and the last one is kept.
 - transformers: BertLMHeadModel.generate() on the same decoder weights, fed our image memory.
@@ -13,6 +14,7 @@ point, so every method decodes the full max_length: equal work for all three.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -33,6 +35,7 @@ from skimage import data  # noqa: E402
 
 from model import build_captioner, preset  # noqa: E402
 from model.decoding import Generation, beam_search, greedy, strip  # noqa: E402
+from model.int8 import quantize_decoder  # noqa: E402
 from tests.helpers.hf_bert import to_hf_bert_lm  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
@@ -110,6 +113,7 @@ def main() -> None:
 
     model = build_captioner(preset("offline")).eval()
     hf = to_hf_bert_lm(model.config, model.state_dict())
+    int8 = quantize_decoder(copy.deepcopy(model))
     rows = []
     with torch.inference_mode():
         for num_beams in (1, 3):
@@ -117,6 +121,7 @@ def main() -> None:
                 pixels = photos(model, batch)
                 kw = dict(num_beams=num_beams, max_length=args.max_length)
                 ours_t, ours = timed(lambda p=pixels, k=kw: model.generate(p, **k), args.repeats)
+                int8_t, ours8 = timed(lambda p=pixels, k=kw: int8.generate(p, **k), args.repeats)
                 hf_t, hf_tokens = timed(
                     lambda p=pixels, k=kw: hf_generate(model, hf, p, **k), args.repeats
                 )
@@ -125,6 +130,11 @@ def main() -> None:
                 same_hf = ours.tokens == hf_tokens
                 for name, seconds, agree in (
                     ("imgtocap", ours_t, "-"),
+                    (
+                        "imgtocap, int8 decoder",
+                        int8_t,
+                        "yes" if ours8.tokens == ours.tokens else "NO",
+                    ),
                     ("naive (original)", naive_t, "yes" if same else "NO"),
                     ("transformers generate()", hf_t, "yes" if same_hf else "NO"),
                 ):

@@ -2,9 +2,11 @@
 against the bare model call and the compute floor on the same machine in the same run.
 
     .venv/bin/python bench/serving.py [--batch-size 8] [--delay-ms 50 5] [--max-length 16]
+    .venv/bin/python bench/serving.py --cpu-decoder fp32 int8     # the decoders side by side
     .venv/bin/python bench/serving.py --device cuda --batch-size 16 --concurrency 1 16 64
 
-One private TorchServe per mode (batching off, then batching on with each --delay-ms;
+One private TorchServe per mode (batching off, then batching on with each --delay-ms; each
+with every --cpu-decoder, the archive's serve.cpu_decoder;
 serve/config.properties on free loopback ports, token auth off) serves an archive packaged
 from the same checkpoint, all at once; the same JPEG photos (scikit-image's samples) are sent
 as raw bodies at concurrency 1, 4 and 16, each level --rounds times with the modes taking
@@ -12,7 +14,7 @@ turns, so that a shared machine's changing load weighs on every mode alike. The 
 requests/s (median over the rounds) and p50/p95 latency. Before each mode's concurrency-1 run,
 while every server idles, this process times the bare caption call (`model.load(...).caption`,
 preprocessing and decoding) of the same photos (decoded from JPEG beforehand): "p50 / bare" is
-served p50 over the bare call's p50. The compute floor is the FLOPs of one caption
+served p50 over the bare call's p50 (with the mode's decoder). The compute floor is the FLOPs of one caption
 (`torch.utils.flop_counter.FlopCounterMode` around the caption call) divided by the fp32 matmul GFLOP/s this machine reaches. The checkpoint is
 model-store/imgtocap.mar's when that was built from the offline preset, else an untrained
 offline model (its captions always run to max_length, so max_length is capped identically in
@@ -46,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from model import Decoding, build_captioner, open_image, preset, save_checkpoint  # noqa: E402
 from model import load as load_captioner  # noqa: E402  (load() below is the HTTP load)
+from model.options import CPU_DECODER, CPU_DECODERS  # noqa: E402
 from serve.runner import TorchServe  # noqa: E402
 from training.paths import ARCHIVE_PATH, MODEL_NAME  # noqa: E402
 from training.stages.package import ServeConfig, build_archive  # noqa: E402
@@ -85,6 +88,10 @@ def main() -> None:
         "load then weighs on all of them alike)",
     )  # fmt: skip
     parser.add_argument(
+        "--cpu-decoder", nargs="+", choices=CPU_DECODERS, default=[CPU_DECODER],
+        help="serve.cpu_decoder of the archives, one server per decoder and batching mode",
+    )  # fmt: skip
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu",
         help="where the workers, the bare call and the matmul run (cuda: the first GPU)",
     )  # fmt: skip
@@ -95,13 +102,22 @@ def main() -> None:
     # TorchServe gives each worker a gpu_id when it sees GPUs; on the CPU, none
     gpus = {"number_of_gpu": 1 if args.device == "cuda" else 0}
 
-    modes = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0 would mean 100)
+    batchings = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0: 100 ms)
     for delay in args.delay_ms:
-        modes[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
+        batchings[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
+    decoders = args.cpu_decoder if args.device == "cpu" else ["fp32"]  # a GPU runs fp32
+    modes = {  # the label: the batching, and the decoder when there is more than one
+        name + (f", {decoder}" if len(decoders) > 1 else ""): {**batching, "cpu_decoder": decoder}
+        for decoder in decoders
+        for name, batching in batchings.items()
+    }
     with tempfile.TemporaryDirectory(prefix="imgtocap-bench-") as tmp, ExitStack() as servers:
         checkpoint, source = offline_checkpoint(Path(tmp))
         photos = [jpeg(name) for name in PHOTOS]
-        bare = Bare(checkpoint, photos, args.num_beams, args.max_length, device)
+        bares = {
+            decoder: Bare(checkpoint, photos, args.num_beams, args.max_length, device, decoder)
+            for decoder in decoders
+        }
         gflops = matmul_gflops(device)  # before the servers start, and again after the rounds
         urls = {}
         for n, (mode, batching) in enumerate(modes.items()):  # all up at once; idle ones wait
@@ -127,11 +143,11 @@ def main() -> None:
                 for mode in order:
                     if clients == 1:  # every server idles: the bare call on the same photos
                         sent = [i % len(photos) for i in range(per_client)]
-                        bare_ms[mode] += bare.times(sent)
+                        bare_ms[mode] += bares[modes[mode]["cpu_decoder"]].times(sent)
                     served[mode][clients].add(load(urls[mode], photos, clients, per_client))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         gflops = max(gflops, matmul_gflops(device))  # a shared machine: the better of the two
-        flops = bare.flops()
+        flops = Bare(checkpoint, photos, args.num_beams, args.max_length, device, "fp32").flops()
         print(
             f"\n{source}; {args.num_beams} beam(s), max_length {args.max_length}; one worker on "
             f"{_device_name(device)}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
@@ -176,8 +192,9 @@ class Bare:
         num_beams: int,
         max_length: int,
         device: torch.device,
+        cpu_decoder: str,
     ):
-        self.captioner = load_captioner(checkpoint, device)
+        self.captioner = load_captioner(checkpoint, device, cpu_decoder=cpu_decoder)
         self.device = device
         self.images = [open_image(data) for data in photos]
         self.decoding = Decoding(num_beams=num_beams, max_length=max_length)
@@ -199,7 +216,8 @@ class Bare:
         return times
 
     def flops(self) -> float:
-        """FLOPs of one caption, the mean over the photos (a caption stops at [SEP])."""
+        """FLOPs of one caption, the mean over the photos (a caption stops at [SEP]); count
+        them on an fp32 decoder (the counter does not see the int8 kernel)."""
         total = 0
         for image in self.images:
             counter = FlopCounterMode(display=False)

@@ -56,16 +56,21 @@ class ImgtocapHandler(BaseHandler):
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
         self.device = _device(properties.get("gpu_id"), self.settings["cpu_threads"], workers)
         checkpoint = model_dir / context.manifest["model"]["serializedFile"]
-        self.captioner = self.lib.load(checkpoint, self.device, tokenizer=model_dir / "tokenizer")
+        # an archive packaged before serve.cpu_decoder existed ran its decoder in fp32
+        self.cpu_decoder = self.settings.get("cpu_decoder", "fp32")
+        self.captioner = self.lib.load(
+            checkpoint, self.device, tokenizer=model_dir / "tokenizer", cpu_decoder=self.cpu_decoder
+        )
         # The first caption pays for lazy kernel set-up: pay it here, not in a user's request.
         blank = Image.new("RGB", (32, 32), "white")
         self.captioner.caption([blank], self.lib.Decoding(num_beams=1, max_length=2))
         self.initialized = True
         log.info(
-            "imgtocap ready on %s (%d threads): %s encoder, model code from %s",
+            "imgtocap ready on %s (%d threads): %s encoder, %s decoder, model code from %s",
             self.device,
             torch.get_num_threads(),
             self.captioner.model.config.encoder,
+            self.cpu_decoder if self.device.type == "cpu" else "fp32",
             Path(self.lib.__file__).parent,
         )
 
@@ -151,6 +156,8 @@ class ImgtocapHandler(BaseHandler):
             }
         try:
             picture = self.lib.open_image(image, max_pixels=self.settings["max_pixels"])
+        except self.lib.UnsupportedImage as exc:
+            return {"status": 415, "error": str(exc)}
         except self.lib.ImageError as exc:
             return {"status": 400, "error": str(exc)}
         return {"image": picture, "decoding": decoding, "attention": attention}

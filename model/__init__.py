@@ -26,6 +26,7 @@ _SOURCES = {
     "preset": "config",
     "preprocess": "encoders",
     "ImageError": "image",
+    "UnsupportedImage": "image",
     "open_image": "image",
     "load_checkpoint": "io",
     "read_checkpoint": "io",
@@ -50,6 +51,7 @@ __all__ = [
     "Generation",
     "build_captioner",
     "ImageError",
+    "UnsupportedImage",
     "decode_caption",
     "encode_caption",
     "load",
@@ -68,7 +70,7 @@ if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__
     from .config import PRESETS, CaptionerConfig, preset
     from .decoding import Generation
     from .encoders import preprocess
-    from .image import ImageError, open_image
+    from .image import ImageError, UnsupportedImage, open_image
     from .io import load_checkpoint, read_checkpoint, save_checkpoint
     from .options import Decoding
     from .pipeline import Caption, CaptionPipeline, load

@@ -22,10 +22,18 @@ if TYPE_CHECKING:
 # Checked from the header before any decoding: a bigger claim is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 ACCEPTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
+# The only PIL plugins ever tried (JPEG covers phones' MPO, PNG covers APNG). Everything else
+# PIL could open is refused unread: PPM, ICO, PCX, ... and EPS, whose loading would run
+# untrusted PostScript through Ghostscript wherever that is installed.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 class ImageError(ValueError):
     """The input is not an image we can caption; the message says why and what is accepted."""
+
+
+class UnsupportedImage(ImageError):
+    """The bytes are not one of the accepted formats (FORMATS): HTTP 415, not 400."""
 
 
 def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -41,13 +49,11 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     try:
         with warnings.catch_warnings():  # PIL's own bomb warning: we check the size ourselves
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fp)
+            image = Image.open(fp, formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large ({exc}); downscale it first") from exc
     except UnidentifiedImageError as exc:  # its message names an in-memory object: useless
-        raise ImageError(
-            f"{name} is not a readable image (unknown format); send {ACCEPTED}"
-        ) from exc
+        raise UnsupportedImage(f"{name} is not a {ACCEPTED} image; send one of those") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is not a readable image ({exc}); send {ACCEPTED}") from exc
     width, height = image.size

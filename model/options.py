@@ -14,6 +14,10 @@ from typing import Any
 # The most a served request may ask for: params.yaml serve.num_beams.max / max_length.max
 MAX_BEAMS = 5
 MAX_LENGTH = 40
+# How the decoder runs on a CPU (model/int8.py): int8 weights (a quarter of the bytes each
+# decoding step reads) or fp32. params.yaml serve.cpu_decoder; evaluate captions the same way.
+CPU_DECODERS = ("int8", "fp32")
+CPU_DECODER = "int8"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from model.int8 import quantize_decoder
 from tests.helpers.model import archive_handler
 from training.stages.package import build_archive
 from training.tracking.registry import Registered
@@ -30,9 +31,16 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def _encoded(form: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png(9))).save(buffer, format=form)
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(handler, context, the same model loaded here), the handler loaded from the archive."""
+    """(handler, context, the same model loaded here), the handler loaded from the archive;
+    the model here runs its decoder as the archive's CPU worker does (int8, the default)."""
     tmp = tmp_path_factory.mktemp("handler")
     save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
     registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
@@ -40,7 +48,8 @@ def served(tmp_path_factory):
     threads = torch.get_num_threads()
     handler, context, model_dir = archive_handler(archive, tmp, batch_size=4)
     assert handler.lib.__file__ == str(model_dir / "model" / "__init__.py")
-    yield handler, context, load_checkpoint(tmp / "model.pth")
+    assert handler.cpu_decoder == "int8"
+    yield handler, context, quantize_decoder(load_checkpoint(tmp / "model.pth"))
     torch.set_num_threads(threads)  # initialize() set the worker's
 
 
@@ -87,8 +96,11 @@ def test_every_request_format_gets_its_own_options(served):
 def test_bad_requests_fail_alone_with_a_reason(served):
     good = png(7)
     rows = {
-        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 400, "not a readable image"),
-        "text body": ({"body": "a caption, not an image"}, 400, "not a readable image"),
+        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 415, "is not a JPEG, PNG"),
+        "text body": ({"body": "a caption, not an image"}, 415, "is not a JPEG, PNG"),
+        "PPM": ({"body": bytearray(_encoded("PPM"))}, 415, "GIF, BMP, TIFF or WebP image"),
+        "EPS": ({"body": bytearray(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n")}, 415, "is not a JPEG"),
+        "truncated PNG": ({"body": bytearray(png(8)[:200])}, 400, "could not be decoded"),
         "no image": ({"num_beams": bytearray(b"2")}, 400, "no image in the request"),
         "JSON without data": ({"body": {"image": 5}}, 400, "base64-encoded image"),
         "bad base64": ({"body": {"data": "not base64!"}}, 400, "not valid base64"),

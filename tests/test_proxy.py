@@ -221,6 +221,44 @@ def test_the_rest_of_torchserve_is_out_of_reach(page, seen):
     assert seen == []
 
 
+def test_a_form_encoded_body_is_refused_before_torchserve_without_its_bytes(page, seen):
+    """`curl --data-binary @img.jpg` labels the body form-urlencoded; TorchServe's frontend
+    then answers 500 with the body's bytes in its message. The proxy says what to send."""
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    for path in ("/predictions/imgtocap", "/invocations"):
+        response = requests.put(
+            f"{page.url}{path}",
+            data=image,
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+            timeout=10,
+        )
+        assert response.status_code == 415, path
+        assert response.headers["Content-Type"] == "application/json"
+        assert "curl -T img.jpg" in response.json()["error"]
+        assert "PNG" not in response.text
+    assert seen == []
+
+
+def test_the_proxy_s_own_errors_are_json_with_the_security_headers(page):
+    headers = ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy")
+    long_name = requests.get(f"{page.url}/{'x' * 300}", timeout=10)  # no such file can exist
+    too_deep = requests.get(f"{page.url}/{'x/' * 3000}", timeout=10)  # past PATH_MAX
+    bad_header = requests.get(
+        f"{page.url}/", headers={"X-Big": "y" * 20000}, timeout=10
+    )  # one header over large_client_header_buffers
+    responses = (long_name, too_deep, bad_header)
+    assert [r.status_code for r in responses] == [404, 404, 400]  # not open()'s 500
+    for response in responses:
+        assert "error" in response.json()
+        for header in headers:
+            assert header in response.headers, (response.status_code, header)
+    # A request line past the header buffers: nginx's own page (an error_page for 414 gives
+    # a 500), but with the same headers.
+    too_long = requests.get(f"{page.url}/{'x' * 70000}", timeout=10)
+    assert too_long.status_code == 414
+    assert all(header in too_long.headers for header in headers)
+
+
 def test_ping_answers_without_a_secret(page, seen):
     response = requests.get(f"{page.url}/ping", timeout=10)
     assert (response.status_code, response.json()) == (200, {"status": "Healthy"})
@@ -235,6 +273,8 @@ def test_an_unreachable_torchserve_is_a_503_to_retry(tmp_path):
         response = requests.put(f"{nginx.url}/predictions/imgtocap", data=b"img", timeout=10)
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert "retry in a few seconds" in response.json()["error"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
 
 
 @needs_nginx

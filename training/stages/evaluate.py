@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import Caption, Captioner, CaptionPipeline, Decoding, load
+from model.options import CPU_DECODER
 from training.data.captions import IMAGES_DIR, SCENES_FILE
 from training.data.datachecks import check_feature_rows, check_features
 from training.data.synthetic import load_scenes
@@ -118,7 +119,7 @@ def evaluate(
     `params` (all of params.yaml) is recorded with the run and names the dataset.
     """
     params = params or {}
-    captioner = load(paths.model, pick_device(cfg.device))
+    captioner = load(paths.model, pick_device(cfg.device), cpu_decoder=_cpu_decoder(params))
     test = _test_split(paths.processed)
     images = [entry["image"] for entry in test]
     references = {entry["image"]: entry["captions"] for entry in test}
@@ -233,7 +234,7 @@ def _card_facts(
         images={split: len(entries) for split, entries in splits.items()},
         test_split=registry.split_fingerprint(test, raw_dir / IMAGES_DIR),
         metrics=metrics,
-        decoding=cfg.decoding().to_dict(),
+        decoding={**cfg.decoding().to_dict(), "cpu_decoder": _cpu_decoder(params)},
         preset=str((params.get("model") or {}).get("preset", "")),
         commit=execution.commit,
         experiment=execution.experiment,
@@ -328,7 +329,7 @@ def _log_and_register(
         "dvc.experiment": facts.experiment or "",
         "train_run": train_run,
     }
-    version = register_model(model_path, scores, cfg.decoding().to_dict(), name, tags)
+    version = register_model(model_path, scores, facts.decoding, name, tags)
     registry.promote(name, version, float(scores[registry.PRIMARY]), facts.test_split)
     registry.attach_card(name, version, run_id, model_card(facts, name, version))
     return Registered(name, version, run_id)
@@ -407,6 +408,12 @@ def _write_predictions(
                 line["correct"] = flags[image]["correct"]
                 line["content"] = {k: v for k, v in flags[image].items() if k != "correct"}
             f.write(json.dumps(line) + "\n")
+
+
+def _cpu_decoder(params: Mapping[str, Any]) -> str:
+    """How the archive runs the decoder on a CPU (params.yaml serve.cpu_decoder): evaluate
+    captions the same way, and the MLflow model loads it the same way."""
+    return (params.get("serve") or {}).get("cpu_decoder", CPU_DECODER)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -32,8 +32,15 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         artifacts = context.artifacts
-        self.captioner = load(artifacts["checkpoint"], device, tokenizer=artifacts["tokenizer"])
         self.defaults = dict(context.model_config or {})  # the decoding the evaluation used
+        # the decoder as TorchServe runs it on a CPU (a model logged before the setting: fp32)
+        cpu_decoder = self.defaults.pop("cpu_decoder", "fp32")
+        self.captioner = load(
+            artifacts["checkpoint"],
+            device,
+            tokenizer=artifacts["tokenizer"],
+            cpu_decoder=cpu_decoder,
+        )
 
     # MLflow reads predict's hints: a DataFrame hint leaves the input as the logged signature
     # made it (no type-hint schema, no warning about one).
