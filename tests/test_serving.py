@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
+from model.int8 import quantize_decoder
 from serve.runner import TorchServe
 from tests.helpers import model as model_helpers
 from tests.helpers.model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
@@ -73,7 +74,8 @@ def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
-    """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, and its checkpoint."""
+    """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, as the archive's
+    CPU worker runs it (int8 decoder weights, serve.cpu_decoder's default), and its checkpoint."""
     torch.manual_seed(0)
     model = model_helpers.tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
@@ -86,7 +88,9 @@ def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
     assert memorised(model, pixels, tokenizer), "not memorised after 800 steps"
     path = tmp_path_factory.mktemp("tiny") / "model.pth"
     save_checkpoint(model, path)
-    return load_checkpoint(path), path
+    served = quantize_decoder(load_checkpoint(path))
+    assert memorised(served, pixels, tokenizer), "int8 decoder weights lose the memorisation"
+    return served, path
 
 
 @pytest.fixture(scope="module")
