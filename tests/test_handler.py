@@ -87,8 +87,9 @@ def test_every_request_format_gets_its_own_options(served):
 def test_bad_requests_fail_alone_with_a_reason(served):
     good = png(7)
     rows = {
-        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 400, "not a readable image"),
-        "text body": ({"body": "a caption, not an image"}, 400, "not a readable image"),
+        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 415, "not a readable image"),
+        "text body": ({"body": "a caption, not an image"}, 415, "not a readable image"),
+        "PPM": ({"body": bytearray(b"P6 2 2 255 " + bytes(12))}, 415, "accepted format; send JPEG"),
         "no image": ({"num_beams": bytearray(b"2")}, 400, "no image in the request"),
         "JSON without data": ({"body": {"image": 5}}, 400, "base64-encoded image"),
         "bad base64": ({"body": {"data": "not base64!"}}, 400, "not valid base64"),
