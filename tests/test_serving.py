@@ -207,7 +207,7 @@ def test_bad_inputs_get_4xx_and_the_worker_lives_on(server, caption_of):
     pid = server.describe()["workers"][0]["pid"]
     jpeg = encoded(picture(3), "JPEG")
     refused = {
-        "not an image": (b"hello, world", 400, "not a readable image"),
+        "not an image": (b"hello, world", 415, "not a readable image"),
         "empty body": (b"", 400, "empty"),
         "truncated JPEG": (jpeg[: len(jpeg) // 2], 400, "truncated"),
         "108 megapixels": (png_claiming(12_000, 9_000), 400, "108.0 megapixels"),
@@ -231,7 +231,7 @@ def test_a_bad_request_fails_alone_inside_a_batch(server, caption_of):
     batch = [good[0], b"not an image", good[1], good[2]]
     for _ in range(3):  # until all four land in one batch (they nearly always do at once)
         responses = send_together(server, batch)
-        assert [r.status_code for r in responses] == [200, 400, 200, 200]
+        assert [r.status_code for r in responses] == [200, 415, 200, 200]
         assert "not a readable image" in responses[1].json()["error"]
         assert [responses[i].json()["caption"] for i in (0, 2, 3)] == [caption_of(d) for d in good]
         if max(responses[i].json()["batch_size"] for i in (0, 2, 3)) == len(batch):
