@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 CONFIG=${TS_CONFIG_FILE:-serve/config.properties} # TorchServe itself prefers TS_CONFIG_FILE too
 export LOG_LOCATION=${LOG_LOCATION:-logs/torchserve} METRICS_LOCATION=${METRICS_LOCATION:-logs/torchserve}
+# TorchServe finds its server by $TMPDIR/.model_server.pid: this checkout's own (serve/serve.mk's
+# RUN), so that `make stop` here stops this server and never another checkout's.
+export TMPDIR="$PWD/logs/torchserve/run"
+mkdir -p "$TMPDIR"
 # Workers inherit this. OpenMP threads that spin while idle stall (10x and worse) as soon as
 # another process holds a core; sleeping ones cost nothing measurable.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
