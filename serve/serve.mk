@@ -30,6 +30,7 @@ demo: $(MAR)
 stop:
 	$(BIN)/python -m serve.proxy stop logs/nginx
 	mkdir -p $(RUN)  # a missing TMPDIR would make Python fall back to /tmp: a global pid file
+	touch $(RUN)/stop-requested  # for serve/serve.sh: this exit is no crash to restart from
 	TMPDIR=$(RUN) $(BIN)/torchserve --stop --foreground
 
 ## image: the serving image around the archive, with docker or podman (whichever is installed);

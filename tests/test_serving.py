@@ -10,13 +10,17 @@ caption and a mix-up inside a batch would show; the server's answer must equal w
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,10 +30,10 @@ import torch
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
-from serve.runner import TorchServe
+from serve.runner import TorchServe, private_config, read_config
 from tests.helpers import model as model_helpers
 from tests.helpers.model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
-from tests.helpers.project import imgtocap
+from tests.helpers.project import copy_tracked, imgtocap
 from training.evaluation.attention_plot import figure_size
 from training.stages.package import build_archive
 
@@ -375,3 +379,45 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     run = imgtocap("caption", str(folder / "a.png"), "--url", server.inference)
     assert run.returncode == 1
     assert "HTTP 400" in run.stdout and "--token" in run.stdout
+
+
+def test_make_serve_restarts_a_killed_frontend(model_store, tmp_path, caption_of):
+    """`make serve`'s script (serve/serve.sh) in a copy of the checkout: kill -9 of the JVM, and
+    captions flow again from a new frontend, with the new key from key_file.json."""
+    checkout = copy_tracked(tmp_path / "checkout", "serve")
+    config = private_config(checkout / "ts.properties", model_store)
+    url = f"{read_config(config)['inference_address']}/predictions/imgtocap"
+    data = encoded(picture(2), "PNG")
+
+    def caption(deadline: float) -> str:
+        """A caption as a client that reads key_file.json on every try gets one."""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                key = json.loads((checkout / "key_file.json").read_text())["inference"]["key"]
+                headers = {"Authorization": f"Bearer {key}"}
+                answer = requests.put(url, data=data, headers=headers, timeout=30)
+                if answer.status_code == 200:
+                    return key
+            assert script.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        pytest.fail("no caption before the deadline")
+
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent), "TS_CONFIG_FILE": str(config)}
+    with (tmp_path / "serve.log").open("wb") as log:
+        script = subprocess.Popen(
+            ["serve/serve.sh"], cwd=checkout, env=env, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        first_key = caption(time.monotonic() + 300)
+        pid_file = checkout / "logs" / "torchserve" / "run" / ".model_server.pid"
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        killed = time.monotonic()
+        second_key = caption(killed + 300)
+        print(f"captions again {time.monotonic() - killed:.1f} s after kill -9 of the frontend")
+        assert second_key != first_key  # TorchServe makes new keys at every start
+        script.send_signal(signal.SIGINT)  # Ctrl-C: stops TorchServe and ends the script
+        assert script.wait(timeout=120) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
