@@ -26,7 +26,7 @@ READY (log line "imgtocap ready"), from this directory in another terminal:
   MKEY=\$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
   curl -H "Authorization: Bearer \$MKEY" $(address management_address)/models/imgtocap
 
-Keys expire after an hour; docs/serving.md shows how to get new ones. A TorchServe that dies is
+Keys last until TorchServe stops (docs/serving.md, tokens). A TorchServe that dies is
 started again, with new keys in key_file.json. Ctrl-C (or `make stop`) stops it.
 
 EOF

@@ -34,12 +34,14 @@ MODEL = "imgtocap"
 K8S_VERSIONS = ("1.35.0", "1.37.0")
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:
 # bind addresses (inference on the pod's loopback behind the proxy; metrics on the pod IP for
-# Prometheus), token auth (the public curl; the read-only working directory), the absolute model
-# store, worker count, JVM arguments. Management binds to loopback in both.
+# Prometheus), token auth and its keys' lifetime (the public curl; the read-only working
+# directory), the absolute model store, worker count, JVM arguments. Management binds to
+# loopback in both.
 K8S_OVERRIDES = {
     "inference_address",
     "metrics_address",
     "disable_token_authorization",
+    "token_expiration_min",
     "model_store",
     "default_workers_per_model",
     "vmargs",

@@ -22,6 +22,7 @@ import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,12 @@ def test_make_serve_restarts_a_killed_frontend(model_store, tmp_path, caption_of
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(script.pid, signal.SIGKILL)
+
+
+def test_keys_live_as_long_as_the_server(server):
+    """TorchServe's 60-minute default silently ended inference an hour after every start."""
+    keys = json.loads((server.cwd / "key_file.json").read_text())
+    for api in ("inference", "management"):
+        expires = datetime.fromisoformat(keys[api]["expiration time"][:19] + "+00:00")
+        assert expires - datetime.now(timezone.utc) > timedelta(days=300), (api, keys[api])
+    assert server.caption(encoded(picture(1), "PNG")).status_code == 200
