@@ -196,9 +196,11 @@ def test_container_command_matches_serve_config(dockerfile, serve_config):
     inference = serve_config["inference_address"]
     assert _host(inference) == "0.0.0.0", "inference must be reachable through `docker run -p`"
     assert dockerfile.expose == {_port(inference)}, dockerfile.expose
-    url = re.search(r"http://127\.0\.0\.1:(\d+)/(\w+)", dockerfile.healthcheck)
+    # the HEALTHCHECK captions: the probe the image carries, on the inference port
+    url = re.search(r"http://127\.0\.0\.1:(\d+)/predictions/(\w+)", dockerfile.healthcheck)
     assert url, dockerfile.healthcheck
-    assert (int(url[1]), url[2]) == (_port(serve_config["metrics_address"]), "metrics")
+    assert (int(url[1]), url[2]) == (_port(inference), MODEL)
+    assert dockerfile.destination("k8s/probe.py") in dockerfile.healthcheck
 
 
 # --- TorchServe configs -------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_metrics_count_the_models_requests(server):
 def test_health_checks_as_the_readme_gives_them(server):
     # With token auth on (`make serve`, the Docker image) /ping is an inference call like any
     # other and needs the inference key; the keyless liveness check is the metrics endpoint,
-    # which listens on loopback only (the Dockerfile's HEALTHCHECK uses it). Behind the proxy
+    # which listens on loopback only (the Dockerfile's HEALTHCHECK captions instead: below). Behind the proxy
     # (`make demo`, EKS) token auth is off and /ping answers anyone (tests/test_proxy.py).
     ping = f"{server.inference}/ping"
     refused = requests.get(ping, timeout=10)
@@ -431,3 +431,25 @@ def test_keys_live_as_long_as_the_server(server):
         expires = datetime.fromisoformat(keys[api]["expiration time"][:19] + "+00:00")
         assert expires - datetime.now(timezone.utc) > timedelta(days=300), (api, keys[api])
     assert server.caption(encoded(picture(1), "PNG")).status_code == 200
+
+
+def test_the_image_s_health_check_fails_when_inference_fails(server, tmp_path):
+    """The Dockerfile's HEALTHCHECK (k8s/probe.py on /predictions) captions with the key from
+    key_file.json: healthy with the server's key, unhealthy once the key is stale (an expired
+    one, or an old one after a restart), which /metrics never noticed."""
+    url = f"{server.inference}/predictions/imgtocap"
+
+    def probe(cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, ROOT / "k8s" / "probe.py", url], cwd=cwd, capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+
+    healthy = probe(server.cwd)
+    assert healthy.returncode == 0, healthy.stdout
+    keys = json.loads((server.cwd / "key_file.json").read_text())
+    keys["inference"]["key"] = "stale123"
+    (tmp_path / "key_file.json").write_text(json.dumps(keys))
+    stale = probe(tmp_path)
+    assert stale.returncode == 1 and "HTTP 400" in stale.stdout, stale.stdout
+    assert requests.get(f"{server.metrics}/metrics", timeout=10).status_code == 200  # the old check
