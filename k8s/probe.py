@@ -27,7 +27,8 @@ import urllib.request
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # An 8x8 red PNG: the smallest request that goes all the way through a worker.
 PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElFTkSuQmCC"
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfH"
+    "gA0wMeAAg1MCANDKARQfGKMRAAAAAElFTkSuQmCC"
 )
 KEY_FILE = "key_file.json"  # TorchServe writes it to its working directory when token auth is on
 

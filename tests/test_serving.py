@@ -262,8 +262,9 @@ def test_metrics_count_the_models_requests(server):
 def test_health_checks_as_the_readme_gives_them(server):
     # With token auth on (`make serve`, the Docker image) /ping is an inference call like any
     # other and needs the inference key; the keyless liveness check is the metrics endpoint,
-    # which listens on loopback only (the Dockerfile's HEALTHCHECK captions instead: below). Behind the proxy
-    # (`make demo`, EKS) token auth is off and /ping answers anyone (tests/test_proxy.py).
+    # which listens on loopback only (the Dockerfile's HEALTHCHECK captions instead: below).
+    # Behind the proxy (`make demo`, EKS) token auth is off and /ping answers anyone
+    # (tests/test_proxy.py).
     ping = f"{server.inference}/ping"
     refused = requests.get(ping, timeout=10)
     assert refused.status_code == 400 and "InvalidKeyException" in refused.text
