@@ -362,7 +362,7 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     assert list(lines) == ["a.png", "b.jpg", "bad.png"]
     for name in ("a.png", "b.jpg"):
         assert lines[name]["caption"] == caption_of(pictures[name])
-    assert lines["bad.png"]["error"].startswith("HTTP 400: ")
+    assert lines["bad.png"]["error"].startswith("HTTP 415: ")
     assert "not a readable image" in lines["bad.png"]["error"] and "bad.png" in run.stderr
 
     # options and attention: a multipart form; the token from the environment
