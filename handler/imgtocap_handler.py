@@ -156,7 +156,7 @@ class ImgtocapHandler(BaseHandler):
             }
         try:
             picture = self.lib.open_image(image, max_pixels=self.settings["max_pixels"])
-        except self.lib.UnsupportedImage as exc:
+        except self.lib.UnsupportedFormat as exc:
             return {"status": 415, "error": str(exc)}
         except self.lib.ImageError as exc:
             return {"status": 400, "error": str(exc)}

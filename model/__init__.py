@@ -26,8 +26,8 @@ _SOURCES = {
     "preset": "config",
     "preprocess": "encoders",
     "ImageError": "image",
-    "UnsupportedImage": "image",
     "open_image": "image",
+    "UnsupportedFormat": "image",
     "load_checkpoint": "io",
     "read_checkpoint": "io",
     "save_checkpoint": "io",
@@ -51,7 +51,6 @@ __all__ = [
     "Generation",
     "build_captioner",
     "ImageError",
-    "UnsupportedImage",
     "decode_caption",
     "encode_caption",
     "load",
@@ -63,6 +62,7 @@ __all__ = [
     "preset",
     "read_checkpoint",
     "save_checkpoint",
+    "UnsupportedFormat",
 ]
 
 if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__ below
@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__
     from .config import PRESETS, CaptionerConfig, preset
     from .decoding import Generation
     from .encoders import preprocess
-    from .image import ImageError, UnsupportedImage, open_image
+    from .image import ImageError, UnsupportedFormat, open_image
     from .io import load_checkpoint, read_checkpoint, save_checkpoint
     from .options import Decoding
     from .pipeline import Caption, CaptionPipeline, load

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 # Checked from the header before any decoding: a bigger claim is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 ACCEPTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
-# The only PIL plugins ever tried (JPEG covers phones' MPO, PNG covers APNG). Everything else
-# PIL could open is refused unread: PPM, ICO, PCX, ... and EPS, whose loading would run
-# untrusted PostScript through Ghostscript wherever that is installed.
+# The only Pillow plugins that ever see untrusted bytes: every other format (PPM, ICO, PCX, EPS
+# and its Ghostscript subprocess, ...) is refused unparsed. Pillow opens an MPO (a phone's
+# multi-picture JPEG) through its JPEG plugin.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 
@@ -32,8 +32,8 @@ class ImageError(ValueError):
     """The input is not an image we can caption; the message says why and what is accepted."""
 
 
-class UnsupportedImage(ImageError):
-    """The bytes are not one of the accepted formats (FORMATS): HTTP 415, not 400."""
+class UnsupportedFormat(ImageError):
+    """The input is in none of the accepted formats (a server answers 415)."""
 
 
 def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -53,7 +53,9 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large ({exc}); downscale it first") from exc
     except UnidentifiedImageError as exc:  # its message names an in-memory object: useless
-        raise UnsupportedImage(f"{name} is not a {ACCEPTED} image; send one of those") from exc
+        raise UnsupportedFormat(
+            f"{name} is not a readable image in an accepted format; send {ACCEPTED}"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is not a readable image ({exc}); send {ACCEPTED}") from exc
     width, height = image.size

@@ -74,7 +74,7 @@ def test_local_checkpoint_captions_a_folder_and_reports_a_bad_file_alone(
     by_path = {Path(line["path"]).name: line for line in lines}
     assert list(by_path) == ["missing.jpg", "a.png", "broken.png", "b.png", "c.JPG"]
     assert by_path["missing.jpg"]["error"] == "no such file or folder"
-    assert "is not a JPEG, PNG" in by_path["broken.png"]["error"]
+    assert "not a readable image" in by_path["broken.png"]["error"]
     assert set(by_path["broken.png"]) == {"path", "error"}
     assert f"{folder / 'broken.png'}: " in run.stderr and "2 of 5 image(s) failed" in run.stderr
     assert "5/5 [" in run.stderr  # the progress bar, done

@@ -96,7 +96,7 @@ def test_the_image_captions_like_the_evaluation_and_stops_at_once(image, trained
 
         # The Dockerfile's HEALTHCHECK, as podman (or docker) runs it.
         healthcheck = podman("inspect", "--format", "{{json .Config.Healthcheck}}", name)
-        assert "8082/metrics" in healthcheck.stdout, healthcheck.stdout
+        assert "probe.py" in healthcheck.stdout and "/predictions/" in healthcheck.stdout
         assert podman("healthcheck", "run", name, check=False).returncode == 0
         user = Dockerfile(trained.repo / "Dockerfile").user.split(":")[0]
         assert user == "1000"
