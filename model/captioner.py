@@ -160,6 +160,7 @@ class Captioner(nn.Module):
         num_beams: int = Decoding.num_beams,
         max_length: int = Decoding.max_length,
         length_penalty: float = Decoding.length_penalty,
+        no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size,
         use_cache: bool = True,
         return_attention: bool = False,
     ) -> Generation:
@@ -167,7 +168,8 @@ class Captioner(nn.Module):
 
         The image is encoded once; with `use_cache` each step feeds only the newest token.
         `max_length` counts generated tokens including [SEP]; scores are summed log-probs
-        divided by length ** length_penalty; the defaults are `Decoding`'s (model/options.py).
+        divided by length ** length_penalty; `no_repeat_ngram_size` n > 0 lets no n-gram occur
+        twice in a caption (0: off); the defaults are `Decoding`'s (model/options.py).
         `return_attention` adds `Generation.attention`: per image (T, N), where the model looked
         for each of its T tokens (`attention_map`); the tokens and scores are the same bits
         either way. A `concat` model has no attention over the grid: asking it raises
@@ -187,10 +189,14 @@ class Captioner(nn.Module):
             grid = self.encode_image(pixels)
         state = CaptionerState(self, self.image_context(grid), use_cache, return_attention)
         if num_beams == 1:
-            return greedy(state, self.config, max_length, length_penalty, return_attention)
+            return greedy(
+                state, self.config, max_length, length_penalty, return_attention,
+                no_repeat_ngram_size,
+            )  # fmt: skip
         return beam_search(
-            state, self.config, num_beams, max_length, length_penalty, return_attention
-        )
+            state, self.config, num_beams, max_length, length_penalty, return_attention,
+            no_repeat_ngram_size,
+        )  # fmt: skip
 
 
 class CaptionerState:

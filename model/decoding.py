@@ -57,8 +57,10 @@ def greedy(
     max_length: int,
     length_penalty: float = 1.0,
     return_attention: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> Generation:
-    """The most likely token at every step, the whole batch at once, until all rows end."""
+    """The most likely token at every step, the whole batch at once, until all rows end.
+    `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a sequence (`banned_ngrams`)."""
     B, device = state.batch_size, state.device
     steps: list[torch.Tensor] = []  # with return_attention: (B, N) per step
     output_ids = _output_ids(config, device)
@@ -70,6 +72,7 @@ def greedy(
         logp = state.log_probs(tokens)  # (B, V')
         if return_attention:
             steps.append(state.attention())
+        logp = _ban(logp, tokens, no_repeat_ngram_size, config, output_ids)
         best = logp.argmax(dim=-1)  # (B,)
         total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         length += (~done).float()
@@ -95,6 +98,7 @@ def beam_search(
     max_length: int,
     length_penalty: float = 1.0,
     return_attention: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> Generation:
     """Batched beam search with transformers' default stopping rule: an image is done when
     K hypotheses have ended and no running beam, scored at its current length, beats the
@@ -103,6 +107,7 @@ def beam_search(
     With `return_attention`, each step's attention (B*K, N) and back-pointers (which row each
     new row continues) are kept; a hypothesis remembers the step and row it ended at, and the
     winner's attention is read back along its own path, however early it ended.
+    `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a hypothesis (`banned_ngrams`).
     """
     B, K, device = state.batch_size, num_beams, state.device
     # the first step runs one row per image (all its beams start identical); then beams of
@@ -112,6 +117,7 @@ def beam_search(
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[_Ended]] = [[] for _ in range(B)]
     ids = config.output_vocab
+    output_ids = _output_ids(config, device)
     done = [False] * B
     steps: list[torch.Tensor] = []  # with return_attention: (B*K, N) per step
     parents: list[list[int]] = []  # per step: the row each row of the next step continues
@@ -122,6 +128,7 @@ def beam_search(
             logp = state.log_probs(tokens)  # (B*K, V')
         if return_attention:
             steps.append(state.attention().repeat_interleave(K if t == 0 else 1, dim=0))
+        logp = _ban(logp, tokens, no_repeat_ngram_size, config, output_ids)
         V = logp.shape[1]
         candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
@@ -199,6 +206,41 @@ def _back_track(
         if s > 0:
             row = parents[s - 1][row]
     return torch.stack(path[::-1])  # (step + 1, N)
+
+
+def banned_ngrams(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """Prefixes (R, T) -> (R, vocab_size) True for each token that would complete an n-gram
+    already in its row (transformers' `no_repeat_ngram_size`: the whole prefix, [CLS] included).
+
+    Vectorised over rows and positions: every n-gram of the prefix whose first n - 1 tokens
+    equal the prefix's last n - 1 bans its last token.
+    """
+    R, T = tokens.shape
+    banned = torch.zeros(R, vocab_size, dtype=torch.bool, device=tokens.device)
+    if n < 1 or T < n:
+        return banned
+    grams = tokens.unfold(1, n, 1)  # (R, T - n + 1, n): every n-gram so far
+    tail = tokens[:, T - n + 1 :]  # (R, n - 1): what the next token would complete
+    match = (grams[:, :, :-1] == tail[:, None, :]).all(dim=-1)  # (R, T - n + 1)
+    hits = torch.zeros(R, vocab_size, device=tokens.device)
+    hits.scatter_add_(1, grams[:, :, -1], match.float())  # (R, V): matching n-grams per last token
+    return hits > 0
+
+
+def _ban(
+    logp: torch.Tensor,
+    tokens: torch.Tensor,
+    n: int,
+    config: CaptionerConfig,
+    output_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Log-probs (R, V') with every token that would repeat an n-gram at -inf; n = 0: as is."""
+    if n < 1 or tokens.shape[1] < n:
+        return logp
+    banned = banned_ngrams(tokens, n, config.vocab_size)  # (R, V)
+    if output_ids is not None:
+        banned = banned[:, output_ids]  # (R, V'): column j is token output_ids[j]
+    return logp.masked_fill(banned, float("-inf"))
 
 
 def strip(ids: list[int], config: CaptionerConfig) -> list[int]:
