@@ -13,6 +13,7 @@ from .decoding import Generation, beam_search, greedy
 from .encoders import ImageEncoder, preprocess
 from .fusion import FUSIONS, Fusion
 from .options import Decoding
+from .relevance import relevance
 
 
 class Captioner(nn.Module):
@@ -170,10 +171,10 @@ class Captioner(nn.Module):
         `max_length` counts generated tokens including [SEP]; scores are summed log-probs
         divided by length ** length_penalty; `no_repeat_ngram_size` n > 0 lets no n-gram occur
         twice in a caption (0: off); the defaults are `Decoding`'s (model/options.py).
-        `return_attention` adds `Generation.attention`: per image (T, N), where the model looked
-        for each of its T tokens (`attention_map`); the tokens and scores are the same bits
-        either way. A `concat` model has no attention over the grid: asking it raises
-        ValueError.
+        `return_attention` adds `Generation.attention`: per image (T, N), what each of its T
+        tokens drew on in the image (`relevance.relevance` on the chosen tokens: one forward and
+        backward pass after the search); the tokens and scores are the same bits either way. A
+        `concat` model has no attention over the grid: asking it raises ValueError.
         """
         if (pixels is None) == (grid is None):
             raise ValueError("pass exactly one of pixels= or grid=")
@@ -187,16 +188,34 @@ class Captioner(nn.Module):
             self.require_attention()
         if grid is None:
             grid = self.encode_image(pixels)
-        state = CaptionerState(self, self.image_context(grid), use_cache, return_attention)
+        state = CaptionerState(self, self.image_context(grid), use_cache)
         if num_beams == 1:
-            return greedy(
-                state, self.config, max_length, length_penalty, return_attention,
-                no_repeat_ngram_size,
+            out = greedy(
+                state, self.config, max_length, length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
             )  # fmt: skip
-        return beam_search(
-            state, self.config, num_beams, max_length, length_penalty, return_attention,
-            no_repeat_ngram_size,
-        )  # fmt: skip
+        else:
+            out = beam_search(
+                state, self.config, num_beams, max_length, length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )  # fmt: skip
+        if return_attention:
+            out.attention = self._relevance(grid, out.tokens)
+        return out
+
+    def _relevance(self, grid: torch.Tensor, captions: list[list[int]]) -> list[torch.Tensor]:
+        """Per caption (T, N) float32 on the CPU: `relevance` of each of its tokens, the batch
+        at once (padding after a caption leaves its rows alone: the decoder is causal)."""
+        longest = max(len(ids) for ids in captions)
+        tokens = torch.full((len(captions), longest + 1), self.config.pad_id, device=grid.device)
+        tokens[:, 0] = self.config.bos_id
+        for i, ids in enumerate(captions):
+            tokens[i, 1 : len(ids) + 1] = torch.tensor(ids)
+        if longest == 0:
+            maps = grid.new_zeros(len(captions), 0, grid.shape[1])  # (B, 0, N): nothing said
+        else:
+            maps = relevance(self, grid, tokens)  # (B, longest, N)
+        return [m[: len(ids)].float().cpu() for m, ids in zip(maps, captions, strict=True)]
 
 
 class CaptionerState:

@@ -217,7 +217,7 @@ def banned_ngrams(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor
     """
     R, T = tokens.shape
     banned = torch.zeros(R, vocab_size, dtype=torch.bool, device=tokens.device)
-    if n < 1 or T < n:
+    if n < 1 or n > T:
         return banned
     grams = tokens.unfold(1, n, 1)  # (R, T - n + 1, n): every n-gram so far
     tail = tokens[:, T - n + 1 :]  # (R, n - 1): what the next token would complete
