@@ -133,9 +133,10 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def attention(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing's attention over the image: grid (B, N, C), tokens (B, T) = [CLS] ...
-        -> (B, T-1, N), row t the attention of the step that predicts tokens[:, t+1] (as
-        `generate(return_attention=True)` gives it for the tokens it chose)."""
+        """Teacher forcing's raw cross-attention over the image (`attention_map`): grid (B, N, C),
+        tokens (B, T) = [CLS] ... -> (B, T-1, N), row t the step that predicts tokens[:, t+1].
+        What `generate(return_attention=True)` returns is `relevance` instead, which points at
+        the word's own object more often (bench/attention.py compares them)."""
         self.require_attention()
         cross = self._cross_keys_values(self.image_context(grid))
         _, _, weights = self.decoder(tokens[:, :-1], cross=cross, need_weights=True)
@@ -231,12 +232,9 @@ class CaptionerState:
         model: Captioner,
         context: torch.Tensor,
         use_cache: bool = True,
-        record_attention: bool = False,
     ):
         self.model = model
         self.use_cache = use_cache  # False: every step recomputes the whole prefix
-        self.record_attention = record_attention  # keep each step's attention for `attention()`
-        self.last_attention: torch.Tensor | None = None  # (B, N) of the last log_probs call
         self.batch_size, self.device = context.shape[0], context.device
         self.context = context  # (B, N, H) memory or (B, H) pooled
         self.cross = model._cross_keys_values(context)  # per layer (B, nh, N, hs); None: concat
@@ -250,22 +248,12 @@ class CaptionerState:
         2-5x faster than x @ W.T (nn.Linear's layout), and it is most of a step's work.
         """
         new = tokens[:, -1:] if self.past is not None else tokens  # the cache holds the rest
-        hidden, past, weights = self.model.decoder(
-            new, cross=self.cross, past=self.past, need_weights=self.record_attention
-        )  # (B, T', H)
+        hidden, past, _ = self.model.decoder(new, cross=self.cross, past=self.past)  # (B, T', H)
         if self.use_cache:
             self.past = past
-        if weights is not None:
-            self.last_attention = attention_map(weights)[:, -1]  # (B, N)
         x = self.model.fusion.head_input(hidden[:, -1:], self.context)[:, 0]  # (B, D)
         logits = torch.addmm(self.bias[:, None], self.weight, x.T).T  # (B, V')
         return F.log_softmax(logits.float(), dim=-1)
-
-    def attention(self) -> torch.Tensor:
-        """The last `log_probs` call's attention over the image (B, N), one row per prefix."""
-        if self.last_attention is None:
-            raise RuntimeError("no attention recorded: build the state with record_attention=True")
-        return self.last_attention
 
     def select(self, rows: torch.Tensor, image: bool = False) -> None:
         """Row i continues row rows[i] (B',); with `image`, the image context is gathered too."""
@@ -278,14 +266,9 @@ class CaptionerState:
 
 
 def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
-    """Every layer's cross-attention (B, nh, T, N) -> the map shown per word (B, T, N): the
-    mean over all layers and all their heads. A distribution over the N grid cells.
-
-    Every layer reads the image, so what a word drew on is spread over all of them; the mean
-    needs no choice of layer or head that would fit one trained model and not the next.
-    bench/attention.py measures, for a trained model, how often the mean and each single layer
-    put a colour or shape word's highest cell on its own object (docs/results.md, "Attention").
-    """
+    """Every layer's cross-attention (B, nh, T, N) -> (B, T, N): the mean over all layers and
+    all their heads, a distribution over the N grid cells. The baseline that bench/attention.py
+    scores `relevance` against (docs/results.md, "Attention")."""
     return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
 
 

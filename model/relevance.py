@@ -42,9 +42,10 @@ def relevance(model: Captioner, grid: torch.Tensor, tokens: torch.Tensor) -> tor
             cross = model._cross_keys_values(context)  # per layer (B*T, nh, N, hs)
         rows = inputs.clone().repeat_interleave(T, 0)  # (B*T, T): row b*T + t explains step t
         step = torch.arange(T, device=tokens.device).repeat(B)  # (B*T,)
+        chosen = chosen.clone().reshape(-1)  # (B*T,) a normal tensor: autograd may save it
         hidden, maps = _forward(model, rows, cross)  # maps: per layer (self, cross)
         logits = model._logits(hidden, context)  # (B*T, T, V')
-        picked = logits[torch.arange(B * T), step, chosen.reshape(-1)]  # (B*T,)
+        picked = logits[torch.arange(B * T), step, chosen]  # (B*T,)
         leaves = [a for pair in maps for a in pair]
         grads = torch.autograd.grad(picked.sum(), leaves)
     R_tt = torch.eye(T, device=tokens.device).expand(B * T, T, T)  # (B*T, T, T)
