@@ -40,14 +40,30 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        y = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)  # (N, out)
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        y = _Int8MatMul.apply(rows, self.weight, self.scale)  # (N, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """rows @ (weight * scale).T with the int8 kernel; its gradient for the rows (the kernel has
+    none), which the attention relevance (model/relevance.py) takes through the decoder."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, scale):  # (N, in), (out, in) int8, (out,) bf16
+        ctx.save_for_backward(weight, scale)
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16), weight, scale).to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # (N, out)
+        weight, scale = ctx.saved_tensors
+        dequantized = weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]  # (out, in)
+        return grad @ dequantized, None, None
 
 
 def quantize_decoder(captioner: nn.Module) -> nn.Module:

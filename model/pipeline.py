@@ -115,6 +115,7 @@ class CaptionPipeline:
                 num_beams=decoding.num_beams,
                 max_length=decoding.max_length,
                 length_penalty=decoding.length_penalty,
+                no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                 return_attention=attention,
             )
         return [self._result(out, k) for k in range(len(out.tokens))]

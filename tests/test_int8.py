@@ -71,3 +71,16 @@ def test_quantizing_refuses_a_gpu_decoder(checkpoint):
     model.decoder.to("meta")  # a decoder that is not on the CPU, without needing a GPU
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         quantize_decoder(model)
+
+
+def test_int8_linear_passes_the_gradient_to_its_input():
+    """The attention relevance differentiates through the decoder: the int8 layer's input
+    gradient is the dequantized weights' (the kernel itself has no derivative)."""
+    torch.manual_seed(0)
+    int8 = Int8Linear(nn.Linear(16, 8))
+    x = torch.randn(5, 16, requires_grad=True)
+    int8(x).square().sum().backward()
+    dequantized = int8.weight.float() * int8.scale.float()[:, None]  # (8, 16)
+    y = x.detach().requires_grad_()
+    (y @ dequantized.T + int8.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=0.05, atol=0.05)

@@ -55,7 +55,7 @@ from training.tracking.registry import Registered, register_model
 
 log = logging.getLogger(__name__)
 
-DECODING = ("num_beams", "max_length", "length_penalty")
+DECODING = ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class EvaluateConfig:
     num_beams: int = Decoding.num_beams
     max_length: int = Decoding.max_length  # generated tokens at most, [SEP] included
     length_penalty: float = Decoding.length_penalty
+    no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size  # 0: off
     batch_size: int = 32
     grid_images: int = 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -84,7 +85,9 @@ class EvaluateConfig:
         return from_section(cls, values, "evaluate")
 
     def decoding(self) -> Decoding:
-        return Decoding(self.num_beams, self.max_length, self.length_penalty)
+        return Decoding(
+            self.num_beams, self.max_length, self.length_penalty, self.no_repeat_ngram_size
+        )
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ class ServeConfig:
     max_length: dict[str, int] = field(
         default_factory=lambda: {"default": Decoding.max_length, "max": MAX_LENGTH}
     )
+    # per request likewise, from 0 (off) to max_length.max: no n-gram twice in a caption
+    no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size
     max_image_bytes: int = 8 * 2**20  # below config.properties' max_request_size (10 MiB)
     max_pixels: int = DEFAULT_MAX_PIXELS  # read from the header, refused before decoding
     cpu_threads: int = 0  # torch threads per CPU worker; 0 = the CPUs available / max_workers
@@ -92,6 +94,7 @@ class ServeConfig:
             )
         _check("max_batch_delay_ms", self.max_batch_delay_ms, minimum=1, hint=NO_ZERO_DELAY)
         _check("max_pixels", self.max_pixels, minimum=1)
+        _check("no_repeat_ngram_size", self.no_repeat_ngram_size, minimum=0)
         _check("max_workers", self.max_workers, minimum=self.min_workers)
         for name in ("num_beams", "max_length"):
             spec = getattr(self, name)
@@ -122,6 +125,7 @@ class ServeConfig:
         keys = (
             "num_beams",
             "max_length",
+            "no_repeat_ngram_size",
             "max_image_bytes",
             "max_pixels",
             "cpu_threads",

@@ -47,7 +47,8 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """Caption every image (column `image`); params: num_beams, max_length, length_penalty.
+        """Caption every image (column `image`); params: num_beams, max_length, length_penalty,
+        no_repeat_ngram_size.
         A score that is not finite is None."""
         from model import Decoding, open_image
 
@@ -56,6 +57,9 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             num_beams=int(settings.get("num_beams", Decoding.num_beams)),
             max_length=int(settings.get("max_length", Decoding.max_length)),
             length_penalty=float(settings.get("length_penalty", Decoding.length_penalty)),
+            no_repeat_ngram_size=int(
+                settings.get("no_repeat_ngram_size", Decoding.no_repeat_ngram_size)
+            ),
         )
         column = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
         images = [_as_bytes(value) for value in column]
