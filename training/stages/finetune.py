@@ -73,9 +73,10 @@ class FinetuneConfig:
     enabled: bool = False  # false: the cross-entropy model goes on unchanged (a hard link)
     epochs: int = 1
     images_per_step: int = 16  # x `samples` captions per step
+    images_per_epoch: int | None = None  # the first of each epoch's shuffled order; None: all
     samples: int = 5  # K per image
     baseline: str = "mean"  # mean: of the image's other samples (new SCST) | greedy (classic)
-    lr: float = 1e-5  # constant, AdamW
+    lr: float = 2e-5  # constant, AdamW
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_length: int = 20  # generated tokens per sample, [SEP] included
@@ -255,7 +256,7 @@ def _epoch(
     baseline and entropy of its samples over all ranks."""
     config = model.config
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # on every rank
-    order = torch.randperm(len(data.counts), generator=generator)
+    order = torch.randperm(len(data.counts), generator=generator)[: cfg.images_per_epoch]
     steps = range(0, len(order), cfg.images_per_step)
     sums = torch.zeros(3, dtype=torch.float64)  # reward, baseline, entropy
     count = 0
