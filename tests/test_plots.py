@@ -1,4 +1,5 @@
-"""`dvc plots show` draws loss and learning rate per epoch and the self-critical reward, and the page renders with no network.
+"""`dvc plots show` draws loss, learning rate and the self-critical reward per epoch, and the
+page renders with no network.
 
 The page DVC writes is opened in headless Chromium with every request that is not the file
 itself refused: vega, vega-lite and vega-embed must come from the page (docs/plots/offline.html,
