@@ -99,6 +99,7 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
         attention=out / "attention.png",
         card=out / "model_card.md",
         registered=out / "registered.json",
+        run_file=root / "model" / "mlflow.json",
     )
     return evaluate(EvaluateConfig.from_dict(params), paths)
 

@@ -34,8 +34,18 @@ FILES = {
             paths.HISTORY_PATH,
         },
     ),
+    "finetune": (
+        {paths.MODEL_PATH, paths.FEATURES_DIR, paths.PROCESSED_DIR},
+        {paths.FINETUNED_PATH, paths.FINETUNE_METRICS_PATH, paths.FINETUNE_HISTORY_PATH},
+    ),
     "evaluate": (
-        {paths.MODEL_PATH, paths.RUN_FILE, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
+        {
+            paths.FINETUNED_PATH,
+            paths.RUN_FILE,
+            paths.FEATURES_DIR,
+            paths.PROCESSED_DIR,
+            paths.RAW_DIR,
+        },
         {
             paths.EVAL_METRICS_PATH,
             paths.PREDICTIONS_PATH,
@@ -47,7 +57,7 @@ FILES = {
         },
     ),
     "package": (
-        {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
+        {paths.FINETUNED_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
         {paths.ARCHIVE_PATH},
     ),
 }

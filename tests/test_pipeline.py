@@ -146,7 +146,7 @@ def test_earlier_models_come_back_from_the_cache_without_training(pipeline):
     )
 
     log = dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "train.epochs=3")
-    assert ran(log) == ["train", "evaluate", "package"]
+    assert ran(log) == ["train", "finetune", "evaluate", "package"]
     experiment = model_bytes(repo)
     assert experiment != baseline
 
@@ -181,7 +181,7 @@ def test_dvc_reruns_only_what_changed(pipeline):
     log = dvc(repo, "exp", "run", "-S", "model.fusion=concat")
     for stage in ("ingest", "validate", "preprocess", "transform"):
         assert f"Stage '{stage}' didn't change, skipping" in log, stage
-    for stage in ("define", "train", "evaluate", "package"):
+    for stage in ("define", "train", "finetune", "evaluate", "package"):
         assert f"Running stage '{stage}'" in log, stage
     config = json.loads((repo / "artifacts/model/config.json").read_text())
     assert config["fusion"] == "concat"

@@ -1,4 +1,5 @@
-"""`dvc plots show` draws loss and learning rate per epoch, and the page renders with no network.
+"""`dvc plots show` draws loss, learning rate and the self-critical reward per epoch, and the
+page renders with no network.
 
 The page DVC writes is opened in headless Chromium with every request that is not the file
 itself refused: vega, vega-lite and vega-embed must come from the page (docs/plots/offline.html,
@@ -26,6 +27,12 @@ HISTORY = [  # metrics/train_history.csv as train writes it
     for epoch in range(1, 7)
 ]
 
+FINETUNE_HISTORY = [  # metrics/finetune_history.csv as finetune writes it
+    {"epoch": e, "reward": 2.6 + 0.1 * e, "baseline": 2.6 + 0.1 * e, "val_cider": 3.5 + 0.05 * e}
+    | {"entropy": 1.0, "seconds": 600.0}
+    for e in range(1, 4)
+]
+
 
 @pytest.fixture(scope="module")
 def page_file(tmp_path_factory):
@@ -36,6 +43,10 @@ def page_file(tmp_path_factory):
         writer = csv.DictWriter(f, fieldnames=list(HISTORY[0]))
         writer.writeheader()
         writer.writerows(HISTORY)
+    with (repo / "metrics" / "finetune_history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(FINETUNE_HISTORY[0]))
+        writer.writeheader()
+        writer.writerows(FINETUNE_HISTORY)
     out = dvc(repo, "plots", "show")
     page = repo / "dvc_plots" / "index.html"
     assert page.as_uri() in out
@@ -84,15 +95,20 @@ def test_plots_show_loss_and_learning_rate_per_epoch_offline(page_file, chromium
     try:
         page.route("**/*", only_the_page)
         page.goto(page_file.as_uri())
-        page.wait_for_function("window.plots && window.plots.length === 2", timeout=30_000)
+        page.wait_for_function("window.plots && window.plots.length === 3", timeout=30_000)
         charts = page.evaluate(CHARTS)
         page.screenshot(path=str(tmp_path / "plots.png"))
     finally:
         page.close()
 
     assert requests == [page_file.as_uri()]  # nothing else was even asked for
-    assert [c["id"] for c in charts] == ["Loss_per_epoch", "Learning_rate_per_epoch"]
-    loss, lr = charts
+    ids = ["Loss_per_epoch", "Learning_rate_per_epoch", "Self-critical_reward_per_epoch"]
+    assert [c["id"] for c in charts] == ids
+    loss, lr, reward = charts
+    assert {"Self-critical reward per epoch", "epoch", "CIDEr-D"} <= set(reward["texts"])
+    assert {
+        float(r["epoch"]): float(r["reward"]) for r in reward["data"] if r["field"] == "reward"
+    } == {row["epoch"]: row["reward"] for row in FINETUNE_HISTORY}
     assert {"Loss per epoch", "epoch", "loss", "train_loss", "val_loss"} <= set(loss["texts"])
     assert {"Learning rate per epoch", "epoch", "learning rate"} <= set(lr["texts"])
     for chart in charts:

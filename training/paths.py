@@ -37,6 +37,11 @@ RUN_FILE = Path("artifacts/model/mlflow.json")  # the MLflow run evaluate adds t
 TRAIN_METRICS_PATH = Path("metrics/train.json")
 HISTORY_PATH = Path("metrics/train_history.csv")
 
+# finetune: the model evaluate and package read (train's model.pth itself, hard-linked, when off)
+FINETUNED_PATH = Path("artifacts/finetune/model.pth")
+FINETUNE_METRICS_PATH = Path("metrics/finetune.json")
+FINETUNE_HISTORY_PATH = Path("metrics/finetune_history.csv")  # the reward per epoch
+
 # The resumable state of an unfinished training run, and the lock that keeps one trainer per
 # workspace: deliberately NOT a DVC output (training/runtime/resume.py says why).
 RESUME_DIR = Path("artifacts/resume")

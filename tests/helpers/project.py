@@ -18,7 +18,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
+STAGES = (
+    *("ingest", "validate", "preprocess", "transform", "define", "train", "finetune"),
+    *("evaluate", "package"),
+)
 # `source` runs on every `dvc repro` (it lists the data outside the repository): not a change
 ALWAYS = "source"
 GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
@@ -29,6 +32,10 @@ SHRUNK = {
     "model.preset": "tiny",
     "train.epochs": 2,
     "train.batch_size": 32,
+    "finetune.enabled": True,  # self-critical fine-tuning runs too: one short epoch
+    "finetune.images_per_step": 8,
+    "finetune.samples": 2,
+    "finetune.max_length": 12,
     "evaluate.num_beams": 2,
     "evaluate.max_length": 12,
     "evaluate.grid_images": 4,

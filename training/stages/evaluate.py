@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: caption the test split, score it, draw samples, log and register.
 
-Reads artifacts/model/model.pth, data/processed/captions.json, data/features/ (the test
+Reads artifacts/finetune/model.pth (train's model, or its self-critical fine-tuning),
+data/processed/captions.json, data/features/ (the test
 split's precomputed encoder features) and data/raw/ (images for the grid; scenes.json for the
 synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl,
 reports/samples.png, reports/attention.png (where the model looks for each word) and
@@ -39,7 +40,7 @@ from training.paths import (
     EVAL_METRICS_PATH,
     FEATURES_DIR,
     FEATURES_INDEX,
-    MODEL_PATH,
+    FINETUNED_PATH,
     PREDICTIONS_PATH,
     PROCESSED_PATH,
     RAW_DIR,
@@ -95,7 +96,7 @@ class EvalPaths:
     """What evaluate reads (the model, the test split, its features, the raw images) and
     writes; the defaults are the pipeline's (training/paths.py)."""
 
-    model: Path = MODEL_PATH
+    model: Path = FINETUNED_PATH
     processed: Path = PROCESSED_PATH
     features: Path = FEATURES_DIR
     raw: Path = RAW_DIR
@@ -106,11 +107,8 @@ class EvalPaths:
     attention: Path = ATTENTION_PATH
     card: Path = CARD_PATH
     registered: Path = REGISTERED_PATH  # the version package stamps
-
-    @property
-    def run_file(self) -> Path:
-        """Where training recorded its MLflow run: beside the model."""
-        return self.model.parent / RUN_FILE.name
+    # where training recorded its MLflow run: beside train's model, not finetune's
+    run_file: Path = RUN_FILE
 
 
 def evaluate(
@@ -440,7 +438,7 @@ def _tracking_uri() -> str:
 
 @stage_main
 def main() -> None:
-    """Evaluate artifacts/model/model.pth on the test split with params.yaml's `evaluate:`."""
+    """Evaluate artifacts/finetune/model.pth on the test split with params.yaml's `evaluate:`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     evaluate(EvaluateConfig.from_dict(params.get("evaluate")), EvalPaths(), params)

@@ -1,4 +1,4 @@
-"""DVC stage `package`: artifacts/model/model.pth -> model-store/imgtocap.mar, self-contained.
+"""DVC stage `package`: artifacts/finetune/model.pth -> model-store/imgtocap.mar, self-contained.
 
 The archive carries everything the handler loads, so the serving Python needs torch,
 torchvision, transformers and pillow, not imgtocap:
@@ -40,7 +40,7 @@ from model.image import DEFAULT_MAX_PIXELS
 from model.options import CPU_DECODER, CPU_DECODERS, MAX_BEAMS, MAX_LENGTH, Decoding
 from model.tokenizer import save_tokenizer
 from training.params import ParamsError, from_section, load_params, stage_main
-from training.paths import ARCHIVE_PATH, CARD_PATH, MODEL_NAME, MODEL_PATH, REGISTERED_PATH
+from training.paths import ARCHIVE_PATH, CARD_PATH, FINETUNED_PATH, MODEL_NAME, REGISTERED_PATH
 from training.tracking import runs as tracking
 from training.tracking.registry import MODEL_PACKAGE, Registered, log_archive
 
@@ -205,14 +205,14 @@ def build_archive(
 
 @stage_main
 def main() -> None:
-    """Package artifacts/model/model.pth with params.yaml's serve settings."""
+    """Package artifacts/finetune/model.pth with params.yaml's serve settings."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     serve = load_params().get("serve")
     if not serve:
         log.warning("params.yaml has no serve: section; packaging with the defaults")
     registered = Registered.load(REGISTERED_PATH)
     archive = build_archive(
-        MODEL_PATH, ARCHIVE_PATH.parent, ServeConfig.from_dict(serve), registered, CARD_PATH
+        FINETUNED_PATH, ARCHIVE_PATH.parent, ServeConfig.from_dict(serve), registered, CARD_PATH
     )
     log.info(
         "wrote %s (%.1f MB), version %s",
