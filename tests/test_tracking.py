@@ -155,14 +155,14 @@ def test_evaluate_completes_its_training_run_once_then_gets_runs_of_its_own(stor
 
 
 def _version(name: str, cider: float, split: str) -> str:
-    """A registered version with the tags evaluate sets (no model: the rule reads tags only)."""
+    """A registered version as track makes it (no model: the rule reads the split tag and the
+    evaluation run's metric)."""
     client = mlflow.MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     with mlflow.start_run() as run:
-        pass
+        mlflow.log_metric("cider", cider)
     version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-    client.set_model_version_tag(name, version.version, "cider", str(cider))
     client.set_model_version_tag(name, version.version, "test_split", split)
     return version.version
 

@@ -38,7 +38,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
+from training import StageError  # noqa: E402
 from training.paths import RUN_FILE  # noqa: E402
+from training.tracking import server  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,13 @@ def start_training(
         return None
     try:
         configure()
+        server.check_access()
+    except StageError:  # wrong credentials: stop before training, not after it
+        raise
+    except Exception as exc:
+        log.warning("MLflow tracking unavailable (%s): continuing without it", exc)
+        return None
+    try:
         if run_id:
             return mlflow.start_run(run_id=run_id).info.run_id
         name = Execution.current().name
