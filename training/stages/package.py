@@ -209,10 +209,10 @@ def main() -> None:
         archive.stat().st_size / 1e6,
         registered.archive_version(),
     )
-    track(registered, archive)
+    track(registered, archive, MODEL_PATH)
 
 
-def track(registered: Registered, archive: Path) -> None:
+def track(registered: Registered, archive: Path, checkpoint: Path) -> None:
     """Log the archive to the evaluation's run (once per checkpoint) and tag its registered
     version; a failure is a warning, never a failure."""
     if registered.run_id is None:
@@ -224,13 +224,13 @@ def track(registered: Registered, archive: Path) -> None:
         return
     try:
         tracking.configure()
-        log_archive(registered, archive, file_sha256(MODEL_PATH))
+        log_archive(registered, archive, file_sha256(checkpoint))
     except Exception as exc:  # a record, not a result: the archive is written
         log.warning(
-            "logging %s to %s version %s failed (%s: %s)",
+            "logging %s to run %s (archive version %s) failed (%s: %s)",
             archive,
-            registered.name,
-            registered.version,
+            registered.run_id,
+            registered.archive_version(),
             type(exc).__name__,
             exc,
         )

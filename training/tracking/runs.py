@@ -84,6 +84,7 @@ def configure() -> str:
         if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", _defaulted):
             _defaulted = uri  # ours, not the user's, when MLflow exports it
         mlflow.set_tracking_uri(uri)
+    server.check_access()  # wrong credentials: an error naming the variables, not a retry loop
     mlflow.set_experiment(EXPERIMENT)
     db = _sqlite_path(mlflow.get_tracking_uri())
     if db is not None and db == repository() / STORE:
@@ -244,7 +245,6 @@ def start_training(
         return None
     try:
         configure()
-        server.check_access()
     except StageError:  # wrong credentials: stop before training, not after it
         raise
     except Exception as exc:
