@@ -209,7 +209,7 @@ def workspace_after_define(root: Path, num_images: int = 12) -> Path:
             ModelConfig(preset="tiny"),
             PROCESSED_PATH,
             Path("artifacts/model/config.json"),
-            Path("metrics/model.json"),
+            Path("reports/model_size.json"),
         )
     finally:
         os.chdir(cwd)

@@ -119,8 +119,7 @@ def evaluate(
 
     metrics, flags = _score(captioner, cfg, paths, images, predictions, references)
     metrics.update(
-        num_images=len(images),
-        **cfg.decoding().to_dict(),
+        num_images=len(images),  # the decoding settings are params (evaluate.*), not metrics
         decode_seconds=round(seconds, 2),
         captions_per_second=round(len(images) / max(seconds, 1e-9), 2),
     )
@@ -178,7 +177,7 @@ def _write_reports(
         Sample(image, r.caption, references[image], flags.get(image, {}).get("correct"))
         for image, r in zip(images[: cfg.grid_images], results)
     ]
-    render_grid(samples, paths.raw / IMAGES_DIR, paths.samples, _grid_title(metrics))
+    render_grid(samples, paths.raw / IMAGES_DIR, paths.samples, _grid_title(metrics, cfg.num_beams))
     evaluate_attention(captioner, images, features, paths.raw, paths.attention, cfg.decoding())
 
 
@@ -302,13 +301,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _grid_title(metrics: dict[str, Any]) -> str:
+def _grid_title(metrics: dict[str, Any], num_beams: int) -> str:
     parts = [f"BLEU-4 {metrics['bleu4']:.3f}", f"CIDEr {metrics['cider']:.3f}"]
     if "content_accuracy" in metrics:
         parts.append(f"content accuracy {metrics['content_accuracy']:.3f}")
     return (
         f"imgtocap test samples \u2014 {', '.join(parts)} on {metrics['num_images']} images "
-        f"(beam {metrics['num_beams']})"
+        f"(beam {num_beams})"
     )
 
 
