@@ -35,7 +35,7 @@ FILES = {
         },
     ),
     "evaluate": (
-        {paths.MODEL_PATH, paths.RUN_FILE, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
+        {paths.MODEL_PATH, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
         {
             paths.EVAL_METRICS_PATH,
             paths.PREDICTIONS_PATH,
@@ -43,8 +43,23 @@ FILES = {
             paths.ROBUSTNESS_PATH,
             paths.ATTENTION_PATH,
             paths.CARD_PATH,
-            paths.REGISTERED_PATH,
         },
+    ),
+    "track": (
+        {
+            paths.MODEL_PATH,
+            paths.RUN_FILE,
+            paths.EVAL_METRICS_PATH,
+            paths.HISTORY_PATH,
+            paths.CARD_PATH,
+            paths.PREDICTIONS_PATH,
+            paths.SAMPLES_PATH,
+            paths.ATTENTION_PATH,
+            paths.ROBUSTNESS_PATH,
+            paths.PROCESSED_DIR,
+            paths.RAW_DIR,
+        },
+        {paths.REGISTERED_PATH},
     ),
     "package": (
         {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
