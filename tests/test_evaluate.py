@@ -225,11 +225,8 @@ def test_content_accuracy_is_the_fraction_of_correct_predictions(ws):
     assert saved["content_accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-4)
     assert 0 < saved["content_accuracy"] <= CORRECT / 6 + 1e-4  # the two wrong targets stay wrong
     assert saved["num_images"] == 6
-    assert {k: saved[k] for k in ("num_beams", "max_length", "length_penalty")} == {
-        "num_beams": 2,
-        "max_length": 20,
-        "length_penalty": 1.0,
-    }
+    # metrics only: the decoding settings are params (evaluate.*), not repeated here
+    assert not {"num_beams", "max_length", "length_penalty"} & set(saved)
     for key in ("bleu1", "bleu4", "meteor", "rouge_l", "objects_accuracy", "colour_accuracy"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["bleu1"] > 0.3  # most captions are (nearly) references
