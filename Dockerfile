@@ -61,6 +61,7 @@ RUN set -eu; \
 # Root-owned and read-only to the server; only its home (key_file.json, logs/) is its own.
 WORKDIR /home/model-server
 COPY serve/config.properties /home/model-server/config.properties
+COPY k8s/probe.py /home/model-server/probe.py
 # The page; in the pod an init container copies it to the proxy beside TorchServe (k8s/).
 COPY serve/web /home/model-server/web
 COPY model-store/imgtocap.mar /home/model-server/model-store/imgtocap.mar
@@ -68,10 +69,12 @@ USER 1000:1000
 
 # Only inference listens beyond the container's loopback (serve/config.properties).
 EXPOSE 8080
-# /ping needs a token while token auth is on; the metrics endpoint answers without one and proves
-# the frontend is up. Kubernetes ignores HEALTHCHECK and uses the probes in k8s/deployment.yaml.
+# Healthy while a tiny image gets a caption, with the inference key from key_file.json (the
+# working directory): it fails when inference fails, a dead worker or a key gone stale alike,
+# where /metrics only showed the JVM up. Kubernetes ignores HEALTHCHECK and uses the probes in
+# k8s/deployment.yaml.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8082/metrics', timeout=4)"]
+    CMD ["python", "/home/model-server/probe.py", "http://127.0.0.1:8080/predictions/imgtocap"]
 # The torchserve launcher installs no SIGTERM handler, and PID 1 ignores signals it does not
 # handle: `docker stop` and pod deletion would wait out the grace period and SIGKILL. dumb-init
 # forwards SIGTERM to the whole process group (launcher, JVM, workers).

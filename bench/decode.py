@@ -4,7 +4,8 @@
 
 Offline preset (EfficientNet-Lite0 + MiniLM-L6), CPU. The weights are the untrained starting
 point, so every method decodes the full max_length: equal work for all three.
-- imgtocap: image encoded once, KV cache, batched beams.
+- imgtocap: image encoded once, KV cache, batched beams; and the same with the decoder's
+  int8 weights (model/int8.py, serve.cpu_decoder's default; "same tokens" vs fp32 imgtocap).
 - naive: how the original project decoded: at every step the whole model runs again, the
   encoder and the whole prefix, logits for every position, and the last one is kept.
 - transformers: BertLMHeadModel.generate() on the same decoder weights, fed our image memory.
@@ -13,6 +14,7 @@ point, so every method decodes the full max_length: equal work for all three.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -31,8 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from model import build_captioner, preset  # noqa: E402
+from model import Decoding, build_captioner, preset  # noqa: E402
 from model.decoding import Generation, beam_search, greedy, strip  # noqa: E402
+from model.int8 import quantize_decoder  # noqa: E402
 from tests.helpers.hf_bert import to_hf_bert_lm  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "coins", "horse"]
@@ -64,14 +67,18 @@ class NaiveState:
         pass  # nothing kept between steps: the prefix is re-run
 
 
-def naive_generate(model, pixels, num_beams: int, max_length: int) -> Generation:
+def naive_generate(
+    model, pixels, num_beams: int, max_length: int, no_repeat_ngram_size: int
+) -> Generation:
     state = NaiveState(model, pixels)
     if num_beams == 1:
-        return greedy(state, model.config, max_length)
-    return beam_search(state, model.config, num_beams, max_length)
+        return greedy(state, model.config, max_length, no_repeat_ngram_size=no_repeat_ngram_size)
+    return beam_search(
+        state, model.config, num_beams, max_length, no_repeat_ngram_size=no_repeat_ngram_size
+    )
 
 
-def hf_generate(model, hf, pixels, num_beams, max_length):
+def hf_generate(model, hf, pixels, num_beams, max_length, no_repeat_ngram_size):
     from transformers import DynamicCache, EncoderDecoderCache
 
     memory = model.image_context(model.encode_image(pixels))  # image encoded once, as ours
@@ -81,6 +88,7 @@ def hf_generate(model, hf, pixels, num_beams, max_length):
         encoder_hidden_states=memory,
         max_new_tokens=max_length,
         num_beams=num_beams,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         do_sample=False,
         eos_token_id=model.config.eos_id,
         pad_token_id=model.config.pad_id,
@@ -105,18 +113,27 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--no-repeat-ngram-size", type=int, default=Decoding.no_repeat_ngram_size, help="0: off"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = build_captioner(preset("offline")).eval()
     hf = to_hf_bert_lm(model.config, model.state_dict())
+    int8 = quantize_decoder(copy.deepcopy(model))
     rows = []
     with torch.inference_mode():
         for num_beams in (1, 3):
             for batch in (1, 16):
                 pixels = photos(model, batch)
-                kw = dict(num_beams=num_beams, max_length=args.max_length)
+                kw = dict(
+                    num_beams=num_beams,
+                    max_length=args.max_length,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size,
+                )
                 ours_t, ours = timed(lambda p=pixels, k=kw: model.generate(p, **k), args.repeats)
+                int8_t, ours8 = timed(lambda p=pixels, k=kw: int8.generate(p, **k), args.repeats)
                 hf_t, hf_tokens = timed(
                     lambda p=pixels, k=kw: hf_generate(model, hf, p, **k), args.repeats
                 )
@@ -125,12 +142,18 @@ def main() -> None:
                 same_hf = ours.tokens == hf_tokens
                 for name, seconds, agree in (
                     ("imgtocap", ours_t, "-"),
+                    (
+                        "imgtocap, int8 decoder",
+                        int8_t,
+                        "yes" if ours8.tokens == ours.tokens else "NO",
+                    ),
                     ("naive (original)", naive_t, "yes" if same else "NO"),
                     ("transformers generate()", hf_t, "yes" if same_hf else "NO"),
                 ):
                     rows.append((name, num_beams, batch, seconds, naive_t / seconds, agree))
     print(
         f"\noffline preset, CPU threads={args.threads}, max_length={args.max_length}, "
+        f"no_repeat_ngram_size={args.no_repeat_ngram_size}, "
         f"median of {args.repeats} (naive: 1 run)\n"
     )
     print("| decoder | beams | batch | ms / caption | captions / s | vs naive | same tokens |")

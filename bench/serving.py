@@ -2,8 +2,11 @@
 against the bare model call and the compute floor on the same machine in the same run.
 
     .venv/bin/python bench/serving.py [--batch-size 8] [--delay-ms 50 5] [--max-length 16]
+    .venv/bin/python bench/serving.py --cpu-decoder fp32 int8     # the decoders side by side
+    .venv/bin/python bench/serving.py --device cuda --batch-size 16 --concurrency 1 16 64
 
-One private TorchServe per mode (batching off, then batching on with each --delay-ms;
+One private TorchServe per mode (batching off, then batching on with each --delay-ms; each
+with every --cpu-decoder, the archive's serve.cpu_decoder;
 serve/config.properties on free loopback ports, token auth off) serves an archive packaged
 from the same checkpoint, all at once; the same JPEG photos (scikit-image's samples) are sent
 as raw bodies at concurrency 1, 4 and 16, each level --rounds times with the modes taking
@@ -11,11 +14,12 @@ turns, so that a shared machine's changing load weighs on every mode alike. The 
 requests/s (median over the rounds) and p50/p95 latency. Before each mode's concurrency-1 run,
 while every server idles, this process times the bare caption call (`model.load(...).caption`,
 preprocessing and decoding) of the same photos (decoded from JPEG beforehand): "p50 / bare" is
-served p50 over the bare call's p50. The compute floor is the FLOPs of one caption
+served p50 over the bare call's p50 (with the mode's decoder). The compute floor is the FLOPs of one caption
 (`torch.utils.flop_counter.FlopCounterMode` around the caption call) divided by the fp32 matmul GFLOP/s this machine reaches. The checkpoint is
 model-store/imgtocap.mar's when that was built from the offline preset, else an untrained
 offline model (its captions always run to max_length, so max_length is capped identically in
-every mode). Prints Markdown tables.
+every mode). With --device cuda (bench/gpu.sh) the workers, the bare call and the matmul run on
+the first GPU. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from model import Decoding, build_captioner, open_image, preset, save_checkpoint  # noqa: E402
 from model import load as load_captioner  # noqa: E402  (load() below is the HTTP load)
+from model.options import CPU_DECODER, CPU_DECODERS  # noqa: E402
 from serve.runner import TorchServe  # noqa: E402
 from training.paths import ARCHIVE_PATH, MODEL_NAME  # noqa: E402
 from training.stages.package import ServeConfig, build_archive  # noqa: E402
@@ -82,16 +87,38 @@ def main() -> None:
         help="each level runs this often per mode, the modes taking turns (a shared machine's "
         "load then weighs on all of them alike)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpu-decoder", nargs="+", choices=CPU_DECODERS, default=[CPU_DECODER],
+        help="serve.cpu_decoder of the archives, one server per decoder and batching mode",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where the workers, the bare call and the matmul run (cuda: the first GPU)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    # TorchServe gives each worker a gpu_id when it sees GPUs; on the CPU, none
+    gpus = {"number_of_gpu": 1 if args.device == "cuda" else 0}
 
-    modes = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0 would mean 100)
+    batchings = {"off": dict(batch_size=1, max_batch_delay_ms=1)}  # (a delay of 0: 100 ms)
     for delay in args.delay_ms:
-        modes[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
+        batchings[f"on, {delay} ms"] = dict(batch_size=args.batch_size, max_batch_delay_ms=delay)
+    decoders = args.cpu_decoder if args.device == "cpu" else ["fp32"]  # a GPU runs fp32
+    modes = {  # the label: the batching, and the decoder when there is more than one
+        name + (f", {decoder}" if len(decoders) > 1 else ""): {**batching, "cpu_decoder": decoder}
+        for decoder in decoders
+        for name, batching in batchings.items()
+    }
     with tempfile.TemporaryDirectory(prefix="imgtocap-bench-") as tmp, ExitStack() as servers:
         checkpoint, source = offline_checkpoint(Path(tmp))
         photos = [jpeg(name) for name in PHOTOS]
-        bare = Bare(checkpoint, photos, args.num_beams, args.max_length)
-        gflops = matmul_gflops()  # before the servers start, and again after the rounds
+        bares = {
+            decoder: Bare(checkpoint, photos, args.num_beams, args.max_length, device, decoder)
+            for decoder in decoders
+        }
+        gflops = matmul_gflops(device)  # before the servers start, and again after the rounds
         urls = {}
         for n, (mode, batching) in enumerate(modes.items()):  # all up at once; idle ones wait
             params = {
@@ -102,7 +129,7 @@ def main() -> None:
             store = build_archive(checkpoint, Path(tmp) / f"store-{n}", params).parent
             server = servers.enter_context(
                 TorchServe.private(
-                    Path(tmp) / f"server-{n}", store, disable_token_authorization="true"
+                    Path(tmp) / f"server-{n}", store, disable_token_authorization="true", **gpus
                 )
             )
             urls[mode] = f"{server.inference}/predictions/{MODEL_NAME}"
@@ -116,14 +143,15 @@ def main() -> None:
                 for mode in order:
                     if clients == 1:  # every server idles: the bare call on the same photos
                         sent = [i % len(photos) for i in range(per_client)]
-                        bare_ms[mode] += bare.times(sent)
+                        bare_ms[mode] += bares[modes[mode]["cpu_decoder"]].times(sent)
                     served[mode][clients].add(load(urls[mode], photos, clients, per_client))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
-        gflops = max(gflops, matmul_gflops())  # a shared machine: the better of the two
-        flops = bare.flops()
+        gflops = max(gflops, matmul_gflops(device))  # a shared machine: the better of the two
+        flops = Bare(checkpoint, photos, args.num_beams, args.max_length, device, "fp32").flops()
         print(
-            f"\n{source}; {args.num_beams} beam(s), max_length {args.max_length}; one worker, "
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; batching on = "
+            f"\n{source}; {args.num_beams} beam(s), max_length {args.max_length}; one worker on "
+            f"{_device_name(device)}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+            f"threads; batching on = "
             f"batch_size {args.batch_size}; each level {args.rounds} times per mode, the modes "
             f"in turn, at least {args.min_requests} requests each time.\n"
         )
@@ -132,7 +160,8 @@ def main() -> None:
         print(
             f"bare caption call, one photo at a time: p50 {percentile(all_bare, 50):.0f} ms; "
             f"compute floor {floor_ms:.1f} ms per caption ({flops / 1e9:.2f} GFLOP per caption, "
-            f"mean over the photos, at {gflops:.0f} GFLOP/s: fp32 matmul 2048^3 here)\n"
+            f"mean over the photos, at {gflops:.0f} GFLOP/s: fp32 matmul 2048^3 on "
+            f"{_device_name(device)})\n"
         )
         bare_p50 = {mode: percentile(times, 50) for mode, times in bare_ms.items()}
         print(table(served, bare_p50, args.concurrency))
@@ -156,8 +185,17 @@ class Bare:
     """The checkpoint in this process, the photos decoded once: what the served model does per
     request minus HTTP, TorchServe and the handler."""
 
-    def __init__(self, checkpoint: Path, photos: list[bytes], num_beams: int, max_length: int):
-        self.captioner = load_captioner(checkpoint)
+    def __init__(
+        self,
+        checkpoint: Path,
+        photos: list[bytes],
+        num_beams: int,
+        max_length: int,
+        device: torch.device,
+        cpu_decoder: str,
+    ):
+        self.captioner = load_captioner(checkpoint, device, cpu_decoder=cpu_decoder)
+        self.device = device
         self.images = [open_image(data) for data in photos]
         self.decoding = Decoding(num_beams=num_beams, max_length=max_length)
         for image in self.images[:2]:
@@ -165,6 +203,8 @@ class Bare:
 
     def _caption(self, image: Image.Image) -> None:
         self.captioner.caption([image], self.decoding)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the time until the caption exists
 
     def times(self, sequence: list[int]) -> list[float]:
         """ms of the caption call for each photo of this sequence, one call each."""
@@ -176,7 +216,8 @@ class Bare:
         return times
 
     def flops(self) -> float:
-        """FLOPs of one caption, the mean over the photos (a caption stops at [SEP])."""
+        """FLOPs of one caption, the mean over the photos (a caption stops at [SEP]); count
+        them on an fp32 decoder (the counter does not see the int8 kernel)."""
         total = 0
         for image in self.images:
             counter = FlopCounterMode(display=False)
@@ -186,16 +227,23 @@ class Bare:
         return total / len(self.images)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 GFLOP/s of an n x n x n matmul with this process's torch threads (the best run)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of an n x n x n matmul on `device` (on the CPU with this process's torch
+    threads; on a GPU as torch's default matmul precision has it), the best run."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
 
 
 def offline_checkpoint(tmp: Path) -> tuple[Path, str]:

@@ -5,7 +5,7 @@ tokenizer files, handler.json and the captioner's own code (`model/`), so the se
 needs torch, torchvision, transformers and pillow, not imgtocap.
 
 A request is the raw image as the body (`curl -T img.jpg`), a multipart field `data` or `file`,
-or a JSON body `{"data": "<base64 image>"}`. `num_beams`, `max_length` and `attention` come
+or a JSON body `{"data": "<base64 image>"}`. `num_beams`, `max_length`, `no_repeat_ngram_size` and `attention` come
 from form fields, the JSON body, or the query string where TorchServe 0.12 forwards it
 (/invocations, not /predictions). `attention=true` (or 1) adds where the model looked for each
 WordPiece: `"attention": {"grid": [rows, cols], "tokens": [{"token": "red", "weights": [rows *
@@ -34,7 +34,7 @@ from ts.torch_handler.base_handler import BaseHandler
 log = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("data", "file", "body")  # multipart fields first, then the raw body
-PARAMS = ("num_beams", "max_length", "attention")
+PARAMS = ("num_beams", "max_length", "no_repeat_ngram_size", "attention")
 TRUE, FALSE = ("true", "1"), ("false", "0")
 HOW_TO_SEND = (
     "send the image file as the request body (curl -T image.jpg URL) "
@@ -56,16 +56,21 @@ class ImgtocapHandler(BaseHandler):
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
         self.device = _device(properties.get("gpu_id"), self.settings["cpu_threads"], workers)
         checkpoint = model_dir / context.manifest["model"]["serializedFile"]
-        self.captioner = self.lib.load(checkpoint, self.device, tokenizer=model_dir / "tokenizer")
+        # an archive packaged before serve.cpu_decoder existed ran its decoder in fp32
+        self.cpu_decoder = self.settings.get("cpu_decoder", "fp32")
+        self.captioner = self.lib.load(
+            checkpoint, self.device, tokenizer=model_dir / "tokenizer", cpu_decoder=self.cpu_decoder
+        )
         # The first caption pays for lazy kernel set-up: pay it here, not in a user's request.
         blank = Image.new("RGB", (32, 32), "white")
         self.captioner.caption([blank], self.lib.Decoding(num_beams=1, max_length=2))
         self.initialized = True
         log.info(
-            "imgtocap ready on %s (%d threads): %s encoder, model code from %s",
+            "imgtocap ready on %s (%d threads): %s encoder, %s decoder, model code from %s",
             self.device,
             torch.get_num_threads(),
             self.captioner.model.config.encoder,
+            self.cpu_decoder if self.device.type == "cpu" else "fp32",
             Path(self.lib.__file__).parent,
         )
 
@@ -136,6 +141,15 @@ class ImgtocapHandler(BaseHandler):
             decoding = self.lib.Decoding(
                 num_beams=_bounded(params, "num_beams", self.settings["num_beams"]),
                 max_length=_bounded(params, "max_length", self.settings["max_length"]),
+                no_repeat_ngram_size=_bounded(
+                    params,
+                    "no_repeat_ngram_size",
+                    {
+                        "default": self.settings["no_repeat_ngram_size"],
+                        "max": self.settings["max_length"]["max"],
+                    },
+                    least=0,
+                ),
             )
             attention = _flag(params, "attention")
             if attention:
@@ -151,6 +165,8 @@ class ImgtocapHandler(BaseHandler):
             }
         try:
             picture = self.lib.open_image(image, max_pixels=self.settings["max_pixels"])
+        except self.lib.UnsupportedFormat as exc:
+            return {"status": 415, "error": str(exc)}
         except self.lib.ImageError as exc:
             return {"status": 400, "error": str(exc)}
         return {"image": picture, "decoding": decoding, "attention": attention}
@@ -198,16 +214,16 @@ def _unpack(row: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     return bytes(image), params
 
 
-def _bounded(params: dict[str, Any], name: str, spec: dict[str, int]) -> int:
-    """The request's integer parameter `name` within 1..spec["max"], or spec["default"]."""
+def _bounded(params: dict[str, Any], name: str, spec: dict[str, int], least: int = 1) -> int:
+    """The request's integer parameter `name` within least..spec["max"], or spec["default"]."""
     value = params.get(name)
     if value is None:
         return spec["default"]
     text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
     text = text.strip()
-    if not (text.isascii() and text.isdecimal() and 1 <= int(text) <= spec["max"]):
+    if not (text.isascii() and text.isdecimal() and least <= int(text) <= spec["max"]):
         raise ValueError(
-            f"{name} must be an integer from 1 to {spec['max']} (default {spec['default']}), "
+            f"{name} must be an integer from {least} to {spec['max']} (default {spec['default']}), "
             f"got {text[:20]!r}"
         )
     return int(text)

@@ -27,6 +27,7 @@ _SOURCES = {
     "preprocess": "encoders",
     "ImageError": "image",
     "open_image": "image",
+    "UnsupportedFormat": "image",
     "load_checkpoint": "io",
     "read_checkpoint": "io",
     "save_checkpoint": "io",
@@ -61,6 +62,7 @@ __all__ = [
     "preset",
     "read_checkpoint",
     "save_checkpoint",
+    "UnsupportedFormat",
 ]
 
 if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__ below
@@ -68,7 +70,7 @@ if TYPE_CHECKING:  # what linters and type checkers see; at runtime, __getattr__
     from .config import PRESETS, CaptionerConfig, preset
     from .decoding import Generation
     from .encoders import preprocess
-    from .image import ImageError, open_image
+    from .image import ImageError, UnsupportedFormat, open_image
     from .io import load_checkpoint, read_checkpoint, save_checkpoint
     from .options import Decoding
     from .pipeline import Caption, CaptionPipeline, load

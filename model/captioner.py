@@ -13,6 +13,7 @@ from .decoding import Generation, beam_search, greedy
 from .encoders import ImageEncoder, preprocess
 from .fusion import FUSIONS, Fusion
 from .options import Decoding
+from .relevance import relevance
 
 
 class Captioner(nn.Module):
@@ -132,9 +133,10 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def attention(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing's attention over the image: grid (B, N, C), tokens (B, T) = [CLS] ...
-        -> (B, T-1, N), row t the attention of the step that predicts tokens[:, t+1] (as
-        `generate(return_attention=True)` gives it for the tokens it chose)."""
+        """Teacher forcing's raw cross-attention over the image (`attention_map`): grid (B, N, C),
+        tokens (B, T) = [CLS] ... -> (B, T-1, N), row t the step that predicts tokens[:, t+1].
+        What `generate(return_attention=True)` returns is `relevance` instead, which points at
+        the word's own object more often (bench/attention.py compares them)."""
         self.require_attention()
         cross = self._cross_keys_values(self.image_context(grid))
         _, _, weights = self.decoder(tokens[:, :-1], cross=cross, need_weights=True)
@@ -160,6 +162,7 @@ class Captioner(nn.Module):
         num_beams: int = Decoding.num_beams,
         max_length: int = Decoding.max_length,
         length_penalty: float = Decoding.length_penalty,
+        no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size,
         use_cache: bool = True,
         return_attention: bool = False,
     ) -> Generation:
@@ -167,11 +170,12 @@ class Captioner(nn.Module):
 
         The image is encoded once; with `use_cache` each step feeds only the newest token.
         `max_length` counts generated tokens including [SEP]; scores are summed log-probs
-        divided by length ** length_penalty; the defaults are `Decoding`'s (model/options.py).
-        `return_attention` adds `Generation.attention`: per image (T, N), where the model looked
-        for each of its T tokens (`attention_map`); the tokens and scores are the same bits
-        either way. A `concat` model has no attention over the grid: asking it raises
-        ValueError.
+        divided by length ** length_penalty; `no_repeat_ngram_size` n > 0 lets no n-gram occur
+        twice in a caption (0: off); the defaults are `Decoding`'s (model/options.py).
+        `return_attention` adds `Generation.attention`: per image (T, N), what each of its T
+        tokens drew on in the image (`relevance.relevance` on the chosen tokens: one forward and
+        backward pass after the search); the tokens and scores are the same bits either way. A
+        `concat` model has no attention over the grid: asking it raises ValueError.
         """
         if (pixels is None) == (grid is None):
             raise ValueError("pass exactly one of pixels= or grid=")
@@ -185,12 +189,34 @@ class Captioner(nn.Module):
             self.require_attention()
         if grid is None:
             grid = self.encode_image(pixels)
-        state = CaptionerState(self, self.image_context(grid), use_cache, return_attention)
+        state = CaptionerState(self, self.image_context(grid), use_cache)
         if num_beams == 1:
-            return greedy(state, self.config, max_length, length_penalty, return_attention)
-        return beam_search(
-            state, self.config, num_beams, max_length, length_penalty, return_attention
-        )
+            out = greedy(
+                state, self.config, max_length, length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )  # fmt: skip
+        else:
+            out = beam_search(
+                state, self.config, num_beams, max_length, length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )  # fmt: skip
+        if return_attention:
+            out.attention = self._relevance(grid, out.tokens)
+        return out
+
+    def _relevance(self, grid: torch.Tensor, captions: list[list[int]]) -> list[torch.Tensor]:
+        """Per caption (T, N) float32 on the CPU: `relevance` of each of its tokens, the batch
+        at once (padding after a caption leaves its rows alone: the decoder is causal)."""
+        longest = max(len(ids) for ids in captions)
+        tokens = torch.full((len(captions), longest + 1), self.config.pad_id, device=grid.device)
+        tokens[:, 0] = self.config.bos_id
+        for i, ids in enumerate(captions):
+            tokens[i, 1 : len(ids) + 1] = torch.tensor(ids)
+        if longest == 0:
+            maps = grid.new_zeros(len(captions), 0, grid.shape[1])  # (B, 0, N): nothing said
+        else:
+            maps = relevance(self, grid, tokens)  # (B, longest, N)
+        return [m[: len(ids)].float().cpu() for m, ids in zip(maps, captions, strict=True)]
 
 
 class CaptionerState:
@@ -206,12 +232,9 @@ class CaptionerState:
         model: Captioner,
         context: torch.Tensor,
         use_cache: bool = True,
-        record_attention: bool = False,
     ):
         self.model = model
         self.use_cache = use_cache  # False: every step recomputes the whole prefix
-        self.record_attention = record_attention  # keep each step's attention for `attention()`
-        self.last_attention: torch.Tensor | None = None  # (B, N) of the last log_probs call
         self.batch_size, self.device = context.shape[0], context.device
         self.context = context  # (B, N, H) memory or (B, H) pooled
         self.cross = model._cross_keys_values(context)  # per layer (B, nh, N, hs); None: concat
@@ -225,22 +248,12 @@ class CaptionerState:
         2-5x faster than x @ W.T (nn.Linear's layout), and it is most of a step's work.
         """
         new = tokens[:, -1:] if self.past is not None else tokens  # the cache holds the rest
-        hidden, past, weights = self.model.decoder(
-            new, cross=self.cross, past=self.past, need_weights=self.record_attention
-        )  # (B, T', H)
+        hidden, past, _ = self.model.decoder(new, cross=self.cross, past=self.past)  # (B, T', H)
         if self.use_cache:
             self.past = past
-        if weights is not None:
-            self.last_attention = attention_map(weights)[:, -1]  # (B, N)
         x = self.model.fusion.head_input(hidden[:, -1:], self.context)[:, 0]  # (B, D)
         logits = torch.addmm(self.bias[:, None], self.weight, x.T).T  # (B, V')
         return F.log_softmax(logits.float(), dim=-1)
-
-    def attention(self) -> torch.Tensor:
-        """The last `log_probs` call's attention over the image (B, N), one row per prefix."""
-        if self.last_attention is None:
-            raise RuntimeError("no attention recorded: build the state with record_attention=True")
-        return self.last_attention
 
     def select(self, rows: torch.Tensor, image: bool = False) -> None:
         """Row i continues row rows[i] (B',); with `image`, the image context is gathered too."""
@@ -253,14 +266,9 @@ class CaptionerState:
 
 
 def attention_map(weights: list[torch.Tensor]) -> torch.Tensor:
-    """Every layer's cross-attention (B, nh, T, N) -> the map shown per word (B, T, N): the
-    mean over all layers and all their heads. A distribution over the N grid cells.
-
-    Every layer reads the image, so what a word drew on is spread over all of them; the mean
-    needs no choice of layer or head that would fit one trained model and not the next.
-    bench/attention.py measures, for a trained model, how often the mean and each single layer
-    put a colour or shape word's highest cell on its own object (docs/results.md, "Attention").
-    """
+    """Every layer's cross-attention (B, nh, T, N) -> (B, T, N): the mean over all layers and
+    all their heads, a distribution over the N grid cells. The baseline that bench/attention.py
+    scores `relevance` against (docs/results.md, "Attention")."""
     return torch.stack(weights).mean(dim=(0, 2))  # (L, B, nh, T, N) -> (B, T, N)
 
 

@@ -18,8 +18,8 @@ from .config import CaptionerConfig
 @dataclass
 class Generation:
     """Decoded captions as token ids ([CLS]/[SEP] stripped) and their length-normalised log-prob;
-    asked for, per image the attention over the image grid of each token: (len(tokens[i]), N)
-    float32 on the CPU, row t where the model looked when it chose tokens[i][t]."""
+    asked for (`Captioner.generate`, after the search), per image the relevance of the image
+    grid to each token: (len(tokens[i]), N) float32 on the CPU, row t for tokens[i][t]."""
 
     tokens: list[list[int]]
     scores: list[float]
@@ -45,22 +45,17 @@ class DecodeState(Protocol):
         """Row i continues row rows[i] (R',); `image`: per-image state is widened too."""
         ...
 
-    def attention(self) -> torch.Tensor:
-        """The last `log_probs` call's attention over the image (R, N), per row. Only asked by
-        a search with `return_attention`; a state that cannot answer need not implement it."""
-        ...
-
 
 def greedy(
     state: DecodeState,
     config: CaptionerConfig,
     max_length: int,
     length_penalty: float = 1.0,
-    return_attention: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> Generation:
-    """The most likely token at every step, the whole batch at once, until all rows end."""
+    """The most likely token at every step, the whole batch at once, until all rows end.
+    `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a sequence (`banned_ngrams`)."""
     B, device = state.batch_size, state.device
-    steps: list[torch.Tensor] = []  # with return_attention: (B, N) per step
     output_ids = _output_ids(config, device)
     tokens = torch.full((B, 1), config.bos_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -68,8 +63,7 @@ def greedy(
     length = torch.zeros(B, device=device)
     for _ in range(max_length):
         logp = state.log_probs(tokens)  # (B, V')
-        if return_attention:
-            steps.append(state.attention())
+        logp = _ban(logp, tokens, no_repeat_ngram_size, config, output_ids)
         best = logp.argmax(dim=-1)  # (B,)
         total += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         length += (~done).float()
@@ -80,12 +74,7 @@ def greedy(
         if done.all():
             break
     scores = total / length.clamp(min=1) ** length_penalty
-    captions = [strip(t, config) for t in tokens.tolist()]
-    attention = None
-    if return_attention:  # rows never change places: step t of row i chose token t of caption i
-        maps = torch.stack(steps, dim=1).float().cpu()  # (B, steps, N)
-        attention = [maps[i, : len(ids)] for i, ids in enumerate(captions)]
-    return Generation(captions, scores.tolist(), attention)
+    return Generation([strip(t, config) for t in tokens.tolist()], scores.tolist())
 
 
 def beam_search(
@@ -94,15 +83,12 @@ def beam_search(
     num_beams: int,
     max_length: int,
     length_penalty: float = 1.0,
-    return_attention: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> Generation:
     """Batched beam search with transformers' default stopping rule: an image is done when
     K hypotheses have ended and no running beam, scored at its current length, beats the
     worst of them (stopping at the first K ended ones would drop better, longer captions).
-
-    With `return_attention`, each step's attention (B*K, N) and back-pointers (which row each
-    new row continues) are kept; a hypothesis remembers the step and row it ended at, and the
-    winner's attention is read back along its own path, however early it ended.
+    `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a hypothesis (`banned_ngrams`).
     """
     B, K, device = state.batch_size, num_beams, state.device
     # the first step runs one row per image (all its beams start identical); then beams of
@@ -112,16 +98,14 @@ def beam_search(
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[_Ended]] = [[] for _ in range(B)]
     ids = config.output_vocab
+    output_ids = _output_ids(config, device)
     done = [False] * B
-    steps: list[torch.Tensor] = []  # with return_attention: (B*K, N) per step
-    parents: list[list[int]] = []  # per step: the row each row of the next step continues
     for t in range(max_length):
         if t == 0:  # one row per image, copied to its K beams
             logp = state.log_probs(tokens[::K]).repeat_interleave(K, dim=0)  # (B*K, V')
         else:
             logp = state.log_probs(tokens)  # (B*K, V')
-        if return_attention:
-            steps.append(state.attention().repeat_interleave(K if t == 0 else 1, dim=0))
+        logp = _ban(logp, tokens, no_repeat_ngram_size, config, output_ids)
         V = logp.shape[1]
         candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
         top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
@@ -140,7 +124,7 @@ def beam_search(
                             row = b * K + beam
                             seq = tokens[row].tolist() + [token]  # [CLS] ... token
                             normed = score / (t + 1) ** length_penalty
-                            finished[b].append(_Ended(normed, seq, t, row))
+                            finished[b].append(_Ended(normed, seq))
                         continue
                     rows.append(b * K + beam)
                     next_tokens.append(token)
@@ -157,8 +141,6 @@ def beam_search(
                 next_scores.append(float("-inf"))
         if all(done):
             break
-        if return_attention:
-            parents.append(rows)
         rows_t = torch.tensor(rows, device=device)  # (B*K,) the row each new beam continues
         tokens = torch.cat(
             [tokens[rows_t], torch.tensor(next_tokens, device=device)[:, None]], dim=1
@@ -169,36 +151,49 @@ def beam_search(
         else:
             state.select(rows_t)
     best = [max(hyps, key=lambda h: h.score) for hyps in finished]
-    captions = [strip(h.seq, config) for h in best]
-    attention = None
-    if return_attention:
-        attention = []
-        for h, ids in zip(best, captions):
-            path = _back_track(steps, parents, h.step, h.row)  # (h.step + 1, N): one per token
-            attention.append(path[: len(ids)].float().cpu())
-    return Generation(captions, [h.score for h in best], attention)
+    return Generation([strip(h.seq, config) for h in best], [h.score for h in best])
 
 
 class _Ended(NamedTuple):
-    """A finished beam hypothesis: its score, tokens, and the step and row it ended at."""
+    """A finished beam hypothesis: its score and tokens."""
 
     score: float
     seq: list[int]
-    step: int
-    row: int
 
 
-def _back_track(
-    steps: list[torch.Tensor], parents: list[list[int]], step: int, row: int
+def banned_ngrams(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """Prefixes (R, T) -> (R, vocab_size) True for each token that would complete an n-gram
+    already in its row (transformers' `no_repeat_ngram_size`: the whole prefix, [CLS] included).
+
+    Vectorised over rows and positions: every n-gram of the prefix whose first n - 1 tokens
+    equal the prefix's last n - 1 bans its last token.
+    """
+    R, T = tokens.shape
+    banned = torch.zeros(R, vocab_size, dtype=torch.bool, device=tokens.device)
+    if n < 1 or n > T:
+        return banned
+    grams = tokens.unfold(1, n, 1)  # (R, T - n + 1, n): every n-gram so far
+    tail = tokens[:, T - n + 1 :]  # (R, n - 1): what the next token would complete
+    match = (grams[:, :, :-1] == tail[:, None, :]).all(dim=-1)  # (R, T - n + 1)
+    hits = torch.zeros(R, vocab_size, device=tokens.device)
+    hits.scatter_add_(1, grams[:, :, -1], match.float())  # (R, V): matching n-grams per last token
+    return hits > 0
+
+
+def _ban(
+    logp: torch.Tensor,
+    tokens: torch.Tensor,
+    n: int,
+    config: CaptionerConfig,
+    output_ids: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The attention (step + 1, N) along the path that reached `row` at `step`, following the
-    back-pointers: the row at step s continues row parents[s - 1][row] of step s - 1."""
-    path = []
-    for s in range(step, -1, -1):
-        path.append(steps[s][row])
-        if s > 0:
-            row = parents[s - 1][row]
-    return torch.stack(path[::-1])  # (step + 1, N)
+    """Log-probs (R, V') with every token that would repeat an n-gram at -inf; n = 0: as is."""
+    if n < 1 or tokens.shape[1] < n:
+        return logp
+    banned = banned_ngrams(tokens, n, config.vocab_size)  # (R, V)
+    if output_ids is not None:
+        banned = banned[:, output_ids]  # (R, V'): column j is token output_ids[j]
+    return logp.masked_fill(banned, float("-inf"))
 
 
 def strip(ids: list[int], config: CaptionerConfig) -> list[int]:

@@ -22,10 +22,18 @@ if TYPE_CHECKING:
 # Checked from the header before any decoding: a bigger claim is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 ACCEPTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
+# The only Pillow plugins that ever see untrusted bytes: every other format (PPM, ICO, PCX, EPS
+# and its Ghostscript subprocess, ...) is refused unparsed. Pillow opens an MPO (a phone's
+# multi-picture JPEG) through its JPEG plugin.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 class ImageError(ValueError):
     """The input is not an image we can caption; the message says why and what is accepted."""
+
+
+class UnsupportedFormat(ImageError):
+    """The input is in none of the accepted formats (a server answers 415)."""
 
 
 def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -41,12 +49,12 @@ def open_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     try:
         with warnings.catch_warnings():  # PIL's own bomb warning: we check the size ourselves
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fp)
+            image = Image.open(fp, formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large ({exc}); downscale it first") from exc
     except UnidentifiedImageError as exc:  # its message names an in-memory object: useless
-        raise ImageError(
-            f"{name} is not a readable image (unknown format); send {ACCEPTED}"
+        raise UnsupportedFormat(
+            f"{name} is not a readable image in an accepted format; send {ACCEPTED}"
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is not a readable image ({exc}); send {ACCEPTED}") from exc

@@ -25,8 +25,9 @@ from PIL import Image
 
 from .captioner import Captioner
 from .decoding import Generation
+from .int8 import quantize_decoder
 from .io import load_checkpoint
-from .options import Decoding
+from .options import CPU_DECODER, CPU_DECODERS, Decoding
 from .tokenizer import decode_caption, load_tokenizer
 
 _DEFAULT = Decoding()  # frozen: one shared default is safe
@@ -114,6 +115,7 @@ class CaptionPipeline:
                 num_beams=decoding.num_beams,
                 max_length=decoding.max_length,
                 length_penalty=decoding.length_penalty,
+                no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                 return_attention=attention,
             )
         return [self._result(out, k) for k in range(len(out.tokens))]
@@ -137,11 +139,17 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     tokenizer: str | Path | None = None,
+    cpu_decoder: str = CPU_DECODER,
 ) -> CaptionPipeline:
     """A checkpoint's captioner on `device` (in `dtype`; None: as saved), with its tokenizer
     (`tokenizer`: a folder of tokenizer files instead of the checkpoint's named one) and its
-    preprocessing. Never downloads anything."""
+    preprocessing. On the CPU the decoder runs as `cpu_decoder` says (int8 weights or fp32;
+    a GPU always runs it as saved). Never downloads anything."""
+    if cpu_decoder not in CPU_DECODERS:
+        raise ValueError(f"cpu_decoder must be one of {CPU_DECODERS}, got {cpu_decoder!r}")
     model = load_checkpoint(checkpoint, device)
     if dtype is not None:
         model = model.to(dtype)
+    if cpu_decoder == "int8" and torch.device(device).type == "cpu":
+        quantize_decoder(model)
     return CaptionPipeline(model, load_tokenizer(tokenizer or model.config.tokenizer))

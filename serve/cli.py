@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help=f"tokens at most (default: {Decoding.max_length}; --url: the server's)",
     )
+    cap.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        help="no n-gram of this many tokens twice in a caption, 0: off (default: "
+        f"{Decoding.no_repeat_ngram_size}; --url: the server's)",
+    )
     cap.add_argument("--batch-size", type=int, default=8, help="images per batch, locally")
     cap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N], locally")
     cap.add_argument("--attention", type=Path, metavar="DIR", help="write a heat-map PNG per image")
@@ -121,6 +127,8 @@ def caption(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
+        _fail(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
     if args.token and not args.url:
         _fail("--token is for --url (a server); a local checkpoint needs none")
     captioner = _Server(args) if args.url else _Local(args)
@@ -203,6 +211,9 @@ class _Local:
         self.decoding = Decoding(
             num_beams=args.num_beams or Decoding.num_beams,
             max_length=args.max_length or Decoding.max_length,
+            no_repeat_ngram_size=Decoding.no_repeat_ngram_size
+            if args.no_repeat_ngram_size is None
+            else args.no_repeat_ngram_size,
         )
         self.attention = args.attention is not None
         if self.attention:
@@ -244,7 +255,11 @@ class _Server:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.form = {
             name: str(value)
-            for name, value in (("num_beams", args.num_beams), ("max_length", args.max_length))
+            for name, value in (
+                ("num_beams", args.num_beams),
+                ("max_length", args.max_length),
+                ("no_repeat_ngram_size", args.no_repeat_ngram_size),
+            )
             if value is not None
         }
         if args.attention is not None:

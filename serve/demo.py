@@ -32,6 +32,7 @@ from training.paths import ARCHIVE_PATH, MODEL_NAME
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ARCHIVE_PATH
 LOGS = Path("logs/torchserve")
+RUN = ROOT / LOGS / "run"  # TorchServe's TMPDIR (serve/serve.mk's RUN)
 PROCESSED = Path("data/processed/captions.json")
 IMAGES = Path("data/raw/Images")
 PROXY = Path("logs/nginx")  # the page's nginx: config, pid, logs
@@ -44,9 +45,11 @@ def main() -> int:
     images = demo_images()
     if not images:
         sys.exit("no sample images: run `dvc repro`, or set DEMO_IMAGES='a.jpg b.png'")
+    RUN.mkdir(parents=True, exist_ok=True)
     server = TorchServe(
         demo_config(Path(os.environ.get("TS_CONFIG_FILE", "serve/config.properties"))),
-        env={"LOG_LOCATION": str(LOGS), "METRICS_LOCATION": str(LOGS)},
+        # TMPDIR: TorchServe's pid file in this checkout, where `make stop` looks (serve/serve.mk)
+        env={"LOG_LOCATION": str(LOGS), "METRICS_LOCATION": str(LOGS), "TMPDIR": str(RUN)},
         console=LOGS / "console.log",
     )
     inference, management, metrics = server.inference, server.management, server.metrics

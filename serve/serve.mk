@@ -1,6 +1,10 @@
 # TorchServe targets, included from the Makefile (it defines BIN and `setup`, and exports the
 # no-telemetry variables). The logic lives in serve/serve.sh and serve/demo.py.
 MAR := model-store/imgtocap.mar
+# TMPDIR of the TorchServe that `make serve` and `make demo` start: it holds TorchServe's
+# .model_server.pid, by which `make stop` finds this checkout's server (and no other checkout's).
+# serve/serve.sh and serve/demo.py use the same folder.
+RUN := $(CURDIR)/logs/torchserve/run
 
 .PHONY: serve demo stop image $(MAR)
 
@@ -25,7 +29,9 @@ demo: $(MAR)
 ## stop: stop the TorchServe and the page `make demo` started (or `make serve` in another terminal)
 stop:
 	$(BIN)/python -m serve.proxy stop logs/nginx
-	$(BIN)/torchserve --stop --foreground
+	mkdir -p $(RUN)  # a missing TMPDIR would make Python fall back to /tmp: a global pid file
+	touch $(RUN)/stop-requested  # for serve/serve.sh: this exit is no crash to restart from
+	TMPDIR=$(RUN) $(BIN)/torchserve --stop --foreground
 
 ## image: the serving image around the archive, with docker or podman (whichever is installed);
 ## IMAGE=name:tag, and serve/image.sh's variables (bases, torch's source) for offline machines

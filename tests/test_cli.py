@@ -14,6 +14,7 @@ import setuptools
 from PIL import Image
 
 from model import decode_caption, load_checkpoint, open_image, save_checkpoint
+from model.int8 import quantize_decoder
 from serve.cli import main
 from tests.helpers.model import picture, tiny
 from tests.helpers.project import imgtocap
@@ -78,7 +79,7 @@ def test_local_checkpoint_captions_a_folder_and_reports_a_bad_file_alone(
     assert f"{folder / 'broken.png'}: " in run.stderr and "2 of 5 image(s) failed" in run.stderr
     assert "5/5 [" in run.stderr  # the progress bar, done
 
-    model = load_checkpoint(checkpoint)
+    model = quantize_decoder(load_checkpoint(checkpoint))  # as the CLI runs it on a CPU
     for name, path in (("a.png", "a.png"), ("b.png", "sub/b.png"), ("c.JPG", "sub/c.JPG")):
         line = by_path[name]
         pixels = model.preprocess(open_image(folder / path))[None]  # as training and serving
@@ -93,7 +94,7 @@ def test_local_checkpoint_captions_a_folder_and_reports_a_bad_file_alone(
 def test_one_file_to_stdout_with_the_default_options(folder, checkpoint, tokenizer, capsys):
     assert main(["caption", str(folder / "a.png"), "--checkpoint", str(checkpoint)]) == 0
     (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
-    model = load_checkpoint(checkpoint)
+    model = quantize_decoder(load_checkpoint(checkpoint))  # as the CLI runs it on a CPU
     pixels = model.preprocess(open_image(folder / "a.png"))[None]
     want = model.generate(pixels, num_beams=3, max_length=20)  # the CLI's documented defaults
     assert line == {

@@ -1,10 +1,11 @@
-"""The serving image, built and run: the Dockerfile around a trained (shrunk) archive on the
-offline bases, run with podman as `docker run` would run it.
+"""The serving image, built and run: the Dockerfile around a trained archive (a small model that
+gets captions right: DEPLOYED in tests/helpers/deployment.py) on the offline bases, run with
+podman as `docker run` would run it.
 
 What a user of the image relies on: the model is READY within seconds, `curl -T` with the token
-answers each test image with the caption the evaluation gave it, the HEALTHCHECK passes, the
-server runs as uid 1000 (what the Deployment's runAsUser names), and `podman stop` is quick
-because dumb-init forwards SIGTERM. The image stays under 2 GB with CPU torch.
+answers a test image with its right caption (the one the evaluation gave it), the HEALTHCHECK
+passes, the server runs as uid 1000 (what the Deployment's runAsUser names), and `podman stop` is
+quick because dumb-init forwards SIGTERM. The image stays under 2 GB with CPU torch.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_the_image_captions_like_the_evaluation_and_stops_at_once(image, trained
 
         # The Dockerfile's HEALTHCHECK, as podman (or docker) runs it.
         healthcheck = podman("inspect", "--format", "{{json .Config.Healthcheck}}", name)
-        assert "8082/metrics" in healthcheck.stdout, healthcheck.stdout
+        assert "probe.py" in healthcheck.stdout and "/predictions/" in healthcheck.stdout
         assert podman("healthcheck", "run", name, check=False).returncode == 0
         user = Dockerfile(trained.repo / "Dockerfile").user.split(":")[0]
         assert user == "1000"
@@ -108,7 +109,7 @@ def test_the_image_captions_like_the_evaluation_and_stops_at_once(image, trained
         stop = time.monotonic() - stopping
         assert stop < 2, f"podman stop took {stop:.1f} s: SIGTERM is not reaching TorchServe"
         print(f"\nimage {image.size / 1e6:.0f} MB built in {image.build_seconds:.0f} s; READY "
-              f"{ready:.1f} s after `podman run`; caption {answer['caption']!r}; "
-              f"stop {stop:.1f} s")  # fmt: skip
+              f"{ready:.1f} s after `podman run`; caption {answer['caption']!r} for "
+              f"{expected['references'][0]!r}; stop {stop:.1f} s")  # fmt: skip
     finally:
         podman("rm", "--force", name, check=False)

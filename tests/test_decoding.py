@@ -1,4 +1,5 @@
-"""Decoding: KV cache parity, greedy vs beam, beam search vs exhaustive search, batching."""
+"""Decoding: KV cache parity, greedy vs beam, beam search vs exhaustive search (with and
+without the no-repeat n-gram rule), batching."""
 
 import itertools
 import math
@@ -8,7 +9,7 @@ import torch
 
 from model import Captioner, CaptionerConfig, preset
 from model.captioner import CaptionerState
-from model.decoding import beam_search, greedy
+from model.decoding import banned_ngrams, beam_search, greedy
 from tests.helpers.model import tiny
 
 
@@ -78,8 +79,15 @@ def test_batched_decoding_equals_one_image_at_a_time(num_beams):
         assert alone.scores[0] == pytest.approx(batched.scores[i], abs=1e-4)
 
 
-def exhaustive_best(model, grid, vocab, max_length, length_penalty):
-    """Score every sequence ending in [SEP] (or cut at max_length) under the model."""
+def repeats_an_ngram(seq, n: int) -> bool:
+    """Does an n-gram occur twice in `seq` (n = 0: the rule is off)?"""
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] if n else []
+    return len(grams) != len(set(grams))
+
+
+def exhaustive_best(model, grid, vocab, max_length, length_penalty, no_repeat=0):
+    """Score every sequence ending in [SEP] (or cut at max_length) under the model; with
+    `no_repeat` n, only those where no n-gram of [CLS] + sequence occurs twice."""
     eos, bos = model.config.eos_id, model.config.bos_id
     ids = list(vocab)
     best = (-math.inf, None)
@@ -87,6 +95,8 @@ def exhaustive_best(model, grid, vocab, max_length, length_penalty):
         for seq in itertools.product(ids, repeat=length):
             if eos in seq[:-1] or (length < max_length and seq[-1] != eos):
                 continue  # only [SEP]-terminated prefixes, or full-length sequences
+            if repeats_an_ngram((bos, *seq), no_repeat):
+                continue
             tokens = torch.tensor([[bos, *seq]])
             logits, _ = model(grid, torch.cat([tokens, tokens[:, :1]], dim=1))
             logp = logits[0].log_softmax(-1)  # (T, V)
@@ -97,19 +107,26 @@ def exhaustive_best(model, grid, vocab, max_length, length_penalty):
     return best
 
 
+@pytest.mark.parametrize("no_repeat", [0, 1, 2], ids=["no-rule", "no-repeat-1", "no-repeat-2"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 @pytest.mark.parametrize("output_vocab", [None, [2, 3, 4]], ids=["full-vocab", "dataset-vocab"])
-def test_wide_beam_search_finds_the_exhaustive_optimum(fusion, length_penalty, output_vocab):
+def test_wide_beam_search_finds_the_exhaustive_optimum(
+    fusion, length_penalty, output_vocab, no_repeat
+):
     vocab, max_length = 5, 3
     model = tiny(fusion, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2, output_vocab=output_vocab)
     grid = grids(model, 1)
     # wide enough to keep every prefix: beam search becomes exhaustive and must agree
     out = model.generate(
-        grid=grid, num_beams=vocab**max_length, max_length=max_length, length_penalty=length_penalty
+        grid=grid,
+        num_beams=vocab**max_length,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat,
     )
     score, seq = exhaustive_best(
-        model, grid, output_vocab or range(vocab), max_length, length_penalty
+        model, grid, output_vocab or range(vocab), max_length, length_penalty, no_repeat
     )
     assert out.tokens[0] == seq
     assert out.scores[0] == pytest.approx(score, abs=1e-4)
@@ -177,3 +194,42 @@ def test_a_generated_cls_stays_in_the_caption(num_beams):
     else:
         out = beam_search(state, config, num_beams=num_beams, max_length=6)
     assert out.tokens == [[CLS, A]]
+
+
+def test_banned_ngrams_bans_what_would_complete_a_seen_ngram():
+    tokens = torch.tensor([[1, 5, 6, 7, 5, 6], [1, 5, 6, 7, 5, 7]])
+    banned = banned_ngrams(tokens, 3, 10)  # row 0 ends "5 6": "5 6 7" was seen -> 7 banned
+    assert banned[0].nonzero().flatten().tolist() == [7]
+    assert banned[1].nonzero().flatten().tolist() == []  # "5 7" was never followed
+    assert banned_ngrams(tokens, 1, 10)[0].nonzero().flatten().tolist() == [1, 5, 6, 7]
+    assert not banned_ngrams(tokens, 7, 10).any()  # longer than the prefix: nothing to repeat
+
+
+@pytest.mark.parametrize("no_repeat", [1, 2, 3])
+@pytest.mark.parametrize("output_vocab", [None, [2, 3, 4, 5]], ids=["full-vocab", "dataset-vocab"])
+def test_greedy_takes_the_best_token_no_ngram_rule_forbids(no_repeat, output_vocab):
+    """Greedy with the rule = step by step, the most likely token whose n-gram is new; a
+    scrambled model over 6 ids loops without it, so the rule has to act."""
+    model = tiny(vocab_size=6, pad_id=0, bos_id=1, eos_id=2, output_vocab=output_vocab)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("encoder") and p.dim() == 2:
+                p.normal_(0, 0.5)
+    grid = grids(model, 4)
+    ids = output_vocab or list(range(6))
+    out = model.generate(grid=grid, num_beams=1, max_length=8, no_repeat_ngram_size=no_repeat)
+    looped = model.generate(grid=grid, num_beams=1, max_length=8, no_repeat_ngram_size=0)
+    assert any(repeats_an_ngram([1, *seq], no_repeat) for seq in looped.tokens)
+    for i, caption in enumerate(out.tokens):
+        seq = [1]
+        for _ in range(8):
+            tokens = torch.tensor([seq + [0]])
+            logits, _ = model(grid[i : i + 1], tokens)
+            order = logits[0, -1].argsort(descending=True).tolist()
+            token = next(ids[j] for j in order if not repeats_an_ngram([*seq, ids[j]], no_repeat))
+            seq.append(token)
+            if token == 2:
+                break
+        assert caption == [t for t in seq[1:] if t != 2]
+        assert not repeats_an_ngram([1, *caption], no_repeat)

@@ -34,12 +34,14 @@ MODEL = "imgtocap"
 K8S_VERSIONS = ("1.35.0", "1.37.0")
 # Keys where k8s/torchserve.properties may differ from serve/config.properties, and why:
 # bind addresses (inference on the pod's loopback behind the proxy; metrics on the pod IP for
-# Prometheus), token auth (the public curl; the read-only working directory), the absolute model
-# store, worker count, JVM arguments. Management binds to loopback in both.
+# Prometheus), token auth and its keys' lifetime (the public curl; the read-only working
+# directory), the absolute model store, worker count, JVM arguments. Management binds to
+# loopback in both.
 K8S_OVERRIDES = {
     "inference_address",
     "metrics_address",
     "disable_token_authorization",
+    "token_expiration_min",
     "model_store",
     "default_workers_per_model",
     "vmargs",
@@ -194,9 +196,11 @@ def test_container_command_matches_serve_config(dockerfile, serve_config):
     inference = serve_config["inference_address"]
     assert _host(inference) == "0.0.0.0", "inference must be reachable through `docker run -p`"
     assert dockerfile.expose == {_port(inference)}, dockerfile.expose
-    url = re.search(r"http://127\.0\.0\.1:(\d+)/(\w+)", dockerfile.healthcheck)
+    # the HEALTHCHECK captions: the probe the image carries, on the inference port
+    url = re.search(r"http://127\.0\.0\.1:(\d+)/predictions/(\w+)", dockerfile.healthcheck)
     assert url, dockerfile.healthcheck
-    assert (int(url[1]), url[2]) == (_port(serve_config["metrics_address"]), "metrics")
+    assert (int(url[1]), url[2]) == (_port(inference), MODEL)
+    assert dockerfile.destination("k8s/probe.py") in dockerfile.healthcheck
 
 
 # --- TorchServe configs -------------------------------------------------------------------------

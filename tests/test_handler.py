@@ -11,6 +11,7 @@ from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from model.int8 import quantize_decoder
 from tests.helpers.model import archive_handler
 from training.stages.package import build_archive
 from training.tracking.registry import Registered
@@ -32,7 +33,8 @@ def png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(handler, context, the same model loaded here), the handler loaded from the archive."""
+    """(handler, context, the same model loaded here), the handler loaded from the archive;
+    the model here runs its decoder as the archive's CPU worker does (int8, the default)."""
     tmp = tmp_path_factory.mktemp("handler")
     save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
     registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
@@ -40,7 +42,8 @@ def served(tmp_path_factory):
     threads = torch.get_num_threads()
     handler, context, model_dir = archive_handler(archive, tmp, batch_size=4)
     assert handler.lib.__file__ == str(model_dir / "model" / "__init__.py")
-    yield handler, context, load_checkpoint(tmp / "model.pth")
+    assert handler.cpu_decoder == "int8"
+    yield handler, context, quantize_decoder(load_checkpoint(tmp / "model.pth"))
     torch.set_num_threads(threads)  # initialize() set the worker's
 
 
@@ -87,8 +90,10 @@ def test_every_request_format_gets_its_own_options(served):
 def test_bad_requests_fail_alone_with_a_reason(served):
     good = png(7)
     rows = {
-        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 400, "not a readable image"),
-        "text body": ({"body": "a caption, not an image"}, 400, "not a readable image"),
+        "not an image": ({"body": bytearray(b"GIF89a but not really")}, 415, "not a readable image"),
+        "text body": ({"body": "a caption, not an image"}, 415, "not a readable image"),
+        "PPM": ({"body": bytearray(b"P6 2 2 255 " + bytes(12))}, 415, "accepted format; send JPEG"),
+        "truncated PNG": ({"body": bytearray(png(8)[:200])}, 400, "could not be decoded"),
         "no image": ({"num_beams": bytearray(b"2")}, 400, "no image in the request"),
         "JSON without data": ({"body": {"image": 5}}, 400, "base64-encoded image"),
         "bad base64": ({"body": {"data": "not base64!"}}, 400, "not valid base64"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import ImageError, open_image, preprocess
+from model import ImageError, UnsupportedFormat, open_image, preprocess
 from tests.helpers.model import png_claiming
 
 
@@ -103,6 +103,33 @@ def test_bad_input_is_refused_with_a_reason(data, message):
     with pytest.raises(ImageError, match=message) as info:
         open_image(data)
     assert "JPEG, PNG" in str(info.value) or "empty" in message  # says what is accepted
+
+
+# A minimal EPS: Pillow's EPS plugin would hand it to Ghostscript to rasterise.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(rgb(), "PPM"),
+        encode(rgb(), "ICO"),
+        encode(rgb(), "PCX"),
+        encode(rgb(), "TGA"),
+        EPS,
+        b"hello, this is text",
+    ],
+    ids=["ppm", "ico", "pcx", "tga", "eps", "text"],
+)
+def test_formats_outside_the_contract_are_refused_unparsed(data, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def never(*args, **kwargs):
+        raise AssertionError("an untrusted body reached Pillow's EPS plugin")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    with pytest.raises(UnsupportedFormat, match="accepted format; send JPEG, PNG, GIF, BMP"):
+        open_image(data)
 
 
 def test_preprocess_resizes_the_whole_image_and_normalises():

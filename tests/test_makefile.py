@@ -7,15 +7,21 @@ a plain `python` on PATH. From a fresh clone nobody has activated `.venv`, so th
 must put it first on PATH (a fresh clone once failed at `ingest`: no tqdm in the system python).
 """
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from serve.runner import private_config, read_config
 from tests.helpers.project import copy_tracked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +102,72 @@ def test_the_lock_holds_every_pin_of_the_requirements():
                 f"{lock.get(package)}: run `make lock`"
             )
     assert "imgtocap" not in lock, "the lock is for dependencies, not the project itself"
+
+
+def _answers(url: str) -> bool:
+    """Whether a server answers at `url` at all (a 400 for the missing token counts)."""
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _checkout(root: Path) -> Path:
+    """The make targets' files with a venv whose python and torchserve are this one's (a dvc
+    that does nothing: the archive is not needed to start and stop a server)."""
+    copy_tracked(root, "Makefile", "setup.py", "serve", "requirements")
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    scripts = {
+        "python": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n',  # this venv's, with its packages
+        "torchserve": f'#!/bin/sh\nexec "{Path(sys.executable).parent / "torchserve"}" "$@"\n',
+        "dvc": "#!/bin/sh\nexit 0\n",
+    }
+    for tool, script in scripts.items():
+        (bin_dir / tool).write_text(script)
+        (bin_dir / tool).chmod(0o755)
+    (root / ".venv" / ".installed").touch()
+    return root
+
+
+@pytest.mark.java
+@pytest.mark.slow
+def test_make_stop_stops_its_own_checkout_s_server_and_no_other(tmp_path):
+    """`make serve` in one checkout, `make stop` in another: the first server keeps running
+    (they used to share TorchServe's $TMPDIR/.model_server.pid); its own `make stop` stops it."""
+    if shutil.which("make") is None or shutil.which("java") is None:
+        pytest.skip("needs make and java")
+    first, second = _checkout(tmp_path / "first"), _checkout(tmp_path / "second")
+    (first / "model-store").mkdir()
+    config = private_config(tmp_path / "ts.properties", first / "model-store", load_models="")
+    management = f"{read_config(config)['management_address']}/models"
+    shared_tmp = tmp_path / "tmp"  # the TMPDIR of the user's shell, the same in both checkouts
+    shared_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(shared_tmp), "TS_CONFIG_FILE": str(config)}
+    env.pop("VIRTUAL_ENV", None)
+    server = subprocess.Popen(
+        ["make", "serve"], cwd=first, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(management):
+            assert server.poll() is None and time.monotonic() < deadline, "no TorchServe started"
+            time.sleep(0.5)
+        other = subprocess.run(
+            ["make", "stop"], cwd=second, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert other.returncode == 0, other.stdout + other.stderr
+        time.sleep(2)
+        assert _answers(management) and server.poll() is None, "the other checkout stopped it"
+        stopped = subprocess.run(
+            ["make", "stop"], cwd=first, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert server.wait(timeout=60) is not None and not _answers(management)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)

@@ -169,7 +169,7 @@ def test_a_bad_file_shows_the_api_s_error(page):
     assert page.is_hidden("#result")
     error = page.inner_text("#error")
     assert "notes.txt was not captioned" in error
-    assert "HTTP 400" in error and "not a readable image" in error  # the handler's own words
+    assert "HTTP 415" in error and "not a readable image" in error  # the handler's own words
 
 
 def test_a_phone_sized_screen_needs_no_sideways_scrolling(chromium, site, tmp_path):

@@ -10,9 +10,12 @@ own refusals in the API's JSON shape. And the pod runs exactly this template (k8
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -221,6 +224,16 @@ def test_the_rest_of_torchserve_is_out_of_reach(page, seen):
     assert seen == []
 
 
+def test_a_path_too_long_for_a_file_is_a_404_not_a_500(page):
+    """open() fails with ENAMETOOLONG on these; nginx answered its own 500 page."""
+    long_name = requests.get(f"{page.url}/{'x' * 300}", timeout=10)
+    too_deep = requests.get(f"{page.url}/{'x/' * 3000}", timeout=10)  # past PATH_MAX
+    for response in (long_name, too_deep):
+        assert response.status_code == 404
+        assert "error" in response.json()
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 def test_ping_answers_without_a_secret(page, seen):
     response = requests.get(f"{page.url}/ping", timeout=10)
     assert (response.status_code, response.json()) == (200, {"status": "Healthy"})
@@ -235,6 +248,8 @@ def test_an_unreachable_torchserve_is_a_503_to_retry(tmp_path):
         response = requests.put(f"{nginx.url}/predictions/imgtocap", data=b"img", timeout=10)
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert "retry in a few seconds" in response.json()["error"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
 
 
 @needs_nginx
@@ -253,3 +268,119 @@ def test_demo_without_nginx_says_how_to_install_it(monkeypatch):
     message = demo.start_page("http://127.0.0.1:8080")
     assert "nginx" in message and "apt-get install nginx" in message
     assert "The API above works without it" in message
+
+
+# --- slow and greedy clients, and every answer of nginx's own in JSON -------------------------
+
+
+SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options")
+
+
+def assert_json_refusal(response: requests.Response, status: int, message: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert message in response.json()["error"]
+    for header in SECURITY_HEADERS:
+        assert header in response.headers, (status, header)
+
+
+def test_a_full_queue_is_a_429_to_retry_not_a_missing_worker(page, torchserve, seen):
+    torchserve.answers["full"] = (503, {"code": 503, "type": "ServiceUnavailableException",
+        "message": "Model \"imgtocap\" has no worker to serve inference request. "
+                   "Please use scale workers API to add workers."})  # fmt: skip
+    response = requests.put(f"{page.url}/predictions/imgtocap", data=b"full", timeout=10)
+    assert_json_refusal(response, 429, "the model is busy (its queue is full)")
+    assert int(response.headers["Retry-After"]) > 0
+    assert "scale workers" not in response.text
+    ok = requests.put(f"{page.url}/predictions/imgtocap", data=b"img", timeout=10)
+    assert ok.status_code == 200 and "Retry-After" not in ok.headers
+
+
+def test_a_form_encoded_body_is_a_415_that_echoes_nothing(page, seen):
+    png = b"\x89PNG\r\n\x1a\nsecret-bytes"
+    response = requests.put(
+        f"{page.url}/predictions/imgtocap",
+        data=png,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert_json_refusal(response, 415, "form-encoded body is not an image")
+    assert b"secret-bytes" not in response.content and seen == []
+
+
+def test_nginx_s_own_errors_are_json_with_the_security_headers(page, seen):
+    too_long = requests.get(f"{page.url}/{'x' * 9000}", timeout=10)
+    assert_json_refusal(too_long, 414, "URL is too long")
+    huge_header = requests.get(f"{page.url}/", headers={"X-Big": "y" * 20000}, timeout=10)
+    assert_json_refusal(huge_header, 400, "malformed HTTP request, or headers too large")
+    with socket.create_connection(page.url.removeprefix("http://").split(":")) as raw:
+        raw.sendall(b"NONSENSE\r\n\r\n")
+        answer = raw.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 400") and "nosniff" in answer and '{"error"' in answer
+    assert seen == []
+
+
+@needs_nginx
+@pytest.mark.nginx
+def test_an_unreachable_torchserve_answers_with_the_security_headers(tmp_path):
+    (closed,) = free_ports(1)
+    with Nginx.configure(tmp_path, inference=f"127.0.0.1:{closed}") as nginx:
+        response = requests.put(f"{nginx.url}/predictions/imgtocap", data=b"img", timeout=10)
+    assert_json_refusal(response, 503, "retry in a few seconds")
+    assert response.headers["Retry-After"] == "5"
+
+
+@needs_nginx
+@pytest.mark.nginx
+def test_a_greedy_client_gets_429_and_the_page_stays_up(tmp_path, torchserve, seen):
+    with Nginx.configure(tmp_path, inference=torchserve.address) as nginx, requests.Session() as s:
+        answers = [
+            s.put(f"{nginx.url}/predictions/imgtocap", data=b"img", timeout=10) for _ in range(150)
+        ]
+        page = s.get(f"{nginx.url}/", timeout=10)
+    statuses = [a.status_code for a in answers]
+    # 10 a second after a burst of 40: however slow this machine, 150 in a row meet the limit
+    assert statuses[:40] == [200] * 40 and 429 in statuses, statuses
+    refused = answers[statuses.index(429)]
+    assert_json_refusal(refused, 429, "too many requests")
+    assert int(refused.headers["Retry-After"]) > 0
+    assert page.status_code == 200  # the page's files are not rate-limited
+
+
+ATTACKERS = 600  # past the 512 worker_connections that 510 such clients exhausted
+
+
+@needs_nginx
+@pytest.mark.nginx
+@pytest.mark.slow
+def test_slow_clients_do_not_take_the_proxy_offline(tmp_path, torchserve):
+    """600 connections each trickling a header line a second (a slowloris) while a client asks
+    /ping twice a second: every ping is answered, and nginx drops the slow ones on its header
+    timeout. Before the limits, the pings got no answer at all."""
+    with Nginx.configure(tmp_path, inference=torchserve.address) as nginx:
+        address = nginx.url.removeprefix("http://").split(":")
+        slow = []
+        for _ in range(ATTACKERS):
+            connection = socket.create_connection(address, timeout=5)
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            slow.append(connection)
+        served, latencies, dropped = 0, [], set()
+        start = time.monotonic()
+        while time.monotonic() - start < 15:
+            for i, connection in enumerate(slow):
+                if i not in dropped:
+                    try:
+                        connection.sendall(b"X-Slow: 1\r\n")
+                    except OSError:  # nginx closed it
+                        dropped.add(i)
+            asked = time.monotonic()
+            with contextlib.suppress(requests.RequestException):
+                served += requests.get(f"{nginx.url}/ping", timeout=3).status_code == 200
+            latencies.append(time.monotonic() - asked)
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - asked)))
+        for connection in slow:
+            connection.close()
+    print(f"{served}/{len(latencies)} pings answered, slowest {max(latencies):.2f} s, "
+          f"{len(dropped)}/{ATTACKERS} slow connections dropped")  # fmt: skip
+    assert served == len(latencies)
+    assert len(dropped) == ATTACKERS  # the header timeout (10 s) ended every one

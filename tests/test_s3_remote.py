@@ -1,6 +1,6 @@
 """The model through a real S3 API: moto's S3 server on loopback as the DVC remote.
 
-The road to production's middle hop: the developer's `dvc push` of a trained (shrunk) pipeline,
+The road to production's middle hop: the developer's `dvc push` of a trained (small) pipeline,
 then, on a machine with no cache and no outputs, the CD job's own `dvc pull` command (read from
 .github/workflows/cd.yml) must give back the archive's exact bytes. A wrong credential and a
 missing bucket must each fail with a message that says which.

@@ -10,14 +10,19 @@ caption and a mix-up inside a batch would show; the server's answer must equal w
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -26,10 +31,11 @@ import torch
 from PIL import Image
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, save_checkpoint
-from serve.runner import TorchServe
+from model.int8 import quantize_decoder
+from serve.runner import TorchServe, private_config, read_config
 from tests.helpers import model as model_helpers
 from tests.helpers.model import PICTURE_CAPTIONS, caption_tokens, fit, png_claiming
-from tests.helpers.project import imgtocap
+from tests.helpers.project import copy_tracked, imgtocap
 from training.evaluation.attention_plot import figure_size
 from training.stages.package import build_archive
 
@@ -73,7 +79,8 @@ def memorised(model: Captioner, pixels: torch.Tensor, tokenizer) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
-    """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, and its checkpoint."""
+    """A tiny captioner that memorised PICTURE_CAPTIONS for the eight pictures, as the archive's
+    CPU worker runs it (int8 decoder weights, serve.cpu_decoder's default), and its checkpoint."""
     torch.manual_seed(0)
     model = model_helpers.tiny()
     pixels = torch.stack([model.preprocess(picture(i)) for i in range(8)])  # (8, 3, 32, 32)
@@ -86,7 +93,9 @@ def tiny(tmp_path_factory, tokenizer) -> tuple[Captioner, Path]:
     assert memorised(model, pixels, tokenizer), "not memorised after 800 steps"
     path = tmp_path_factory.mktemp("tiny") / "model.pth"
     save_checkpoint(model, path)
-    return load_checkpoint(path), path
+    served = quantize_decoder(load_checkpoint(path))
+    assert memorised(served, pixels, tokenizer), "int8 decoder weights lose the memorisation"
+    return served, path
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +216,7 @@ def test_bad_inputs_get_4xx_and_the_worker_lives_on(server, caption_of):
     pid = server.describe()["workers"][0]["pid"]
     jpeg = encoded(picture(3), "JPEG")
     refused = {
-        "not an image": (b"hello, world", 400, "not a readable image"),
+        "not an image": (b"hello, world", 415, "not a readable image"),
         "empty body": (b"", 400, "empty"),
         "truncated JPEG": (jpeg[: len(jpeg) // 2], 400, "truncated"),
         "108 megapixels": (png_claiming(12_000, 9_000), 400, "108.0 megapixels"),
@@ -231,7 +240,7 @@ def test_a_bad_request_fails_alone_inside_a_batch(server, caption_of):
     batch = [good[0], b"not an image", good[1], good[2]]
     for _ in range(3):  # until all four land in one batch (they nearly always do at once)
         responses = send_together(server, batch)
-        assert [r.status_code for r in responses] == [200, 400, 200, 200]
+        assert [r.status_code for r in responses] == [200, 415, 200, 200]
         assert "not a readable image" in responses[1].json()["error"]
         assert [responses[i].json()["caption"] for i in (0, 2, 3)] == [caption_of(d) for d in good]
         if max(responses[i].json()["batch_size"] for i in (0, 2, 3)) == len(batch):
@@ -257,8 +266,9 @@ def test_metrics_count_the_models_requests(server):
 def test_health_checks_as_the_readme_gives_them(server):
     # With token auth on (`make serve`, the Docker image) /ping is an inference call like any
     # other and needs the inference key; the keyless liveness check is the metrics endpoint,
-    # which listens on loopback only (the Dockerfile's HEALTHCHECK uses it). Behind the proxy
-    # (`make demo`, EKS) token auth is off and /ping answers anyone (tests/test_proxy.py).
+    # which listens on loopback only (the Dockerfile's HEALTHCHECK captions instead: below).
+    # Behind the proxy (`make demo`, EKS) token auth is off and /ping answers anyone
+    # (tests/test_proxy.py).
     ping = f"{server.inference}/ping"
     refused = requests.get(ping, timeout=10)
     assert refused.status_code == 400 and "InvalidKeyException" in refused.text
@@ -356,7 +366,7 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     assert list(lines) == ["a.png", "b.jpg", "bad.png"]
     for name in ("a.png", "b.jpg"):
         assert lines[name]["caption"] == caption_of(pictures[name])
-    assert lines["bad.png"]["error"].startswith("HTTP 400: ")
+    assert lines["bad.png"]["error"].startswith("HTTP 415: ")
     assert "not a readable image" in lines["bad.png"]["error"] and "bad.png" in run.stderr
 
     # options and attention: a multipart form; the token from the environment
@@ -375,3 +385,76 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     run = imgtocap("caption", str(folder / "a.png"), "--url", server.inference)
     assert run.returncode == 1
     assert "HTTP 400" in run.stdout and "--token" in run.stdout
+
+
+def test_make_serve_restarts_a_killed_frontend(model_store, tmp_path, caption_of):
+    """`make serve`'s script (serve/serve.sh) in a copy of the checkout: kill -9 of the JVM, and
+    captions flow again from a new frontend, with the new key from key_file.json."""
+    checkout = copy_tracked(tmp_path / "checkout", "serve")
+    config = private_config(checkout / "ts.properties", model_store)
+    url = f"{read_config(config)['inference_address']}/predictions/imgtocap"
+    data = encoded(picture(2), "PNG")
+
+    def caption(deadline: float) -> str:
+        """A caption as a client that reads key_file.json on every try gets one."""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                key = json.loads((checkout / "key_file.json").read_text())["inference"]["key"]
+                headers = {"Authorization": f"Bearer {key}"}
+                answer = requests.put(url, data=data, headers=headers, timeout=30)
+                if answer.status_code == 200:
+                    return key
+            assert script.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        pytest.fail("no caption before the deadline")
+
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent), "TS_CONFIG_FILE": str(config)}
+    with (tmp_path / "serve.log").open("wb") as log:
+        script = subprocess.Popen(
+            ["serve/serve.sh"], cwd=checkout, env=env, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        first_key = caption(time.monotonic() + 300)
+        pid_file = checkout / "logs" / "torchserve" / "run" / ".model_server.pid"
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        killed = time.monotonic()
+        second_key = caption(killed + 300)
+        print(f"captions again {time.monotonic() - killed:.1f} s after kill -9 of the frontend")
+        assert second_key != first_key  # TorchServe makes new keys at every start
+        script.send_signal(signal.SIGINT)  # Ctrl-C: stops TorchServe and ends the script
+        assert script.wait(timeout=120) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
+
+
+def test_keys_live_as_long_as_the_server(server):
+    """TorchServe's 60-minute default silently ended inference an hour after every start."""
+    keys = json.loads((server.cwd / "key_file.json").read_text())
+    for api in ("inference", "management"):
+        expires = datetime.fromisoformat(keys[api]["expiration time"][:19] + "+00:00")
+        assert expires - datetime.now(timezone.utc) > timedelta(days=300), (api, keys[api])
+    assert server.caption(encoded(picture(1), "PNG")).status_code == 200
+
+
+def test_the_image_s_health_check_fails_when_inference_fails(server, tmp_path):
+    """The Dockerfile's HEALTHCHECK (k8s/probe.py on /predictions) captions with the key from
+    key_file.json: healthy with the server's key, unhealthy once the key is stale (an expired
+    one, or an old one after a restart), which /metrics never noticed."""
+    url = f"{server.inference}/predictions/imgtocap"
+
+    def probe(cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, ROOT / "k8s" / "probe.py", url], cwd=cwd, capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+
+    healthy = probe(server.cwd)
+    assert healthy.returncode == 0, healthy.stdout
+    keys = json.loads((server.cwd / "key_file.json").read_text())
+    keys["inference"]["key"] = "stale123"
+    (tmp_path / "key_file.json").write_text(json.dumps(keys))
+    stale = probe(tmp_path)
+    assert stale.returncode == 1 and "HTTP 400" in stale.stdout, stale.stdout
+    assert requests.get(f"{server.metrics}/metrics", timeout=10).status_code == 200  # the old check

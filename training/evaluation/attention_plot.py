@@ -1,5 +1,5 @@
 """Where the model looked for each word: the image once, then one panel per WordPiece with its
-attention over the encoder grid upsampled and blended over the image.
+relevance over the encoder grid (model/relevance.py) upsampled and blended over the image.
 
 `render_attention` draws any number of captioned images into one PNG (the evaluate stage's
 reports/attention.png, the CLI's --attention files); `evaluate_attention` picks the test images
@@ -135,8 +135,8 @@ def evaluate_attention(
     grid = model.encoder.spec.grid
     title = (
         "Where the model looks for each word (beam "
-        f"{decoding.num_beams})\ncross-attention over the {grid}x{grid} grid, mean of all "
-        "layers and heads; in brackets: the word's highest cell weight"
+        f"{decoding.num_beams})\nrelevance over the {grid}x{grid} grid (gradient-weighted "
+        "cross-attention, Chefer et al. 2021); in brackets: the word's highest cell weight"
     )
     if model.config.fusion != "cross_attention":
         return _notice(out, f"fusion {model.config.fusion!r}: no attention over the image grid")

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import Caption, Captioner, CaptionPipeline, Decoding, load
+from model.options import CPU_DECODER
 from training.data.captions import IMAGES_DIR, SCENES_FILE
 from training.data.datachecks import check_feature_rows, check_features
 from training.data.synthetic import load_scenes
@@ -57,6 +58,7 @@ class EvaluateConfig:
     num_beams: int = Decoding.num_beams
     max_length: int = Decoding.max_length  # generated tokens at most, [SEP] included
     length_penalty: float = Decoding.length_penalty
+    no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size  # 0: off
     batch_size: int = 32
     grid_images: int = 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -76,7 +78,9 @@ class EvaluateConfig:
         return from_section(cls, values, "evaluate")
 
     def decoding(self) -> Decoding:
-        return Decoding(self.num_beams, self.max_length, self.length_penalty)
+        return Decoding(
+            self.num_beams, self.max_length, self.length_penalty, self.no_repeat_ngram_size
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def evaluate(
     `params` (all of params.yaml) is recorded with the run and names the dataset.
     """
     params = params or {}
-    captioner = load(paths.model, pick_device(cfg.device))
+    captioner = load(paths.model, pick_device(cfg.device), cpu_decoder=_cpu_decoder(params))
     test = _test_split(paths.processed)
     images = [entry["image"] for entry in test]
     references = {entry["image"]: entry["captions"] for entry in test}
@@ -214,7 +218,7 @@ def _card_facts(
         images={split: len(entries) for split, entries in splits.items()},
         test_split=registry.split_fingerprint(test, raw_dir / IMAGES_DIR),
         metrics=metrics,
-        decoding=cfg.decoding().to_dict(),
+        decoding={**cfg.decoding().to_dict(), "cpu_decoder": _cpu_decoder(params)},
         preset=str((params.get("model") or {}).get("preset", "")),
         commit=execution.commit,
         experiment=execution.experiment,
@@ -294,6 +298,12 @@ def _write_predictions(
                 line["correct"] = flags[image]["correct"]
                 line["content"] = {k: v for k, v in flags[image].items() if k != "correct"}
             f.write(json.dumps(line) + "\n")
+
+
+def _cpu_decoder(params: Mapping[str, Any]) -> str:
+    """How the archive runs the decoder on a CPU (params.yaml serve.cpu_decoder): evaluate
+    captions the same way, and the MLflow model loads it the same way."""
+    return (params.get("serve") or {}).get("cpu_decoder", CPU_DECODER)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

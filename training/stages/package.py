@@ -37,7 +37,7 @@ import yaml
 
 from model import CaptionerConfig, read_checkpoint
 from model.image import DEFAULT_MAX_PIXELS
-from model.options import MAX_BEAMS, MAX_LENGTH, Decoding
+from model.options import CPU_DECODER, CPU_DECODERS, MAX_BEAMS, MAX_LENGTH, Decoding
 from model.tokenizer import save_tokenizer
 from training.data.checksums import file_sha256
 from training.params import ParamsError, from_section, load_params, stage_main
@@ -79,16 +79,24 @@ class ServeConfig:
     max_length: dict[str, int] = field(
         default_factory=lambda: {"default": Decoding.max_length, "max": MAX_LENGTH}
     )
+    # per request likewise, from 0 (off) to max_length.max: no n-gram twice in a caption
+    no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size
     max_image_bytes: int = 8 * 2**20  # below config.properties' max_request_size (10 MiB)
     max_pixels: int = DEFAULT_MAX_PIXELS  # read from the header, refused before decoding
     cpu_threads: int = 0  # torch threads per CPU worker; 0 = the CPUs available / max_workers
+    cpu_decoder: str = CPU_DECODER  # int8 | fp32 on CPU workers (model/int8.py); GPUs: as saved
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "response_timeout_s", "min_workers", "max_image_bytes"):
             _check(name, getattr(self, name), minimum=1)
         _check("cpu_threads", self.cpu_threads, minimum=0)
+        if self.cpu_decoder not in CPU_DECODERS:
+            raise ValueError(
+                f"serve.cpu_decoder must be one of {CPU_DECODERS}, got {self.cpu_decoder!r}"
+            )
         _check("max_batch_delay_ms", self.max_batch_delay_ms, minimum=1, hint=NO_ZERO_DELAY)
         _check("max_pixels", self.max_pixels, minimum=1)
+        _check("no_repeat_ngram_size", self.no_repeat_ngram_size, minimum=0)
         _check("max_workers", self.max_workers, minimum=self.min_workers)
         for name in ("num_beams", "max_length"):
             spec = getattr(self, name)
@@ -115,8 +123,16 @@ class ServeConfig:
         }
 
     def handler_settings(self) -> dict[str, Any]:
-        """handler.json: what the handler needs per request."""
-        keys = ("num_beams", "max_length", "max_image_bytes", "max_pixels", "cpu_threads")
+        """handler.json: what the handler needs per request, and how it runs the decoder."""
+        keys = (
+            "num_beams",
+            "max_length",
+            "no_repeat_ngram_size",
+            "max_image_bytes",
+            "max_pixels",
+            "cpu_threads",
+            "cpu_decoder",
+        )
         return {key: getattr(self, key) for key in keys}
 
 

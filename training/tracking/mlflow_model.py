@@ -32,15 +32,23 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         artifacts = context.artifacts
-        self.captioner = load(artifacts["checkpoint"], device, tokenizer=artifacts["tokenizer"])
         self.defaults = dict(context.model_config or {})  # the decoding the evaluation used
+        # the decoder as TorchServe runs it on a CPU (a model logged before the setting: fp32)
+        cpu_decoder = self.defaults.pop("cpu_decoder", "fp32")
+        self.captioner = load(
+            artifacts["checkpoint"],
+            device,
+            tokenizer=artifacts["tokenizer"],
+            cpu_decoder=cpu_decoder,
+        )
 
     # MLflow reads predict's hints: a DataFrame hint leaves the input as the logged signature
     # made it (no type-hint schema, no warning about one).
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """Caption every image (column `image`); params: num_beams, max_length, length_penalty.
+        """Caption every image (column `image`); params: num_beams, max_length, length_penalty,
+        no_repeat_ngram_size.
         A score that is not finite is None."""
         from model import Decoding, open_image
 
@@ -49,6 +57,9 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             num_beams=int(settings.get("num_beams", Decoding.num_beams)),
             max_length=int(settings.get("max_length", Decoding.max_length)),
             length_penalty=float(settings.get("length_penalty", Decoding.length_penalty)),
+            no_repeat_ngram_size=int(
+                settings.get("no_repeat_ngram_size", Decoding.no_repeat_ngram_size)
+            ),
         )
         column = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
         images = [_as_bytes(value) for value in column]

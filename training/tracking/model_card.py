@@ -97,7 +97,8 @@ def model_card(facts: CardFacts, name: str | None = None, version: str | None = 
         "captions): versions are compared only on the same id",
         "",
         f"## Test metrics (beam {decoding.get('num_beams')}, max length "
-        f"{decoding.get('max_length')}, length penalty {decoding.get('length_penalty')})",
+        f"{decoding.get('max_length')}, length penalty {decoding.get('length_penalty')}, "
+        f"{decoding.get('cpu_decoder', 'fp32')} decoder weights on the CPU)",
         "",
         "| metric | value |",
         "|---|---:|",

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 KEY = "imgtocap.evaluation"  # tag: sha256 of the checkpoint and of eval.json
 VERSION = "imgtocap.version"  # tag on that run: registered name/version (empty: registry-less)
-DECODING = ("num_beams", "max_length", "length_penalty")
+DECODING = ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)

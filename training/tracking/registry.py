@@ -278,6 +278,7 @@ def _signature(decoding: Mapping[str, Any]) -> ModelSignature:
         ParamSpec("num_beams", "long", int(decoding["num_beams"])),
         ParamSpec("max_length", "long", int(decoding["max_length"])),
         ParamSpec("length_penalty", "double", float(decoding["length_penalty"])),
+        ParamSpec("no_repeat_ngram_size", "long", int(decoding["no_repeat_ngram_size"])),
     ]
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
