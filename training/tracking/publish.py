@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from model import Decoding
+from model.options import CPU_DECODER
 from training.data.captions import IMAGES_DIR
 from training.data.checksums import file_sha256
 from training.tracking import registry, server
@@ -176,6 +177,7 @@ def _register(
     }
     evaluate = params.get("evaluate") or {}
     decoding = Decoding(**{k: evaluate[k] for k in DECODING if k in evaluate}).to_dict()
+    decoding["cpu_decoder"] = (params.get("serve") or {}).get("cpu_decoder", CPU_DECODER)
     name = registry.registered_name(dataset)
     version = registry.register_model(evaluated.model, decoding, name, tags)
     registered = Registered(name, version, run_id, local)
