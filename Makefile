@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 # Spinning OpenMP threads stall badly when another process holds a core (TorchServe workers).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-fast lint format lock docs plots-template clean
+.PHONY: setup test test-fast lint format lock docs plots-template clean ui
 
 include serve/serve.mk
 
@@ -39,6 +39,10 @@ lock:
 	  echo '# `make setup` and the Dockerfile install within it. Edit requirements/*.txt, not this.'; \
 	  $(BIN)/pip freeze --all --exclude-editable --exclude imgtocap; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
+
+## ui: mlflow ui on the runs' store, on the first free port from UI_PORT (default 5050; the demo page has 5000)
+ui: setup
+	$(BIN)/python -m training.tracking.ui
 
 lint: setup
 	$(BIN)/ruff check .

@@ -39,11 +39,14 @@ from training.data.synthetic import content_correct, load_scenes, write_syntheti
 from training.evaluation import attention_plot, samples
 from training.evaluation.metrics import warm_up
 from training.evaluation.samples import grid_size
-from training.stages import evaluate as evaluate_module
 from training.stages.evaluate import EvalPaths, EvaluateConfig, evaluate
 from training.stages.transform import TransformConfig, transform
+from training.tracking import publish as publish_module
+from training.tracking import registry
 from training.tracking import runs as tracking
-from training.tracking.model_card import CardFacts
+from training.tracking.model_card import retitle
+from training.tracking.publish import Evaluated, publish
+from training.tracking.registry import Registered
 
 PARAMS = {
     "num_beams": 2,
@@ -86,7 +89,7 @@ def memorise(model: Captioner, grid: torch.Tensor, captions: list[str], tokenize
 
 def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path | None = None):
     """The evaluate stage on the workspace under `root` (model/, processed/, features/), writing
-    eval.json, predictions.jsonl, samples.png, model_card.md and registered.json into `out`."""
+    eval.json, predictions.jsonl, samples.png and model_card.md into `out`."""
     paths = EvalPaths(
         model=root / "model" / "model.pth",
         processed=root / "processed" / "captions.json",
@@ -98,10 +101,24 @@ def run_evaluate(root: Path, raw: Path, out: Path, params: dict, features: Path 
         samples=out / "samples.png",
         attention=out / "attention.png",
         card=out / "model_card.md",
-        registered=out / "registered.json",
-        run_file=root / "model" / "mlflow.json",
     )
     return evaluate(EvaluateConfig.from_dict(params), paths)
+
+
+def run_track(root: Path, raw: Path, out: Path) -> Registered:
+    """The track stage on what run_evaluate wrote into `out` (training/tracking/publish.py)."""
+    files = ("eval.json", "predictions.jsonl", "samples.png", "attention.png", "robustness.jsonl")
+    evaluated = Evaluated(
+        model=root / "model" / "model.pth",
+        metrics=out / "eval.json",
+        card=out / "model_card.md",
+        processed=root / "processed" / "captions.json",
+        raw=raw,
+        history=root / "model" / "train_history.csv",
+        run_file=root / "model" / "mlflow.json",
+        files=tuple(out / name for name in files),
+    )
+    return publish(evaluated, {"evaluate": PARAMS})
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +180,11 @@ def ws(tmp_path_factory, tokenizer):
             tracking.configure()
             with mlflow.start_run(run_name="train") as active:  # what train does
                 run_id = active.info.run_id
+                mlflow.log_params(tracking.flatten({"evaluate": PARAMS}))
             tracking.save_run_id(run_id, model_dir / "mlflow.json")
             out = root / "out"
             metrics = run_evaluate(root, raw, out, PARAMS)
+            registered = run_track(root, raw, out)
             yield {
                 "root": root,
                 "raw": raw,
@@ -176,6 +195,7 @@ def ws(tmp_path_factory, tokenizer):
                 "refs": refs,
                 "scenes": scenes,
                 "run_id": run_id,
+                "registered": registered,
                 "mp": mp,
             }
     torch.set_num_threads(threads)
@@ -206,11 +226,8 @@ def test_content_accuracy_is_the_fraction_of_correct_predictions(ws):
     assert saved["content_accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-4)
     assert 0 < saved["content_accuracy"] <= CORRECT / 6 + 1e-4  # the two wrong targets stay wrong
     assert saved["num_images"] == 6
-    assert {k: saved[k] for k in ("num_beams", "max_length", "length_penalty")} == {
-        "num_beams": 2,
-        "max_length": 20,
-        "length_penalty": 1.0,
-    }
+    # metrics only: the decoding settings are params (evaluate.*), not repeated here
+    assert not {"num_beams", "max_length", "length_penalty"} & set(saved)
     for key in ("bleu1", "bleu4", "meteor", "rouge_l", "objects_accuracy", "colour_accuracy"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["bleu1"] > 0.3  # most captions are (nearly) references
@@ -322,23 +339,30 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
 
     (version,) = client.search_model_versions("name='imgtocap-synthetic'")
     assert version.run_id == ws["run_id"]  # the first evaluation completes training's run
-    assert float(version.tags["cider"]) == pytest.approx(ws["metrics"]["cider"])
+    assert "cider" not in version.tags  # metrics live in the run, not again as tags
+    assert version.tags["eval_run"] == ws["run_id"]
     assert version.tags["dataset"] == "synthetic" and version.tags["decode.num_beams"] == "2"
     champion = client.get_model_version_by_alias("imgtocap-synthetic", "champion")
     assert champion.version == version.version  # the first version is the champion
-    registered = json.loads((ws["out"] / "registered.json").read_text())
-    assert registered == {"name": "imgtocap-synthetic", "version": "1", "run_id": ws["run_id"]}
+    # a store on this machine only: its stamp says so
+    assert ws["registered"] == Registered("imgtocap-synthetic", "1", ws["run_id"], local=True)
+    assert ws["registered"].archive_version() == "local-1"
 
-    # the model card: the version's description, in its run, and in reports/
+    # the model card: in reports/ without a version; the version's description and in its run
     card = (ws["out"] / "model_card.md").read_text()
-    assert version.description == card
-    assert card.startswith("# imgtocap-synthetic version 1\n")
+    assert card.startswith("# imgtocap (not registered)\n")
+    assert version.description == retitle(card, "imgtocap-synthetic", "local-1")
+    assert version.description.startswith("# imgtocap-synthetic version local-1\n")
     accuracy = ws["metrics"]["content_accuracy"]
     assert f"| content accuracy (colour, shape, relation) | {accuracy:.4f} |" in card
     assert "a photograph of a dog gets a caption about shapes" in card
     assert f"test split id `{version.tags['test_split']}`" in card
     logged = Path(client.download_artifacts(ws["run_id"], "model_card.md", str(ws["out"] / "dl")))
-    assert logged.read_text() == card
+    assert logged.read_text() == version.description
+
+    # the same evaluation tracked again (DVC runs `track` every time): looked up, not logged
+    assert run_track(ws["root"], ws["raw"], ws["out"]) == ws["registered"]
+    assert len(client.search_model_versions("name='imgtocap-synthetic'")) == 1
 
     loaded = mlflow.pyfunc.load_model("models:/imgtocap-synthetic@champion")
     images = ws["test"][:2] + ws["test"][-1:]
@@ -350,30 +374,29 @@ def test_mlflow_run_holds_eval_metrics_and_the_registry_a_captioning_model(ws):
     assert all(len(c.split()) <= 3 for c in greedy["caption"])
 
 
-def test_unreachable_tracking_server_warns_and_the_stage_succeeds(ws, caplog):
+def test_unreachable_tracking_server_warns_and_nothing_is_registered(ws, caplog):
     out = ws["root"] / "out_unreachable"
     with tracking_off(ws) as port, caplog.at_level(logging.WARNING):
         metrics = run_evaluate(ws["root"], ws["raw"], out, {**PARAMS, "grid_images": 2})
-    assert metrics["bleu4"] == ws["metrics"]["bleu4"]
+        registered = run_track(ws["root"], ws["raw"], out)
+    assert metrics["bleu4"] == ws["metrics"]["bleu4"]  # evaluate does not need the server
     assert (out / "samples.png").is_file() and (out / "predictions.jsonl").is_file()
     assert f"127.0.0.1:{port} does not answer" in caplog.text
+    assert registered == Registered() and registered.archive_version() == "unregistered"
 
 
 def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("registry says no")
 
-    monkeypatch.setattr(evaluate_module, "register_model", refuse)
-    model_path = ws["root"] / "model" / "model.pth"
-    files = [ws["out"] / "eval.json"]
-    cfg = EvaluateConfig.from_dict(PARAMS)
-    metrics = {**ws["metrics"], "bleu4": 0.123}
-    facts = CardFacts("synthetic", {}, 0, {}, "split", metrics, cfg.decoding().to_dict())
+    monkeypatch.setattr(registry, "register_model", refuse)
+    out = ws["root"] / "out_refused"
+    shutil.copytree(ws["out"], out)
+    metrics = {**ws["metrics"], "bleu4": 0.123}  # another evaluation of the same model
+    (out / "eval.json").write_text(json.dumps(metrics))
     with caplog.at_level(logging.WARNING):
-        registered = evaluate_module.track(
-            model_path.parent / "mlflow.json", model_path, metrics, files, cfg, facts, {}
-        )
-    assert registered.version is None
+        registered = run_track(ws["root"], ws["raw"], out)
+    assert registered == Registered()
     assert "registry says no" in caplog.text
     client = mlflow.MlflowClient()
     run = client.get_run(ws["run_id"])
@@ -383,9 +406,9 @@ def test_a_registry_failure_warns_and_leaves_the_training_run_finished(ws, monke
     (child,) = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{ws['run_id']}'"
     )
-    assert child.info.status == "FINISHED"
     assert child.data.metrics["bleu4"] == 0.123  # logged before the registry refused
     assert child.data.tags[tracking.TRAIN_RUN] == ws["run_id"]
+    assert publish_module.KEY not in child.data.tags  # so the next `dvc repro` logs it again
 
 
 def test_features_from_another_encoder_are_refused(ws, tmp_path):

@@ -141,36 +141,52 @@ def test_champion_is_the_first_version_with_the_best_cider(experiments):
     client = experiments.client
     versions = sorted(client.search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
     runs = {r.info.run_id: name for name, r in experiments.runs().items()}
-    assert [runs[v.run_id] for v in versions] == [experiments.start[:7], *EXPERIMENTS]
+    assert [runs[v.tags["eval_run"]] for v in versions] == [experiments.start[:7], *EXPERIMENTS]
     assert len({v.tags["test_split"] for v in versions}) == 1  # all scored on the same images
-    ciders = [float(v.tags["cider"]) for v in versions]
+    assert not any("cider" in v.tags for v in versions)  # metrics live in the runs only
+    ciders = [client.get_run(v.tags["eval_run"]).data.metrics["cider"] for v in versions]
     best = versions[ciders.index(max(ciders))]
     champion = client.get_model_version_by_alias(NAME, "champion")
-    assert champion.version == best.version, [(v.version, v.tags["cider"]) for v in versions]
+    assert champion.version == best.version, list(zip(versions, ciders))
     for version in versions:
         assert version.tags["champion.decision"], version.version
-        assert version.description.startswith(f"# {NAME} version {version.version}\n")
+        # a store on this machine only: its versions are stamped local-<n>
+        assert version.description.startswith(f"# {NAME} version local-{version.version}\n")
         assert "describes every image in those words" in version.description  # known limits
 
 
 def test_every_archive_is_stamped_with_its_registered_version(experiments, tmp_path):
+    """One archive per distinct model (baseline and `longer`): the evaluate-only versions point
+    at the baseline's instead of a copy of the same weights."""
     client = experiments.client
-    for version in client.search_model_versions(f"name='{NAME}'"):
-        number = str(version.version)  # the store answers an int here
-        assert version.tags["archive"] == f"runs:/{version.run_id}/archive/imgtocap.mar"
-        mar = Path(client.download_artifacts(version.run_id, "archive/imgtocap.mar", tmp_path))
+    versions = {v.tags["eval_run"]: v for v in client.search_model_versions(f"name='{NAME}'")}
+    runs = experiments.runs()
+    for name in (experiments.start[:7], "longer"):  # the runs that trained a model
+        version = versions[runs[name].info.run_id]
+        number = f"local-{version.version}"
+        run_id = version.tags["eval_run"]
+        assert version.tags["archive"] == f"runs:/{run_id}/archive/imgtocap.mar"
+        mar = Path(client.download_artifacts(run_id, "archive/imgtocap.mar", tmp_path))
         assert _archive_version(mar) == number
         with zipfile.ZipFile(mar) as archive:
             card = archive.read("MODEL_CARD.md").decode()
             registered = json.loads(archive.read("registered.json"))
         assert card == version.description
-        assert registered == {"name": NAME, "version": number, "run_id": version.run_id}
+        assert registered == {
+            "name": NAME,
+            "version": str(version.version),
+            "run_id": run_id,
+            "local": True,
+        }
         mar.unlink()
+    baseline = versions[runs[experiments.start[:7]].info.run_id]
+    for name in ("beams-1", "temp-beams-3"):
+        assert versions[runs[name].info.run_id].tags["archive"] == baseline.tags["archive"]
     # the workspace holds the last experiment run in it (the temp one left it alone)
     registered = json.loads((experiments.repo / "artifacts/model/registered.json").read_text())
-    longer = experiments.runs()["longer"].info.run_id
-    assert registered["run_id"] == longer
-    assert _archive_version(experiments.repo / "model-store/imgtocap.mar") == registered["version"]
+    assert registered["run_id"] == runs["longer"].info.run_id
+    stamp = _archive_version(experiments.repo / "model-store/imgtocap.mar")
+    assert stamp == f"local-{registered['version']}"
 
 
 def _archive_version(mar: Path) -> str:
@@ -185,7 +201,8 @@ def test_a_copied_checkout_writes_into_itself(experiments, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(original, copy, symlinks=True)
 
-    assert "Running stage 'evaluate'" in dvc(copy, "repro", "--force", "--single-item", "evaluate")
+    set_params(copy, {"evaluate.length_penalty": 0.9})  # an evaluation the store has not seen
+    assert "Running stage 'track'" in dvc(copy, "repro")
     assert _tree(original / "mlruns") == before  # not one file added or changed
     assert len(experiments.runs()) == runs_before
     with sqlite3.connect(copy / "mlflow.db") as con:

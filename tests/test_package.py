@@ -60,6 +60,7 @@ def test_the_archive_is_stamped_with_the_registered_version(checkpoint, tmp_path
             "name": "imgtocap-synthetic",
             "version": "3",
             "run_id": "0123abcd",
+            "local": False,
         }
         assert mar.read("MODEL_CARD.md") == card.read_bytes()
     unregistered = build_archive(checkpoint, tmp_path / "bare", {})  # training ran untracked

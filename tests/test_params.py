@@ -17,6 +17,7 @@ from tests.helpers.project import ALWAYS, STAGES
 from training import StageError
 from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
 from training.stages.evaluate import EvaluateConfig
+from training.stages.finetune import FinetuneConfig
 from training.stages.package import ServeConfig
 from training.stages.preprocess import PreprocessConfig
 from training.stages.train import TrainConfig
@@ -30,6 +31,7 @@ SECTIONS = {
     "transform": TransformConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig,
     "serve": ServeConfig,
 }

@@ -39,13 +39,7 @@ FILES = {
         {paths.FINETUNED_PATH, paths.FINETUNE_METRICS_PATH, paths.FINETUNE_HISTORY_PATH},
     ),
     "evaluate": (
-        {
-            paths.FINETUNED_PATH,
-            paths.RUN_FILE,
-            paths.FEATURES_DIR,
-            paths.PROCESSED_DIR,
-            paths.RAW_DIR,
-        },
+        {paths.FINETUNED_PATH, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
         {
             paths.EVAL_METRICS_PATH,
             paths.PREDICTIONS_PATH,
@@ -53,8 +47,23 @@ FILES = {
             paths.ROBUSTNESS_PATH,
             paths.ATTENTION_PATH,
             paths.CARD_PATH,
-            paths.REGISTERED_PATH,
         },
+    ),
+    "track": (
+        {
+            paths.FINETUNED_PATH,
+            paths.RUN_FILE,
+            paths.EVAL_METRICS_PATH,
+            paths.HISTORY_PATH,
+            paths.CARD_PATH,
+            paths.PREDICTIONS_PATH,
+            paths.SAMPLES_PATH,
+            paths.ATTENTION_PATH,
+            paths.ROBUSTNESS_PATH,
+            paths.PROCESSED_DIR,
+            paths.RAW_DIR,
+        },
+        {paths.REGISTERED_PATH},
     ),
     "package": (
         {paths.FINETUNED_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},

@@ -7,6 +7,7 @@ The whole pipeline doing the same through `dvc exp run` is tests/test_experiment
 from __future__ import annotations
 
 import shutil
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import mlflow
 import pytest
 
 from tests.helpers.project import GIT, git_commit
-from training.tracking import registry
+from training.tracking import registry, ui
 from training.tracking import runs as tracking
 
 PARAMS = {"data": {"source": "synthetic"}, "model": {"preset": "tiny"}, "evaluate": {"beams": 2}}
@@ -155,14 +156,14 @@ def test_evaluate_completes_its_training_run_once_then_gets_runs_of_its_own(stor
 
 
 def _version(name: str, cider: float, split: str) -> str:
-    """A registered version with the tags evaluate sets (no model: the rule reads tags only)."""
+    """A registered version as track makes it (no model: the rule reads the split tag and the
+    evaluation run's metric)."""
     client = mlflow.MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     with mlflow.start_run() as run:
-        pass
+        mlflow.log_metric("cider", cider)
     version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-    client.set_model_version_tag(name, version.version, "cider", str(cider))
     client.set_model_version_tag(name, version.version, "test_split", split)
     return version.version
 
@@ -226,3 +227,12 @@ def test_a_copied_store_writes_into_the_copy(store, tmp_path, monkeypatch):
     assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/note.txt") == "original"
     assert sorted(p.relative_to(store) for p in (store / "mlruns").rglob("*")) == original
     assert not tracking.relocate_artifacts(copy / "mlflow.db")  # once is enough
+
+
+def test_make_ui_skips_a_taken_port_and_says_when_none_is_free():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert ui.free_port(port, tries=2) > port
+        with pytest.raises(SystemExit, match=f"no free port in {port}-{port}: set UI_PORT"):
+            ui.free_port(port, tries=1)

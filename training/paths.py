@@ -29,7 +29,7 @@ ROBUST_DIR = "robust"
 
 # define
 CONFIG_PATH = Path("artifacts/model/config.json")
-SUMMARY_PATH = Path("metrics/model.json")
+SUMMARY_PATH = Path("reports/model_size.json")  # parameter counts: not metrics
 
 # train
 MODEL_PATH = Path("artifacts/model/model.pth")

@@ -1,7 +1,7 @@
 """DVC stage `define`: the model's architecture, resolved from params, and its size.
 
 Writes `artifacts/model/config.json` (the CaptionerConfig every later stage builds from) and
-`metrics/model.json` (parameter counts). With `model.output_vocab: dataset` the output layer
+`reports/model_size.json` (parameter counts). With `model.output_vocab: dataset` the output layer
 covers the WordPiece ids of the train and val captions (plus [SEP]), read from
 data/processed; nothing is downloaded here: the model is built on the meta device.
 """

@@ -1,14 +1,12 @@
-"""DVC stage `evaluate`: caption the test split, score it, draw samples, log and register.
+"""DVC stage `evaluate`: caption the test split, score it, draw samples, write the model card.
 
 Reads artifacts/finetune/model.pth (train's model, or its self-critical fine-tuning),
 data/processed/captions.json, data/features/ (the test
 split's precomputed encoder features) and data/raw/ (images for the grid; scenes.json for the
 synthetic content metric). Writes metrics/eval.json, reports/predictions.jsonl,
 reports/samples.png, reports/attention.png (where the model looks for each word) and
-reports/model_card.md. When training recorded an MLflow run (artifacts/model/mlflow.json), the
-results go to that run (or to a child of it when only evaluate re-ran: training/tracking/runs.py),
-the model is registered as `imgtocap-<dataset>` (training/tracking/registry.py), and
-artifacts/model/registered.json says which version, for `package`.
+reports/model_card.md. Logging to MLflow and registering is the `track` stage's
+(training/tracking/publish.py), which always runs: DVC may restore this stage from its cache.
 """
 
 from __future__ import annotations
@@ -44,19 +42,14 @@ from training.paths import (
     PREDICTIONS_PATH,
     PROCESSED_PATH,
     RAW_DIR,
-    REGISTERED_PATH,
     ROBUSTNESS_PATH,
-    RUN_FILE,
     SAMPLES_PATH,
 )
 from training.tracking import registry
 from training.tracking import runs as tracking
 from training.tracking.model_card import CardFacts, model_card
-from training.tracking.registry import Registered, register_model
 
 log = logging.getLogger(__name__)
-
-DECODING = ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
@@ -106,9 +99,6 @@ class EvalPaths:
     samples: Path = SAMPLES_PATH
     attention: Path = ATTENTION_PATH
     card: Path = CARD_PATH
-    registered: Path = REGISTERED_PATH  # the version package stamps
-    # where training recorded its MLflow run: beside train's model, not finetune's
-    run_file: Path = RUN_FILE
 
 
 def evaluate(
@@ -134,8 +124,7 @@ def evaluate(
 
     metrics, flags = _score(captioner, cfg, paths, images, predictions, references)
     metrics.update(
-        num_images=len(images),
-        **cfg.decoding().to_dict(),
+        num_images=len(images),  # the decoding settings are params (evaluate.*), not metrics
         decode_seconds=round(seconds, 2),
         captions_per_second=round(len(images) / max(seconds, 1e-9), 2),
     )
@@ -193,7 +182,7 @@ def _write_reports(
         Sample(image, r.caption, references[image], flags.get(image, {}).get("correct"))
         for image, r in zip(images[: cfg.grid_images], results)
     ]
-    render_grid(samples, paths.raw / IMAGES_DIR, paths.samples, _grid_title(metrics))
+    render_grid(samples, paths.raw / IMAGES_DIR, paths.samples, _grid_title(metrics, cfg.num_beams))
     evaluate_attention(captioner, images, features, paths.raw, paths.attention, cfg.decoding())
 
 
@@ -205,15 +194,10 @@ def _publish(
     metrics: dict[str, Any],
     params: Mapping[str, Any],
 ) -> None:
-    """Log to MLflow and register (when training recorded a run); write the model card and
-    the registered version (empty without tracking)."""
-    outputs = [paths.metrics, paths.predictions, paths.samples, paths.attention]
-    outputs += [paths.robustness] if paths.robustness.stat().st_size else []
+    """The model card (`track` adds the registered version when it logs it: stages/track.py)."""
     facts = _card_facts(captioner.model, paths.processed, paths.raw, test, metrics, cfg, params)
-    registered = track(paths.run_file, paths.model, metrics, outputs, cfg, facts, params)
     paths.card.parent.mkdir(parents=True, exist_ok=True)
-    paths.card.write_text(model_card(facts, registered.name, registered.version), encoding="utf-8")
-    registered.save(paths.registered)
+    paths.card.write_text(model_card(facts), encoding="utf-8")
 
 
 def _card_facts(
@@ -240,100 +224,6 @@ def _card_facts(
         commit=execution.commit,
         experiment=execution.experiment,
     )
-
-
-def track(
-    run_file: Path,
-    model_path: Path,
-    metrics: dict[str, Any],
-    files: list[Path],
-    cfg: EvaluateConfig,
-    facts: CardFacts,
-    params: Mapping[str, Any],
-) -> Registered:
-    """Log the results to this execution's MLflow run, register the model and move the
-    champion alias if it wins; returns the registered version (empty without tracking).
-
-    Tracking is a record, not a result: any failure (server unreachable, registry refused) is
-    logged as a warning and the stage still succeeds with its local outputs.
-    """
-    run_id = tracking.load_run_id(run_file)
-    if run_id is None:
-        log.info(
-            "no MLflow run recorded in %s (training ran without tracking): not logging", run_file
-        )
-        return Registered()
-    down = tracking.unreachable_server()
-    if down:  # MLflow's client would retry for ~4 minutes before giving up
-        log.warning(
-            "MLflow server %s does not answer: the evaluation is not logged to run %s (its "
-            "files are written). Start the server or fix MLFLOW_TRACKING_URI, then run "
-            "`dvc repro -f evaluate` to log it.",
-            down,
-            run_id,
-        )
-        return Registered()
-    scores = {k: v for k, v in metrics.items() if k not in DECODING}
-    failure: Exception | None = None
-    registered = Registered()
-    try:
-        with tracking.evaluation_run(run_id, params) as active:
-            try:  # caught inside the run: MLflow would otherwise mark training's run FAILED
-                registered = _log_and_register(
-                    model_path, scores, files, cfg, facts, active.info.run_id, run_id
-                )
-            except Exception as exc:
-                failure = exc
-    except Exception as exc:  # the store itself: unreachable, refused, misconfigured
-        failure = exc
-    if failure is not None:
-        log.warning(
-            "MLflow logging failed (%s: %s); the evaluation's files are written, the run %s and "
-            "the registry may be incomplete. Check MLFLOW_TRACKING_URI (now %s).",
-            type(failure).__name__,
-            failure,
-            run_id,
-            _tracking_uri(),
-        )
-        return registered
-    log.info(
-        "MLflow: test metrics logged, model registered as %s version %s (run %s)",
-        registered.name,
-        registered.version,
-        registered.run_id,
-    )
-    return registered
-
-
-def _log_and_register(
-    model_path: Path,
-    scores: dict[str, Any],
-    files: list[Path],
-    cfg: EvaluateConfig,
-    facts: CardFacts,
-    run_id: str,
-    train_run: str,
-) -> Registered:
-    """In the active run: the metrics (named as in eval.json), the files, the registered model
-    with its card, the champion decision."""
-    mlflow = tracking.mlflow  # imported there, after telemetry is switched off
-    mlflow.log_metrics({k: float(v) for k, v in scores.items()})
-    mlflow.set_tag(tracking.EVALUATED, "true")
-    for path in files:
-        mlflow.log_artifact(str(path), artifact_path="evaluation")
-    name = registry.registered_name(facts.dataset)
-    tags = {
-        "dataset": facts.dataset,
-        "preset": facts.preset,
-        "test_split": facts.test_split,
-        "git.commit": facts.commit or "",
-        "dvc.experiment": facts.experiment or "",
-        "train_run": train_run,
-    }
-    version = register_model(model_path, scores, facts.decoding, name, tags)
-    registry.promote(name, version, float(scores[registry.PRIMARY]), facts.test_split)
-    registry.attach_card(name, version, run_id, model_card(facts, name, version))
-    return Registered(name, version, run_id)
 
 
 def _caption(
@@ -422,18 +312,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _grid_title(metrics: dict[str, Any]) -> str:
+def _grid_title(metrics: dict[str, Any], num_beams: int) -> str:
     parts = [f"BLEU-4 {metrics['bleu4']:.3f}", f"CIDEr {metrics['cider']:.3f}"]
     if "content_accuracy" in metrics:
         parts.append(f"content accuracy {metrics['content_accuracy']:.3f}")
     return (
         f"imgtocap test samples \u2014 {', '.join(parts)} on {metrics['num_images']} images "
-        f"(beam {metrics['num_beams']})"
+        f"(beam {num_beams})"
     )
-
-
-def _tracking_uri() -> str:
-    return tracking.mlflow.get_tracking_uri()
 
 
 @stage_main

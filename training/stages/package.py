@@ -39,9 +39,11 @@ from model import CaptionerConfig, read_checkpoint
 from model.image import DEFAULT_MAX_PIXELS
 from model.options import CPU_DECODER, CPU_DECODERS, MAX_BEAMS, MAX_LENGTH, Decoding
 from model.tokenizer import save_tokenizer
+from training.data.checksums import file_sha256
 from training.params import ParamsError, from_section, load_params, stage_main
 from training.paths import ARCHIVE_PATH, CARD_PATH, FINETUNED_PATH, MODEL_NAME, REGISTERED_PATH
 from training.tracking import runs as tracking
+from training.tracking.model_card import retitle
 from training.tracking.registry import MODEL_PACKAGE, Registered, log_archive
 
 log = logging.getLogger(__name__)
@@ -175,8 +177,11 @@ def build_archive(
         save_tokenizer(config.tokenizer, stage / "tokenizer")
         (stage / "handler.json").write_text(json.dumps(params.handler_settings(), indent=2) + "\n")
         registered.save(stage / "registered.json")
-        if card is not None:
-            shutil.copyfile(card, stage / "MODEL_CARD.md")
+        if card is not None:  # with the version this archive is stamped with
+            text = card.read_text(encoding="utf-8")
+            if registered.run_id:
+                text = retitle(text, registered.name, registered.archive_version())
+            (stage / "MODEL_CARD.md").write_text(text, encoding="utf-8")
         model_config = Path(tmp) / "model-config.yaml"
         model_config.write_text(yaml.safe_dump(params.model_config(), sort_keys=False))
         export = Path(tmp) / "export"
@@ -220,13 +225,14 @@ def main() -> None:
         archive.stat().st_size / 1e6,
         registered.archive_version(),
     )
-    track(registered, archive)
+    track(registered, archive, FINETUNED_PATH)
 
 
-def track(registered: Registered, archive: Path) -> None:
-    """Log the archive with its registered version; a failure is a warning, never a failure."""
-    if registered.version is None:
-        log.info("no registered version in %s: the archive is not logged", REGISTERED_PATH)
+def track(registered: Registered, archive: Path, checkpoint: Path) -> None:
+    """Log the archive to the evaluation's run (once per checkpoint) and tag its registered
+    version; a failure is a warning, never a failure."""
+    if registered.run_id is None:
+        log.info("no MLflow run in %s: the archive is not logged", REGISTERED_PATH)
         return
     down = tracking.unreachable_server()
     if down:
@@ -234,13 +240,13 @@ def track(registered: Registered, archive: Path) -> None:
         return
     try:
         tracking.configure()
-        log_archive(registered, archive)
+        log_archive(registered, archive, file_sha256(checkpoint))
     except Exception as exc:  # a record, not a result: the archive is written
         log.warning(
-            "logging %s to %s version %s failed (%s: %s)",
+            "logging %s to run %s (archive version %s) failed (%s: %s)",
             archive,
-            registered.name,
-            registered.version,
+            registered.run_id,
+            registered.archive_version(),
             type(exc).__name__,
             exc,
         )

@@ -65,7 +65,7 @@ class CardFacts:
 def model_card(facts: CardFacts, name: str | None = None, version: str | None = None) -> str:
     """The card as Markdown; `name`/`version` when the model is registered."""
     config, decoding = facts.config, facts.decoding
-    title = f"{name} version {version}" if name and version else "imgtocap (not registered)"
+    title = f"{name or 'imgtocap'} version {version}" if version else "imgtocap (not registered)"
     fusion = (
         "cross-attention over the image grid"
         if config.get("fusion") == "cross_attention"
@@ -133,3 +133,9 @@ def model_card(facts: CardFacts, name: str | None = None, version: str | None = 
             "TorchServe's describe call and every caption response name it.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def retitle(card: str, name: str | None, version: str) -> str:
+    """The card `evaluate` wrote (not registered yet) with the registered name and version."""
+    first, _, rest = card.partition("\n")
+    return f"# {name or 'imgtocap'} version {version}\n{rest}" if first.startswith("# ") else card

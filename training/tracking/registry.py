@@ -60,6 +60,10 @@ MODEL_PACKAGE = Path(model_package.__file__).parent  # model/: in the .mar and t
 # What loading the pyfunc imports (see mlflow_model.py); pinned to the versions evaluated with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "pillow", "numpy", "pandas")
 UNREGISTERED = "unregistered"  # the archive's version when nothing was registered
+MODEL_SHA = "imgtocap.model_sha256"  # tag: the checkpoint a run or version evaluated
+MODEL_URI = "imgtocap.model_uri"  # tag on the run that logged that checkpoint's weights
+ARCHIVE = "imgtocap.archive"  # tag on the run that logged that checkpoint's archive
+EVAL_RUN = "eval_run"  # version tag: the run holding its test metrics
 
 
 def registered_name(dataset: str) -> str:
@@ -86,10 +90,17 @@ class Registered:
     name: str | None = None
     version: str | None = None
     run_id: str | None = None  # the run that holds the version (and gets the archive)
+    local: bool = False  # a store on this machine only (the default mlflow.db)
 
     def archive_version(self) -> str:
-        """What `torch-model-archiver --version` stamps: the registered version."""
-        return self.version or UNREGISTERED
+        """What `torch-model-archiver --version` stamps: the shared registry's version; a local
+        store's as `local-<n>`, so nobody takes it for a team version; a registry-less server's
+        run as `run-<id>`."""
+        if self.version:
+            return f"local-{self.version}" if self.local else self.version
+        if self.run_id:
+            return f"run-{self.run_id[:8]}"
+        return UNREGISTERED
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +113,49 @@ class Registered:
 
 def register_model(
     checkpoint: Path,
-    metrics: Mapping[str, float],
     decoding: Mapping[str, Any],
     name: str,
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Log the checkpoint as a pyfunc in the active run and register it; returns the version."""
+    """Register the checkpoint as a version of `name`; returns the version.
+
+    The weights are logged once per distinct checkpoint (by sha256, tag MODEL_SHA): a later
+    evaluation of the same model (an evaluate-only experiment) registers a version that points
+    at that logged model instead of copying it. Its pyfunc then decodes by default as the first
+    evaluation did; the version's `decode.*` tags say how it was scored.
+    """
+    sha = file_sha256(checkpoint)
+    model_uri = _logged_model(sha)
+    if model_uri is None:
+        model_uri = _log_model(checkpoint, decoding)
+        mlflow.set_tag(MODEL_URI, model_uri)
+    mlflow.set_tag(MODEL_SHA, sha)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*already exists")
+        version_ = str(mlflow.register_model(model_uri, name).version)
+    client = mlflow.MlflowClient()
+    values = {
+        **(tags or {}),
+        MODEL_SHA: sha,
+        EVAL_RUN: mlflow.active_run().info.run_id,
+        **{f"decode.{k}": str(v) for k, v in decoding.items()},
+    }
+    for key, value in values.items():
+        client.set_model_version_tag(name, version_, key, value)
+    log.info("registered %s version %s (%s)", name, version_, model_uri)
+    return version_
+
+
+def _logged_model(sha: str) -> str | None:
+    """The URI of the model already logged for a checkpoint with this sha256, if any."""
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{MODEL_SHA}` = '{sha}'", output_format="list", max_results=50
+    )
+    return next((r.data.tags[MODEL_URI] for r in runs if MODEL_URI in r.data.tags), None)
+
+
+def _log_model(checkpoint: Path, decoding: Mapping[str, Any]) -> str:
+    """Log the checkpoint as a pyfunc in the active run; returns its model URI."""
     config = read_checkpoint(checkpoint)["config"]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
@@ -123,19 +171,8 @@ def register_model(
                 model_config=dict(decoding),
                 signature=_signature(decoding),
                 pip_requirements=_requirements(),  # explicit: skips MLflow's slow dependency scan
-                registered_model_name=name,
             )
-    version_ = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    values = {
-        **(tags or {}),
-        **{k: str(v) for k, v in metrics.items()},
-        **{f"decode.{k}": str(v) for k, v in decoding.items()},
-    }
-    for key, value in values.items():
-        client.set_model_version_tag(name, version_, key, value)
-    log.info("registered %s version %s (%s)", name, version_, info.model_uri)
-    return version_
+    return info.model_uri
 
 
 def promote(name: str, version_: str, score: float, test_split: str) -> bool:
@@ -158,7 +195,8 @@ def promote(name: str, version_: str, score: float, test_split: str) -> bool:
             f"MlflowClient().set_registered_model_alias({name!r}, 'champion', {version_!r})"
         )
     else:
-        best = float(champion.tags[PRIMARY])
+        run_id = champion.tags.get(EVAL_RUN) or champion.run_id
+        best = client.get_run(run_id).data.metrics[PRIMARY]
         moved = score > best
         verdict = "beats" if moved else "does not beat"
         decision = (
@@ -179,17 +217,60 @@ def attach_card(name: str, version_: str, run_id: str, card: str) -> None:
     client.log_text(run_id, card, "model_card.md")
 
 
-def log_archive(registered: Registered, archive: Path) -> None:
-    """Log the TorchServe archive to the run holding the registered version and tag the version
-    with where it is and its sha256."""
+def promote_run(run_id: str, dataset: str, score: float, test_split: str) -> bool:
+    """`champion` on a server without a registry: a run tag (CHAMPION = "true") that moves, by
+    the same rule as the alias, among the dataset's evaluated runs. True if moved."""
     client = mlflow.MlflowClient()
-    client.log_artifact(registered.run_id, str(archive), "archive")
-    uri = f"runs:/{registered.run_id}/archive/{archive.name}"
-    client.set_model_version_tag(registered.name, registered.version, "archive", uri)
-    client.set_model_version_tag(
-        registered.name, registered.version, "archive.sha256", file_sha256(archive)
+    experiment = client.get_run(run_id).info.experiment_id
+    holders = client.search_runs(
+        [experiment], f"tags.`{CHAMPION}` = 'true' and tags.dataset = '{dataset}'", max_results=1
     )
-    log.info("logged %s to %s version %s (%s)", archive, registered.name, registered.version, uri)
+    champion = holders[0] if holders else None
+    if champion is None or champion.info.run_id == run_id:
+        moved, decision = True, "champion: the first evaluated run of " + dataset
+    elif champion.data.tags.get("test_split") != test_split:
+        moved = False
+        decision = f"not compared: test split {test_split} differs from champion run " + (
+            f"{champion.info.run_id}'s ({champion.data.tags.get('test_split')})"
+        )
+    else:
+        best = champion.data.metrics[PRIMARY]
+        moved = score > best
+        verdict = "beats" if moved else "does not beat"
+        decision = (
+            f"{PRIMARY} {score:.4f} {verdict} champion run {champion.info.run_id}'s {best:.4f}"
+        )
+        decision = ("champion: " if moved else "") + decision
+    if moved:
+        if champion is not None and champion.info.run_id != run_id:
+            client.set_tag(champion.info.run_id, CHAMPION, "false")
+        client.set_tag(run_id, CHAMPION, "true")
+    client.set_tag(run_id, "champion.decision", decision)
+    log.info("run %s: %s", run_id, decision)
+    return moved
+
+
+def log_archive(registered: Registered, archive: Path, model_sha: str) -> str:
+    """Log the TorchServe archive once per checkpoint (`model_sha`): to the run holding this
+    evaluation, unless a run already holds an archive of the same weights, which is then
+    referenced. Tags the registered version (if any) with where it is; returns its URI."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(registered.run_id)
+    holders = client.search_runs(
+        [run.info.experiment_id], f"tags.`{ARCHIVE}` != '' and tags.`{MODEL_SHA}` = '{model_sha}'"
+    )
+    if holders:
+        uri = holders[0].data.tags[ARCHIVE]
+        log.info("the archive of these weights is already logged: %s (not copied again)", uri)
+    else:
+        client.log_artifact(registered.run_id, str(archive), "archive")
+        uri = f"runs:/{registered.run_id}/archive/{archive.name}"
+        client.set_tag(registered.run_id, ARCHIVE, uri)
+        client.set_tag(registered.run_id, "archive.sha256", file_sha256(archive))
+        log.info("logged %s to run %s (%s)", archive, registered.run_id, uri)
+    if registered.version:
+        client.set_model_version_tag(registered.name, registered.version, "archive", uri)
+    return uri
 
 
 def _signature(decoding: Mapping[str, Any]) -> ModelSignature:

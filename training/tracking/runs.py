@@ -38,7 +38,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
+from training import StageError  # noqa: E402
 from training.paths import RUN_FILE  # noqa: E402
+from training.tracking import server  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ def configure() -> str:
         if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", _defaulted):
             _defaulted = uri  # ours, not the user's, when MLflow exports it
         mlflow.set_tracking_uri(uri)
+    server.check_access()  # wrong credentials: an error naming the variables, not a retry loop
     mlflow.set_experiment(EXPERIMENT)
     db = _sqlite_path(mlflow.get_tracking_uri())
     if db is not None and db == repository() / STORE:
@@ -242,6 +245,12 @@ def start_training(
         return None
     try:
         configure()
+    except StageError:  # wrong credentials: stop before training, not after it
+        raise
+    except Exception as exc:
+        log.warning("MLflow tracking unavailable (%s): continuing without it", exc)
+        return None
+    try:
         if run_id:
             return mlflow.start_run(run_id=run_id).info.run_id
         name = Execution.current().name
