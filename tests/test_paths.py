@@ -24,6 +24,7 @@ FILES = {
     "validate": ({paths.RAW_DIR}, {paths.REPORT_PATH}),
     "preprocess": ({paths.RAW_DIR, paths.REPORT_PATH}, {paths.PROCESSED_DIR}),
     "transform": ({paths.RAW_DIR, paths.PROCESSED_DIR}, {paths.FEATURES_DIR}),
+    "domain": ({paths.FEATURES_DIR}, {paths.DOMAIN_PATH, paths.DOMAIN_METRICS_PATH}),
     "define": ({paths.PROCESSED_DIR}, {paths.CONFIG_PATH, paths.SUMMARY_PATH}),
     "train": (
         {paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.CONFIG_PATH},
@@ -35,7 +36,14 @@ FILES = {
         },
     ),
     "evaluate": (
-        {paths.MODEL_PATH, paths.RUN_FILE, paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.RAW_DIR},
+        {
+            paths.MODEL_PATH,
+            paths.RUN_FILE,
+            paths.DOMAIN_PATH,
+            paths.FEATURES_DIR,
+            paths.PROCESSED_DIR,
+            paths.RAW_DIR,
+        },
         {
             paths.EVAL_METRICS_PATH,
             paths.PREDICTIONS_PATH,
@@ -47,7 +55,7 @@ FILES = {
         },
     ),
     "package": (
-        {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
+        {paths.MODEL_PATH, paths.REGISTERED_PATH, paths.DOMAIN_PATH, paths.CARD_PATH},
         {paths.ARCHIVE_PATH},
     ),
 }

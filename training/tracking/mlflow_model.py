@@ -29,10 +29,13 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the captioner and its tokenizer from the logged artifacts (never downloads)."""
         from model import load  # from the model's code_paths
+        from model.domain import DomainCheck
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         artifacts = context.artifacts
         self.captioner = load(artifacts["checkpoint"], device, tokenizer=artifacts["tokenizer"])
+        if "domain" in artifacts:  # MLflow keeps each artifact apart: not beside the checkpoint
+            self.captioner.domain = DomainCheck.read(artifacts["domain"])
         self.defaults = dict(context.model_config or {})  # the decoding the evaluation used
 
     # MLflow reads predict's hints: a DataFrame hint leaves the input as the logged signature
@@ -41,7 +44,8 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         """Caption every image (column `image`); params: num_beams, max_length, length_penalty.
-        A score that is not finite is None."""
+        A score that is not finite is None; in_domain and domain_distance say whether the image
+        is like the training images (None for a model logged without its domain check)."""
         from model import Decoding, open_image
 
         settings = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
@@ -57,7 +61,12 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             batch = [open_image(data) for data in images[start : start + BATCH]]
             results += self.captioner.caption(batch, decoding)
         return pd.DataFrame(
-            {"caption": [r.caption for r in results], "score": [r.score for r in results]}
+            {
+                "caption": [r.caption for r in results],
+                "score": [r.score for r in results],
+                "in_domain": [r.in_domain for r in results],
+                "domain_distance": [r.domain_distance for r in results],
+            }
         )
 
 
