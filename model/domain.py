@@ -62,7 +62,10 @@ def fit(train: torch.Tensor, val: torch.Tensor, shrinkage: float, quantile: floa
     target = torch.eye(cov.shape[0], dtype=cov.dtype) * cov.diagonal().mean()
     precision = torch.linalg.inv((1 - shrinkage) * cov + shrinkage * target)
     check = DomainCheck(mean.float(), precision.float(), float("inf"))
-    threshold = float(torch.quantile(check.distance(val).double(), quantile))
+    # "higher": the threshold is a validation distance, and at least `quantile` of them pass
+    threshold = float(
+        torch.quantile(check.distance(val).double(), quantile, interpolation="higher")
+    )
     return DomainCheck(check.mean, check.precision, threshold)
 
 

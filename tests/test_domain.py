@@ -23,15 +23,15 @@ def gaussian(n: int, c: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("quantile", [0.9, 0.99])
 def test_the_threshold_passes_that_quantile_of_the_validation_images(quantile):
-    train, val = gaussian(2000, 16, 0), gaussian(400, 16, 1)
+    train, val = gaussian(2000, 16, 0), gaussian(250, 16, 1)  # 250: as the default val split
     check = fit(train, val, shrinkage=0.01, quantile=quantile)
     passed = (check.distance(val) <= check.threshold).float().mean().item()
-    assert quantile - 1e-6 <= passed <= quantile + 1 / len(val)
+    assert quantile <= passed <= quantile + 1 / len(val)  # at least that share, never fewer
     # the same distribution passes at about that rate; a shifted one fails
     assert (
         check.distance(gaussian(4000, 16, 2)) <= check.threshold
     ).float().mean() > quantile - 0.03
-    assert (check.distance(gaussian(400, 16, 3) + 4.0) > check.threshold).all()
+    assert (check.distance(gaussian(250, 16, 3) + 4.0) > check.threshold).all()
 
 
 def test_the_distance_is_mahalanobis_per_dimension_and_whitening_makes_it_euclidean():
