@@ -18,7 +18,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("ingest", "validate", "preprocess", "transform", "define", "train", "evaluate", "package")
+STAGES = (
+    "ingest", "validate", "preprocess", "transform", "domain", "define", "train", "evaluate", "package"
+)  # fmt: skip
 # `source` runs on every `dvc repro` (it lists the data outside the repository): not a change
 ALWAYS = "source"
 GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
