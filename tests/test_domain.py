@@ -3,6 +3,7 @@ local answer carries (the served, CLI and MLflow answers are checked in their ow
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -100,3 +101,36 @@ def test_every_local_answer_carries_in_domain_and_its_distance(tmp_path, tokeniz
     assert answer["in_domain"] is False
     assert answer["domain_distance"] == round(odd.domain_distance, 4)
     assert same.caption == without.caption and same.score == without.score  # decoding unchanged
+
+
+@torch.inference_mode()
+def test_the_mlflow_model_answers_with_the_logged_check(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from model.tokenizer import save_tokenizer
+    from training.tracking.mlflow_model import CaptionerModel
+
+    model = tiny()
+    pixels = torch.stack([model.preprocess(picture(i)) for i in range(30)])  # (30, 3, S, S)
+    check = fit(pooled(model.encode_image(pixels)), pooled(model.encode_image(pixels)), 0.1, 1.0)
+    # MLflow keeps each artifact in its own folder: the check is not beside the checkpoint
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint(model, tmp_path / "ckpt" / "model.pth")
+    check.save(tmp_path / "check.pt")
+    save_tokenizer(model.config.tokenizer, tmp_path / "tokenizer")
+    artifacts = {
+        "checkpoint": str(tmp_path / "ckpt" / "model.pth"),
+        "tokenizer": str(tmp_path / "tokenizer"),
+        "domain": str(tmp_path / "check.pt"),
+    }
+    pyfunc = CaptionerModel()
+    pyfunc.load_context(SimpleNamespace(artifacts=artifacts, model_config={"num_beams": 1}))
+    buffer = io.BytesIO()
+    picture(3).save(buffer, format="PNG")
+    out = pyfunc.predict(None, pd.DataFrame({"image": [buffer.getvalue()]}))
+    assert list(out.columns) == ["caption", "score", "in_domain", "domain_distance"]
+    grid = model.encode_image(model.preprocess(picture(3))[None])
+    assert out["domain_distance"][0] == pytest.approx(check.distance(pooled(grid)).item(), rel=1e-3)
+    assert bool(out["in_domain"][0]) is True
