@@ -51,6 +51,7 @@ class ImgtocapHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         self.lib = _import_archive_model(model_dir)
         self.settings = json.loads((model_dir / "handler.json").read_text())
+        self.limits = {key: self.settings[key]["max"] for key in ("num_beams", "max_length")}
         # the registered version the package stage stamped: every answer says which model gave it
         self.version = context.manifest["model"].get("modelVersion")
         workers = (context.model_yaml_config or {}).get("maxWorkers", 1)
@@ -114,7 +115,8 @@ class ImgtocapHandler(BaseHandler):
                     "inference_ms": elapsed_ms,
                     "batch_size": len(items),  # requests TorchServe handed over together
                     "model_version": self.version,
-                    **answer,  # the attention, when asked: the long part last
+                    "limits": self.limits,  # what a request may ask: the page's fields obey it
+                    **answer,  # in_domain, domain_distance; the attention, when asked: last
                 }
         return results
 

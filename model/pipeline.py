@@ -25,6 +25,8 @@ from PIL import Image
 
 from .captioner import Captioner
 from .decoding import Generation
+from .domain import DomainCheck, read_beside
+from .encoders import pooled
 from .int8 import quantize_decoder
 from .io import load_checkpoint
 from .options import CPU_DECODER, CPU_DECODERS, Decoding
@@ -36,22 +38,30 @@ _DEFAULT = Decoding()  # frozen: one shared default is safe
 @dataclass(frozen=True)
 class Caption:
     """One image's caption, its score (the length-normalised log-prob; None when not finite:
-    JSON has no -inf), its WordPieces and their ids ([CLS]/[SEP] left out) and, when asked,
-    where the model looked for each WordPiece: (len(tokens), rows, cols), each row summing to 1."""
+        JSON has no -inf), its WordPieces and their ids ([CLS]/[SEP] left out) and, when asked,
+        where the model looked for each WordPiece: (len(tokens), rows, cols), each row summing to 1;
+    and whether the image is like the training images (`in_domain`, its `domain_distance`: both
+    None for a model saved without its domain check)."""
 
     caption: str
     score: float | None
     tokens: list[str]
     ids: list[int]
     attention: torch.Tensor | None = field(default=None, compare=False)  # == of tensors: no bool
+    in_domain: bool | None = None
+    domain_distance: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The answer the server and `imgtocap caption` give: caption, score (4 decimals) and,
-        with attention, `{"grid": [rows, cols], "tokens": [{"token", "weights"}, ...]}`, the
+        """The answer the server and `imgtocap caption` give: caption, score (4 decimals),
+        in_domain and domain_distance (4 decimals) and, with attention, `{"grid": [rows, cols], "tokens": [{"token", "weights"}, ...]}`, the
         weights row-major, 4 decimals."""
         answer: dict[str, Any] = {
             "caption": self.caption,
             "score": None if self.score is None else round(self.score, 4),
+            "in_domain": self.in_domain,
+            "domain_distance": None
+            if self.domain_distance is None
+            else round(self.domain_distance, 4),
         }
         if self.attention is not None:
             rows = [[round(w, 4) for w in row] for row in self.attention.flatten(1).tolist()]
@@ -65,11 +75,13 @@ class Caption:
 
 
 class CaptionPipeline:
-    """A Captioner with its tokenizer and preprocessing: images in, `Caption`s out."""
+    """A Captioner with its tokenizer and preprocessing (and, when given, its in-domain check):
+    images in, `Caption`s out."""
 
-    def __init__(self, model: Captioner, tokenizer: Any):
+    def __init__(self, model: Captioner, tokenizer: Any, domain: DomainCheck | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.domain = domain
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +122,11 @@ class CaptionPipeline:
         self, decoding: Decoding, attention: bool, **inputs: torch.Tensor
     ) -> list[Caption]:
         with torch.inference_mode():
+            if "pixels" in inputs:  # encoded here: the domain check reads the same grid
+                inputs = {"grid": self.model.encode_image(inputs["pixels"])}  # (B, N, C)
+            distances = None
+            if self.domain is not None:
+                distances = self.domain.distance(pooled(inputs["grid"])).tolist()  # (B,)
             out = self.model.generate(
                 **inputs,
                 num_beams=decoding.num_beams,
@@ -118,9 +135,9 @@ class CaptionPipeline:
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                 return_attention=attention,
             )
-        return [self._result(out, k) for k in range(len(out.tokens))]
+        return [self._result(out, k, distances) for k in range(len(out.tokens))]
 
-    def _result(self, out: Generation, k: int) -> Caption:
+    def _result(self, out: Generation, k: int, distances: list[float] | None) -> Caption:
         ids, score, attention = out.tokens[k], out.scores[k], None
         if out.attention is not None:
             grid = self.model.encoder.spec.grid
@@ -131,6 +148,8 @@ class CaptionPipeline:
             tokens=self.tokenizer.convert_ids_to_tokens(ids),
             ids=ids,
             attention=attention,
+            in_domain=None if distances is None else distances[k] <= self.domain.threshold,
+            domain_distance=None if distances is None else distances[k],
         )
 
 
@@ -142,9 +161,10 @@ def load(
     cpu_decoder: str = CPU_DECODER,
 ) -> CaptionPipeline:
     """A checkpoint's captioner on `device` (in `dtype`; None: as saved), with its tokenizer
-    (`tokenizer`: a folder of tokenizer files instead of the checkpoint's named one) and its
-    preprocessing. On the CPU the decoder runs as `cpu_decoder` says (int8 weights or fp32;
-    a GPU always runs it as saved). Never downloads anything."""
+    (`tokenizer`: a folder of tokenizer files instead of the checkpoint's named one), its
+    preprocessing and the in-domain check saved beside it (model/domain.py), if any. On the CPU
+    the decoder runs as `cpu_decoder` says (int8 weights or fp32; a GPU always runs it as
+    saved). Never downloads anything."""
     if cpu_decoder not in CPU_DECODERS:
         raise ValueError(f"cpu_decoder must be one of {CPU_DECODERS}, got {cpu_decoder!r}")
     model = load_checkpoint(checkpoint, device)
@@ -152,4 +172,5 @@ def load(
         model = model.to(dtype)
     if cpu_decoder == "int8" and torch.device(device).type == "cpu":
         quantize_decoder(model)
-    return CaptionPipeline(model, load_tokenizer(tokenizer or model.config.tokenizer))
+    tokenizer = load_tokenizer(tokenizer or model.config.tokenizer)
+    return CaptionPipeline(model, tokenizer, read_beside(checkpoint))

@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TextIO
 from tqdm import tqdm
 
 from model.options import Decoding
-from training.paths import MODEL_NAME, MODEL_PATH
+from training.paths import FINETUNED_PATH, MODEL_NAME
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TOKEN_ENV = "IMGTOCAP_TOKEN"
@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     source = cap.add_mutually_exclusive_group()
     source.add_argument(
-        "--checkpoint", type=Path, help=f"caption locally with this model (default: {MODEL_PATH})"
+        "--checkpoint",
+        type=Path,
+        help=f"caption locally with this model (default: {FINETUNED_PATH})",
     )
     source.add_argument(
         "--url",
@@ -197,16 +199,17 @@ class _Local:
     """Captions with a checkpoint in this process, a batch at a time."""
 
     def __init__(self, args: argparse.Namespace):
-        path = args.checkpoint or MODEL_PATH
+        path = args.checkpoint or FINETUNED_PATH
         if not path.is_file():
             _fail(
                 f"no checkpoint at {path}: pass --checkpoint FILE (e.g. "
-                f"{MODEL_PATH} after `dvc repro`), or --url URL of a running server"
+                f"{FINETUNED_PATH} after `dvc repro`), or --url URL of a running server"
             )
         from model import load  # torch: only once there is work
         from training.params import pick_device
 
         self.captioner = load(path, pick_device(args.device))
+        self.version = _local_version(path)
         self.batch_size = args.batch_size
         self.decoding = Decoding(
             num_beams=args.num_beams or Decoding.num_beams,
@@ -236,8 +239,17 @@ class _Local:
                 results.append({"path": str(job.path), "error": str(exc)})
         captions = self.captioner.caption(images, self.decoding, self.attention)
         for i, caption in zip(ok, captions, strict=True):
-            results[i].update(caption.to_json())  # caption, score; attention when asked
+            # caption, score, in_domain, domain_distance; attention when asked
+            results[i].update(caption.to_json(), model_version=self.version)
         return results
+
+
+def _local_version(checkpoint: Path) -> str:
+    """The registered version evaluate wrote beside the checkpoint (registered.json), as the
+    served archive is stamped with it; "unregistered" when there is none."""
+    registered = checkpoint.with_name("registered.json")
+    version = json.loads(registered.read_text()).get("version") if registered.is_file() else None
+    return version or "unregistered"
 
 
 class _Server:
@@ -294,13 +306,14 @@ class _Server:
                 reason += f" (pass --token, or set ${TOKEN_ENV})"
             return {"path": str(job.path), "error": f"HTTP {response.status_code}: {reason}"}
         result = {"path": str(job.path), "caption": body["caption"], "score": body.get("score")}
-        if "attention" in body:
-            result["attention"] = body["attention"]
+        for key in ("in_domain", "domain_distance", "model_version", "attention"):
+            if key in body:
+                result[key] = body[key]
         return result
 
 
 def _draw(job: Job, result: dict[str, Any], attention: dict[str, Any], folder: Path) -> Path:
-    """The heat-map PNG of one image: folder/<its name>.png."""
+    """The heat-map PNG of one image: folder/<its name, suffix .png> (a.jpg -> a.png)."""
     import numpy as np
 
     from model import open_image
@@ -316,7 +329,7 @@ def _draw(job: Job, result: dict[str, Any], attention: dict[str, Any], folder: P
         weights=weights.reshape(len(tokens), rows * cols),
         grid=rows,
     )
-    out = folder / job.name.with_name(job.name.name + ".png")
+    out = folder / job.name.with_suffix(".png")
     return render_attention([example], out, "Where the model looks for each word")
 
 

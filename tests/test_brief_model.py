@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model.domain import DomainCheck
 from serve.runner import TorchServe, free_ports
 from tests.helpers.project import dvc, dvc_run, environment, project_copy, set_params
 from tests.helpers.weights import write_bert, write_resnet50
@@ -107,7 +108,7 @@ def test_the_brief_model_runs_from_pretrained_weights_to_a_served_caption(
     started = time.monotonic()
     log = dvc(repo, "repro", timeout=1800, **env)
     print(f"\n{preset}: dvc repro {time.monotonic() - started:.0f} s")
-    for stage in ("transform", "define", "train", "evaluate", "package"):
+    for stage in ("transform", "domain", "define", "train", "evaluate", "package"):
         assert f"Running stage '{stage}'" in log, stage
 
     config = json.loads((repo / "artifacts/model/config.json").read_text())
@@ -132,6 +133,11 @@ def test_the_brief_model_runs_from_pretrained_weights_to_a_served_caption(
     assert json.loads((repo / "metrics/eval.json").read_text())["num_images"] == 1
     answer = caption_over_http(repo, tmp_path / "torchserve")
     assert isinstance(answer["caption"], str) and answer["num_beams"] == 2
+    # the in-domain check fitted on this model's own (ResNet-50) features, answered with
+    channels = json.loads((repo / "data/features/index.json").read_text())["channels"]
+    check = DomainCheck.read(repo / "artifacts/finetune/domain.pt")
+    assert check.mean.shape == (channels,) and check.precision.shape == (channels, channels)
+    assert isinstance(answer["in_domain"], bool) and answer["domain_distance"] >= 0
 
 
 def test_offline_the_base_preset_stops_at_transform_with_the_paragraph(tmp_path):

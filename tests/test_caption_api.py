@@ -117,7 +117,12 @@ def test_a_score_that_is_not_finite_is_none(captioner, monkeypatch):
     monkeypatch.setattr(captioner.model, "generate", lambda *a, **kw: out)
     first, second = captioner.caption(pictures(2))
     assert first.score is None and second.score == -0.123456
-    assert json.loads(json.dumps(first.to_json())) == {"caption": first.caption, "score": None}
+    assert json.loads(json.dumps(first.to_json())) == {
+        "caption": first.caption,
+        "score": None,
+        "in_domain": None,  # this captioner has no domain check
+        "domain_distance": None,
+    }
     assert second.to_json()["score"] == -0.1235
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import setuptools
+import torch
 from PIL import Image
 
 from model import decode_caption, load_checkpoint, open_image, save_checkpoint
+from model.domain import fit
+from model.encoders import pooled
 from model.int8 import quantize_decoder
 from serve.cli import main
 from tests.helpers.model import picture, tiny
@@ -86,7 +89,8 @@ def test_local_checkpoint_captions_a_folder_and_reports_a_bad_file_alone(
         want = model.generate(pixels, num_beams=2, max_length=6)
         assert line["caption"] == decode_caption(tokenizer, want.tokens[0])
         assert line["score"] == pytest.approx(want.scores[0], abs=1e-3)
-        assert line["attention_png"] == str(maps / "photos" / f"{path}.png")
+        # the picture of a.png is a.png, of c.JPG c.png: the extension not doubled
+        assert line["attention_png"] == str(maps / "photos" / Path(path).with_suffix(".png"))
         with Image.open(line["attention_png"]) as png:
             assert png.format == "PNG" and png.size == figure_size([len(want.tokens[0])])
 
@@ -101,14 +105,36 @@ def test_one_file_to_stdout_with_the_default_options(folder, checkpoint, tokeniz
         "path": str(folder / "a.png"),
         "caption": decode_caption(tokenizer, want.tokens[0]),
         "score": round(want.scores[0], 4),
+        "in_domain": None,  # this checkpoint has no domain check beside it
+        "domain_distance": None,
+        "model_version": "unregistered",
     }
+
+
+def test_local_lines_carry_the_domain_check_and_the_registered_version(folder, tmp_path, capsys):
+    model = tiny()
+    pixels = torch.stack([model.preprocess(picture(i)) for i in range(24)])  # (24, 3, S, S)
+    features = pooled(model.encode_image(pixels))  # (24, C)
+    check = fit(features, features, shrinkage=0.1, quantile=1.0)
+    save_checkpoint(model, tmp_path / "model.pth")
+    check.save(tmp_path / "domain.pt")
+    (tmp_path / "registered.json").write_text('{"name": "imgtocap-synthetic", "version": "7"}')
+    assert (
+        main(["caption", str(folder / "a.png"), "--checkpoint", str(tmp_path / "model.pth")]) == 0
+    )
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    grid = model.encode_image(model.preprocess(open_image(folder / "a.png"))[None])
+    distance = check.distance(pooled(grid)).item()
+    assert line["model_version"] == "7"
+    assert line["domain_distance"] == pytest.approx(distance, abs=1e-3)
+    assert line["in_domain"] is (distance <= check.threshold)
 
 
 def test_a_missing_checkpoint_says_what_to_pass(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no artifacts/model/model.pth here
     assert main(["caption", str(folder)]) == 2  # a usage error: returned, as argparse's status
     assert (
-        "no checkpoint at artifacts/model/model.pth: pass --checkpoint" in capsys.readouterr().err
+        "no checkpoint at artifacts/finetune/model.pth: pass --checkpoint" in capsys.readouterr().err
     )
 
 

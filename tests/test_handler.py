@@ -11,6 +11,8 @@ from PIL import Image
 from ts.context import RequestProcessor
 
 from model import Captioner, decode_caption, load_checkpoint, open_image, preset, save_checkpoint
+from model.domain import fit
+from model.encoders import pooled
 from model.int8 import quantize_decoder
 from tests.helpers.model import archive_handler
 from training.stages.package import build_archive
@@ -36,7 +38,12 @@ def served(tmp_path_factory):
     """(handler, context, the same model loaded here), the handler loaded from the archive;
     the model here runs its decoder as the archive's CPU worker does (int8, the default)."""
     tmp = tmp_path_factory.mktemp("handler")
-    save_checkpoint(Captioner(preset("tiny")), tmp / "model.pth")
+    model = Captioner(preset("tiny")).eval()
+    save_checkpoint(model, tmp / "model.pth")
+    with torch.inference_mode():  # an in-domain check beside it: the archive carries it
+        pixels = torch.stack([model.preprocess(open_image(png(i))) for i in range(40)])
+        features = pooled(model.encode_image(pixels))  # (40, C)
+    fit(features[:30], features[30:], shrinkage=0.1, quantile=0.5).save(tmp / "domain.pt")
     registered = Registered("imgtocap-synthetic", "7", "0123abcd")  # what evaluate registered
     archive = build_archive(tmp / "model.pth", tmp / "store", SERVE, registered)
     threads = torch.get_num_threads()
@@ -85,6 +92,13 @@ def test_every_request_format_gets_its_own_options(served):
     assert [(b["num_beams"], b["max_length"]) for b in bodies] == [(1, 8), (2, 5), (1, 3), (3, 8)]
     assert {b["batch_size"] for b in bodies} == {4}
     assert {b["model_version"] for b in bodies} == {"7"}  # the registered version answers
+    check = served[0].captioner.domain  # read from the archive's domain.pt
+    _, _, model = served
+    for data, body in zip(images, bodies, strict=True):
+        grid = model.encode_image(model.preprocess(open_image(data))[None])  # (1, N, C)
+        distance = check.distance(pooled(grid)).item()
+        assert body["domain_distance"] == pytest.approx(distance, abs=1e-3)
+        assert body["in_domain"] is (distance <= check.threshold)
 
 
 def test_bad_requests_fail_alone_with_a_reason(served):

@@ -82,4 +82,6 @@ def test_mlflow_serves_the_registered_model_with_torchserves_captions(tmp_path_f
 
     assert prediction["caption"] == served["caption"] == expected["caption"]
     assert prediction["score"] == pytest.approx(served["score"], abs=1e-3)
+    assert isinstance(served["in_domain"], bool) and prediction["in_domain"] == served["in_domain"]
+    assert prediction["domain_distance"] == pytest.approx(served["domain_distance"], abs=1e-3)
     print(f"\nmlflow models serve: /ping after {ready:.0f} s; both say {served['caption']!r}")

@@ -187,3 +187,56 @@ def test_a_phone_sized_screen_needs_no_sideways_scrolling(chromium, site, tmp_pa
     assert picture_box["width"] > 0.8 * browser_tools.PHONE["width"]
     page.screenshot(path=tmp_path / "phone.png", full_page=True)
     context.close()
+
+
+def test_the_answer_shows_the_model_version_and_the_beam_field_obeys_the_server(page, site):
+    browser_tools.choose(page, "circle.png", png(0))
+    browser_tools.answered(page)
+    answer = api(site, png(0))
+    assert page.inner_text("#model-version") == answer["model_version"]
+    assert answer["limits"] == {"num_beams": 3, "max_length": 20}  # SERVE's maxima
+    assert page.get_attribute("#num_beams", "max") == "3"
+    assert page.get_attribute("#max_length", "max") == "20"
+    # this archive has no domain check: nothing to warn about, and the page says so
+    assert answer["in_domain"] is None and page.is_hidden("#domain-warning")
+    assert page.inner_text("#in-domain") == "not checked"
+
+    page.click("details.options summary")
+    page.fill("#num_beams", "10")  # above the server's 3: sent as 3, not refused
+    browser_tools.choose(page, "squares.png", png(1))
+    browser_tools.answered(page)
+    assert page.is_hidden("#error") and page.inner_text("#beams") == "3"
+
+
+def test_an_example_photograph_gets_the_out_of_domain_warning(page):
+    # The example buttons send the page's own files; the browser answers as a served model
+    # with a domain check answers a photograph (in_domain false).
+    recorded = {
+        "caption": "a red circle", "score": -1.2, "num_beams": 3, "max_length": 20,
+        "inference_ms": 12.0, "batch_size": 1, "model_version": "4",
+        "limits": {"num_beams": 5, "max_length": 40},
+        "in_domain": False, "domain_distance": 9.5,
+    }  # fmt: skip
+    sent = []
+
+    def answer(route):
+        sent.append(route.request.post_data_buffer)
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(recorded))
+
+    page.route("**/predictions/imgtocap", answer)
+    assert page.locator(".example").count() >= 4
+    assert page.is_hidden("#domain-warning")
+    page.click(".example[data-src$='astronaut.jpg']")
+    browser_tools.answered(page)
+    assert b'filename="astronaut.jpg"' in sent[0]
+    assert page.is_visible("#domain-warning")
+    assert "does not look like the images the model was trained on" in page.inner_text(
+        "#domain-warning"
+    )
+    assert page.inner_text("#in-domain") == "no" and page.inner_text("#model-version") == "4"
+    assert page.get_attribute("#num_beams", "max") == "5"
+
+    recorded["in_domain"] = True  # an in-domain answer takes the warning away again
+    page.click(".example[data-src$='shapes_00026.png']")
+    page.wait_for_function("() => document.getElementById('in-domain').innerText === 'yes'")
+    assert page.is_hidden("#domain-warning")

@@ -16,6 +16,7 @@ from model import CaptionerConfig, preset
 from tests.helpers.project import ALWAYS, STAGES
 from training import StageError
 from training.params import DataConfig, ModelConfig, ParamsError, load_params, stage_main
+from training.stages.domain import DomainConfig
 from training.stages.evaluate import EvaluateConfig
 from training.stages.finetune import FinetuneConfig
 from training.stages.package import ServeConfig
@@ -29,6 +30,7 @@ SECTIONS = {
     "data": DataConfig,
     "preprocess": PreprocessConfig,
     "transform": TransformConfig,
+    "domain": DomainConfig,
     "model": ModelConfig,
     "train": TrainConfig,
     "finetune": FinetuneConfig,

@@ -24,6 +24,7 @@ FILES = {
     "validate": ({paths.RAW_DIR}, {paths.REPORT_PATH}),
     "preprocess": ({paths.RAW_DIR, paths.REPORT_PATH}, {paths.PROCESSED_DIR}),
     "transform": ({paths.RAW_DIR, paths.PROCESSED_DIR}, {paths.FEATURES_DIR}),
+    "domain": ({paths.FEATURES_DIR}, {paths.DOMAIN_PATH, paths.DOMAIN_METRICS_PATH}),
     "define": ({paths.PROCESSED_DIR}, {paths.CONFIG_PATH, paths.SUMMARY_PATH}),
     "train": (
         {paths.FEATURES_DIR, paths.PROCESSED_DIR, paths.CONFIG_PATH},
@@ -52,6 +53,7 @@ FILES = {
     "track": (
         {
             paths.FINETUNED_PATH,
+            paths.DOMAIN_PATH,  # registered with the model (training/tracking/registry.py)
             paths.RUN_FILE,
             paths.EVAL_METRICS_PATH,
             paths.HISTORY_PATH,
@@ -66,7 +68,7 @@ FILES = {
         {paths.REGISTERED_PATH},
     ),
     "package": (
-        {paths.FINETUNED_PATH, paths.REGISTERED_PATH, paths.CARD_PATH},
+        {paths.FINETUNED_PATH, paths.REGISTERED_PATH, paths.DOMAIN_PATH, paths.CARD_PATH},
         {paths.ARCHIVE_PATH},
     ),
 }

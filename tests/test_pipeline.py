@@ -83,6 +83,7 @@ def test_every_stage_runs_and_writes_what_it_declares(pipeline):
         names = set(mar.namelist())
     assert {
         "model.pth",
+        "domain.pt",  # the in-domain check, beside the checkpoint as in artifacts/model/
         "imgtocap_handler.py",
         "model/captioner.py",
         "MAR-INF/MANIFEST.json",
@@ -182,7 +183,7 @@ def test_dvc_reruns_only_what_changed(pipeline):
     }
     # the original architecture through the same pipeline, as an experiment
     log = dvc(repo, "exp", "run", "-S", "model.fusion=concat")
-    for stage in ("ingest", "validate", "preprocess", "transform"):
+    for stage in ("ingest", "validate", "preprocess", "transform", "domain"):
         assert f"Stage '{stage}' didn't change, skipping" in log, stage
     for stage in ("define", "train", "finetune", "evaluate", "package"):
         assert f"Running stage '{stage}'" in log, stage

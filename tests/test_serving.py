@@ -366,6 +366,9 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     assert list(lines) == ["a.png", "b.jpg", "bad.png"]
     for name in ("a.png", "b.jpg"):
         assert lines[name]["caption"] == caption_of(pictures[name])
+        # the server's own fields travel with the line (this archive has no domain check)
+        assert lines[name]["in_domain"] is None and lines[name]["domain_distance"] is None
+        assert lines[name]["model_version"] == "unregistered"
     assert lines["bad.png"]["error"].startswith("HTTP 415: ")
     assert "not a readable image" in lines["bad.png"]["error"] and "bad.png" in run.stderr
 
@@ -377,6 +380,7 @@ def test_the_cli_captions_a_folder_through_the_server(server, caption_of, tokeni
     assert run.returncode == 0, run.stderr
     (line,) = map(json.loads, run.stdout.splitlines())
     assert line["caption"] == caption_of(pictures["a.png"], num_beams=2)
+    assert line["attention_png"] == str(maps / "a.png")  # not a.png.png
     with Image.open(line["attention_png"]) as png:
         tokens = tokenizer.tokenize(line["caption"])
         assert png.size == figure_size([len(tokens)])

@@ -27,6 +27,10 @@ ENCODER_WEIGHTS = "encoder.pth"
 TRAIN_VIEWS = "train_views.npy"
 ROBUST_DIR = "robust"
 
+# domain: the in-domain check, beside the checkpoint (model.domain.FILENAME), and its numbers
+DOMAIN_PATH = Path("artifacts/finetune/domain.pt")
+DOMAIN_METRICS_PATH = Path("metrics/domain.json")
+
 # define
 CONFIG_PATH = Path("artifacts/model/config.json")
 SUMMARY_PATH = Path("reports/model_size.json")  # parameter counts: not metrics

@@ -2,7 +2,8 @@
 // its score and timing, and for each word the model's attention over the image grid.
 //
 // The API's answer (handler/imgtocap_handler.py): {"caption", "score", "num_beams", "max_length",
-// "inference_ms", "batch_size"} and, when asked, "attention": {"grid": [rows, cols], "tokens":
+// "inference_ms", "batch_size", "model_version", "limits": {"num_beams", "max_length"} (the
+// largest each request may ask), "in_domain", "domain_distance"} and, when asked, "attention": {"grid": [rows, cols], "tokens":
 // [{"token": "red", "weights": [rows * cols floats, row-major]}, ...]}: one entry per generated
 // WordPiece ("##s" continues the word before it). The grid covers the whole image (the model
 // resizes it to a square without cropping), so a heat map is stretched over the picture as shown.
@@ -25,6 +26,7 @@ const ui = {
   caption: $("caption"),
   wordHint: $("word-hint"),
   facts: $("facts"),
+  domainWarning: $("domain-warning"),
 };
 
 let shown = null; // {words, grid, tokens} of the answer on screen
@@ -61,6 +63,32 @@ function setup() {
   ui.picture.addEventListener("load", () => redraw());
   ui.picture.addEventListener("error", () => ui.picture.classList.add("unviewable"));
   window.addEventListener("resize", () => redraw());
+  for (const button of document.querySelectorAll(".example")) {
+    button.addEventListener("click", () => sendExample(button.dataset.src));
+  }
+}
+
+// An example is the page's own static file, sent as a dropped file would be.
+async function sendExample(src) {
+  const name = src.split("/").pop();
+  try {
+    const response = await fetch(src);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    send(new File([await response.blob()], name));
+  } catch (error) {
+    fail({ name }, `the example could not be loaded (${error.message})`);
+  }
+}
+
+// The server's largest num_beams / max_length: the fields allow no more, and a value typed
+// above it is brought down to it before it is sent.
+function applyLimits(limits) {
+  if (!limits) return;
+  for (const [name, input] of [["num_beams", ui.numBeams], ["max_length", ui.maxLength]]) {
+    if (!Number.isInteger(limits[name])) continue;
+    input.max = String(limits[name]);
+    input.title = `1 to ${limits[name]} (the server's limit)`;
+  }
 }
 
 async function send(file) {
@@ -71,7 +99,7 @@ async function send(file) {
   ui.result.classList.add("busy");
   ui.status.textContent = `Captioning ${file.name || "the pasted image"}…`;
   ui.caption.replaceChildren();
-  ui.facts.hidden = ui.wordHint.hidden = true;
+  ui.facts.hidden = ui.wordHint.hidden = ui.domainWarning.hidden = true;
   shown = pinned = null;
   redraw();
 
@@ -79,6 +107,7 @@ async function send(file) {
   body.append("data", file, file.name || "image");
   body.append("attention", "true");
   for (const [name, input] of [["num_beams", ui.numBeams], ["max_length", ui.maxLength]]) {
+    if (input.max && Number(input.value) > Number(input.max)) input.value = input.max;
     if (input.value.trim()) body.append(name, input.value.trim());
   }
   const started = performance.now();
@@ -173,6 +202,14 @@ function show(answer, elapsed) {
   $("model-ms").textContent = `${Math.round(answer.inference_ms)} ms${batch}`;
   $("total-ms").textContent = `${Math.round(elapsed)} ms`;
   $("beams").textContent = String(answer.num_beams);
+  // in_domain is null for a model packaged without its domain check: nothing to warn about
+  ui.domainWarning.hidden = answer.in_domain !== false;
+  $("in-domain").textContent =
+    answer.in_domain == null ? "not checked" : answer.in_domain ? "yes" : "no";
+  $("in-domain").title =
+    answer.domain_distance == null ? "" : `distance ${answer.domain_distance.toFixed(2)}`;
+  $("model-version").textContent = answer.model_version || "–";
+  applyLimits(answer.limits);
   ui.facts.hidden = false;
   highlight(null);
 }

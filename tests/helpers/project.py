@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = (
-    *("ingest", "validate", "preprocess", "transform", "define", "train", "finetune"),
+    *("ingest", "validate", "preprocess", "transform", "domain", "define", "train", "finetune"),
     *("evaluate", "track", "package"),
 )
 # `source` runs on every `dvc repro` (it lists the data outside the repository): not a change

@@ -6,6 +6,7 @@ torchvision, transformers and pillow, not imgtocap:
     imgtocap.mar
       imgtocap_handler.py   handler/imgtocap_handler.py (TorchServe imports it by this name)
       model.pth             the checkpoint ({config, state_dict})
+      domain.pt             the in-domain check (model/domain.py), when the checkpoint has one
       model/                the captioner's code; the handler imports it from here
       tokenizer/            vocab.txt, tokenizer.json, tokenizer_config.json
       handler.json          per-request defaults and limits (params.yaml serve:)
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 from model import CaptionerConfig, read_checkpoint
+from model.domain import FILENAME as DOMAIN_FILE
 from model.image import DEFAULT_MAX_PIXELS
 from model.options import CPU_DECODER, CPU_DECODERS, MAX_BEAMS, MAX_LENGTH, Decoding
 from model.tokenizer import save_tokenizer
@@ -175,6 +177,8 @@ def build_archive(
             MODEL_PACKAGE, stage / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
         save_tokenizer(config.tokenizer, stage / "tokenizer")
+        if (domain := Path(checkpoint).with_name(DOMAIN_FILE)).is_file():  # beside model.pth
+            shutil.copyfile(domain, stage / DOMAIN_FILE)
         (stage / "handler.json").write_text(json.dumps(params.handler_settings(), indent=2) + "\n")
         registered.save(stage / "registered.json")
         if card is not None:  # with the version this archive is stamped with

@@ -29,6 +29,7 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the captioner and its tokenizer from the logged artifacts (never downloads)."""
         from model import load  # from the model's code_paths
+        from model.domain import DomainCheck
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         artifacts = context.artifacts
@@ -41,6 +42,8 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             tokenizer=artifacts["tokenizer"],
             cpu_decoder=cpu_decoder,
         )
+        if "domain" in artifacts:  # MLflow keeps each artifact apart: not beside the checkpoint
+            self.captioner.domain = DomainCheck.read(artifacts["domain"])
 
     # MLflow reads predict's hints: a DataFrame hint leaves the input as the logged signature
     # made it (no type-hint schema, no warning about one).
@@ -48,8 +51,9 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         """Caption every image (column `image`); params: num_beams, max_length, length_penalty,
-        no_repeat_ngram_size.
-        A score that is not finite is None."""
+        no_repeat_ngram_size. A score that is not finite is None; in_domain and domain_distance
+        say whether the image is like the training images (None for a model logged without its
+        domain check)."""
         from model import Decoding, open_image
 
         settings = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
@@ -68,7 +72,12 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             batch = [open_image(data) for data in images[start : start + BATCH]]
             results += self.captioner.caption(batch, decoding)
         return pd.DataFrame(
-            {"caption": [r.caption for r in results], "score": [r.score for r in results]}
+            {
+                "caption": [r.caption for r in results],
+                "score": [r.score for r in results],
+                "in_domain": [r.in_domain for r in results],
+                "domain_distance": [r.domain_distance for r in results],
+            }
         )
 
 

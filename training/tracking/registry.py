@@ -47,6 +47,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 import model as model_package  # noqa: E402
 from model import read_checkpoint  # noqa: E402
+from model.domain import FILENAME as DOMAIN_FILE  # noqa: E402
 from model.tokenizer import save_tokenizer  # noqa: E402
 from training.data.checksums import file_sha256  # noqa: E402
 
@@ -160,13 +161,16 @@ def _log_model(checkpoint: Path, decoding: Mapping[str, Any]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
         save_tokenizer(config["tokenizer"], tokenizer_dir)
+        artifacts = {"checkpoint": str(checkpoint), "tokenizer": str(tokenizer_dir)}
+        if (domain := Path(checkpoint).with_name(DOMAIN_FILE)).is_file():
+            artifacts["domain"] = str(domain)  # the in-domain check, read by mlflow_model.py
         with warnings.catch_warnings():
             # the explicit signature says what an input example would (image bytes in JSON)
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer_dir)},
+                artifacts=artifacts,
                 code_paths=[str(MODEL_PACKAGE)],
                 model_config=dict(decoding),
                 signature=_signature(decoding),
@@ -282,7 +286,14 @@ def _signature(decoding: Mapping[str, Any]) -> ModelSignature:
     ]
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "caption"), ColSpec("double", "score")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "caption"),
+                ColSpec("double", "score"),
+                ColSpec("boolean", "in_domain", required=False),
+                ColSpec("double", "domain_distance", required=False),
+            ]
+        ),
         params=ParamSchema(params),
     )
 
