@@ -134,7 +134,8 @@ def test_a_missing_checkpoint_says_what_to_pass(folder, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)  # no artifacts/model/model.pth here
     assert main(["caption", str(folder)]) == 2  # a usage error: returned, as argparse's status
     assert (
-        "no checkpoint at artifacts/finetune/model.pth: pass --checkpoint" in capsys.readouterr().err
+        "no checkpoint at artifacts/finetune/model.pth: pass --checkpoint"
+        in capsys.readouterr().err
     )
 
 
