@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TextIO
 from tqdm import tqdm
 
 from model.options import Decoding
-from training.paths import FINETUNED_PATH, MODEL_NAME
+from training.paths import FINETUNED_PATH, MODEL_NAME, REGISTERED_PATH
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TOKEN_ENV = "IMGTOCAP_TOKEN"
@@ -245,11 +245,15 @@ class _Local:
 
 
 def _local_version(checkpoint: Path) -> str:
-    """The registered version evaluate wrote beside the checkpoint (registered.json), as the
-    served archive is stamped with it; "unregistered" when there is none."""
-    registered = checkpoint.with_name("registered.json")
-    version = json.loads(registered.read_text()).get("version") if registered.is_file() else None
-    return version or "unregistered"
+    """The version the served archive is stamped with (`local-3` from a local MLflow store):
+    registered.json beside the checkpoint, or the one `track` wrote for the pipeline's model
+    (artifacts/model/registered.json); "unregistered" when there is none."""
+    from training.tracking.registry import Registered  # imports mlflow: only when captioning
+
+    registered = checkpoint.with_name(REGISTERED_PATH.name)
+    if not registered.is_file() and checkpoint == FINETUNED_PATH:
+        registered = REGISTERED_PATH
+    return Registered.load(registered).archive_version()
 
 
 class _Server:

@@ -63,7 +63,7 @@ def test_mlflow_serves_the_registered_model_with_torchserves_captions(tmp_path_f
         )
         assert response.status_code == 200, response.text
         served = response.json()
-    assert served["model_version"] == registered.version
+    assert served["model_version"] == registered.archive_version()  # local-<n>: a local store
 
     started = time.monotonic()
     server, url = _mlflow_serve(
