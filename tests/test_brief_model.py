@@ -108,8 +108,10 @@ def test_the_brief_model_runs_from_pretrained_weights_to_a_served_caption(
     started = time.monotonic()
     log = dvc(repo, "repro", timeout=1800, **env)
     print(f"\n{preset}: dvc repro {time.monotonic() - started:.0f} s")
-    for stage in ("transform", "domain", "define", "train", "evaluate", "package"):
+    for stage in ("transform", "define", "train", "evaluate", "package"):
         assert f"Running stage '{stage}'" in log, stage
+    # seed and base share ResNet-50's features: the second preset's check is the first's
+    assert "Running stage 'domain'" in log or "Stage 'domain' didn't change" in log
 
     config = json.loads((repo / "artifacts/model/config.json").read_text())
     assert (config["encoder"], config["decoder_weights"]) == ("resnet50", "bert-base-uncased")
