@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Set by `launch()` for its workers: the launcher (its pid) holds the workspace's lock.
 LAUNCHER_ENV = "IMGTOCAP_LAUNCHER_PID"
+# How a run is spread over processes, not what it computes: the data order and the gradient
+# do not depend on it, so a state saved by 2 processes resumes with 1 or 4 (train, finetune).
+LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "ddp_timeout_s")
 NODE_RANK_ENV = "NODE_RANK"
 
 

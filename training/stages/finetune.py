@@ -56,7 +56,7 @@ from training.paths import (
     TRAIN_LOCK,
 )
 from training.runtime import distributed, resume
-from training.runtime.distributed import World
+from training.runtime.distributed import LAUNCH_PARAMS, World
 from training.runtime.precision import PRECISIONS, autocast
 from training.runtime.process import die_with_dvc, die_with_launcher, exclusive
 from training.runtime.resume import LoopState, ResumeState
@@ -114,9 +114,6 @@ class FinetuneConfig:
     @property
     def distributed(self) -> bool:
         return self.nproc_per_node > 1 or self.nnodes > 1
-
-
-LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "ddp_timeout_s")
 
 
 def references(data: CaptionData, config) -> list[list[tuple[int, ...]]]:

@@ -69,7 +69,7 @@ from training.paths import (
     TRAIN_VIEWS,
 )
 from training.runtime import distributed, resume
-from training.runtime.distributed import ONE_PROCESS, World
+from training.runtime.distributed import LAUNCH_PARAMS, ONE_PROCESS, World
 from training.runtime.precision import PRECISIONS, autocast, uses_bf16
 from training.runtime.process import die_with_dvc, die_with_launcher, exclusive
 from training.runtime.resume import LoopState, ResumeState
@@ -131,9 +131,6 @@ class TrainConfig:
         return self.nproc_per_node > 1 or self.nnodes > 1
 
 
-# How the run is spread over processes, not what it computes: the data order and the
-# gradient do not depend on it, so a state saved by 2 processes resumes with 1 or 4.
-LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "ddp_timeout_s")
 # Steps between updates of the progress bar's loss: reading it waits for the GPU.
 SHOW_LOSS_EVERY = 25
 # How much an epoch's validation loss must undercut the best so far to count as better.
