@@ -201,17 +201,20 @@ def promote(name: str, version_: str, score: float, test_split: str) -> bool:
     else:
         run_id = champion.tags.get(EVAL_RUN) or champion.run_id
         best = client.get_run(run_id).data.metrics[PRIMARY]
-        moved = score > best
-        verdict = "beats" if moved else "does not beat"
-        decision = (
-            f"{PRIMARY} {score:.4f} {verdict} champion version {champion.version}'s {best:.4f}"
-        )
-        decision = ("champion: " if moved else "") + decision
+        moved, decision = _compared(score, best, f"champion version {champion.version}")
     if moved:
         client.set_registered_model_alias(name, CHAMPION, version_)
     client.set_model_version_tag(name, version_, "champion.decision", decision)
     log.info("%s version %s: %s", name, version_, decision)
     return moved
+
+
+def _compared(score: float, best: float, champion: str) -> tuple[bool, str]:
+    """Whether `score` beats the champion's `best`, and the decision in words."""
+    moved = score > best
+    verdict = "beats" if moved else "does not beat"
+    decision = f"{PRIMARY} {score:.4f} {verdict} {champion}'s {best:.4f}"
+    return moved, ("champion: " if moved else "") + decision
 
 
 def attach_card(name: str, version_: str, run_id: str, card: str) -> None:
@@ -239,12 +242,7 @@ def promote_run(run_id: str, dataset: str, score: float, test_split: str) -> boo
         )
     else:
         best = champion.data.metrics[PRIMARY]
-        moved = score > best
-        verdict = "beats" if moved else "does not beat"
-        decision = (
-            f"{PRIMARY} {score:.4f} {verdict} champion run {champion.info.run_id}'s {best:.4f}"
-        )
-        decision = ("champion: " if moved else "") + decision
+        moved, decision = _compared(score, best, f"champion run {champion.info.run_id}")
     if moved:
         if champion is not None and champion.info.run_id != run_id:
             client.set_tag(champion.info.run_id, CHAMPION, "false")
